@@ -1,0 +1,20 @@
+"""OpenLM-1B ("1.4B", rows C1-C2) with the (768,256,16,0) FFN-memory: 153.4M fetched, 21.14B bank.
+
+C2 used 4M-token batches (2,048 x 2,048) for GPU utilisation.
+"""
+
+from memlm.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.name = "paper_1b4"
+    c.model.update(d_model=2048, n_layers=24, n_heads=16, head_dim=128, d_ff=5632, tied_embeddings=False,
+                   vocab_size=50_432, max_seq_len=2048)
+    c.memory.update(type="ffn", sizes=(768, 256, 16, 0), dtype="bfloat16")
+    c.tree.update(k=16, depth=4)
+    c.data.update(seq_len=2048, tokenizer_vocab=50_277)
+    c.train.update(mode="cotrain", batch_size=2048, steps=2**40 // (2048 * 2048), warmup_steps=10_000,
+                   lr=1e-4, min_lr=1e-5, weight_decay=1e-3, memory_lr=1e-4, memory_min_lr=1e-5,
+                   memory_warmup_steps=10_000, memory_weight_decay=1e-3, checkpoint_every=1000)
+    return c

@@ -1,0 +1,354 @@
+"""Configuration schema: one ml_collections ConfigDict with sections model, memory, tree, data,
+train, eval and mesh, plus validation whose errors name the bad key and value.
+
+Presets in ``experiments/`` call :func:`default_config` and change what they need; command-line
+overrides (``--config.section.key=value``) go through :func:`apply_overrides`. Every consumer
+calls :func:`validate` before it builds anything, so a bad config fails before compiling.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+MEMORY_TYPES = ("none", "ffn", "lora_qk", "lora_ov", "lora_ffn", "kv")
+MEMORY_PLACEMENTS = ("all", "early", "middle", "late")
+NORMS = ("layernorm", "rmsnorm")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+TRAIN_MODES = ("anchor", "frozen", "cotrain", "scratch")
+DTYPES = ("float32", "bfloat16")
+EMBED_UNITS = ("document", "window")
+CONDITIONS = ("none", "generic", "fetched", "blocked")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the value."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The full schema with defaults (the paper's 160M anchor shapes, memory off)."""
+    c = ml_collections.ConfigDict()
+    c.name = "default"
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=50_432,  # padded size used by the embedding and head
+            vocab_multiple=64,  # a tokenizer's vocabulary is padded up to a multiple of this
+            d_model=512,
+            n_layers=35,
+            n_heads=12,
+            n_kv_heads=0,  # 0: same as n_heads (multi-head); smaller: grouped-query attention
+            head_dim=32,  # decoupled from d_model (the 160M uses 12 x 32 with d = 512)
+            d_ff=2048,
+            tied_embeddings=True,
+            norm="layernorm",  # gain-only LayerNorm (OpenLM); or rmsnorm
+            qk_norm=True,
+            norm_eps=1e-5,
+            rope_base=100_000.0,
+            max_seq_len=2048,
+            init_std=0.02,
+            param_dtype="float32",
+            compute_dtype="bfloat16",
+            remat="full",
+            attention="auto",
+        )
+    )
+
+    c.memory = ml_collections.ConfigDict(
+        dict(
+            type="none",
+            sizes=(256, 64, 16, 0),  # r_l per level: FFN units, LoRA rank or KV slots
+            placement="all",
+            placement_layers=10,  # layer count for early / middle / late placement
+            lora_alpha=2.0,
+            init_std=0.02,
+            dtype="float32",  # bank parameter dtype; moments are always float32
+            generic=True,  # train a context-independent generic memory of the fetched size
+            replicate_levels=1,  # levels up to this one are replicated on every device
+        )
+    )
+
+    c.tree = ml_collections.ConfigDict(
+        dict(
+            k=16,
+            depth=4,
+            kmeans_steps=20,
+            kmeans_batch=6400,
+            balance_factor=1.5,  # a cluster over balance_factor / k of assignments is split
+            seed=0,
+            embedder="minilm",
+            embed_unit="document",  # or "window": non-overlapping windows of embed_window tokens
+            embed_window=2048,
+            embed_batch=64,
+            embed_max_tokens=256,  # encoder window; longer texts are split and averaged
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            corpus="facts",
+            seq_len=2048,
+            tokenizer="",  # path to a tokenizer.json; empty: train a byte-level BPE on the corpus
+            tokenizer_vocab=8192,
+            facts_documents=20_000,
+            seed=0,
+            records_per_shard=4096,
+            shuffle_buffer=0,
+            num_threads=2,
+            prefetch=4,
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            mode="anchor",
+            steps=1000,
+            batch_size=32,
+            seed=0,
+            lr=5e-3,
+            min_lr=5e-5,
+            warmup_steps=100,
+            weight_decay=0.05,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip_norm=1.0,
+            memory_lr=1e-4,
+            memory_min_lr=1e-5,
+            memory_warmup_steps=100,
+            memory_weight_decay=1e-3,
+            checkpoint_every=200,
+            keep_checkpoints=3,
+            log_every=10,
+            eval_every=0,
+        )
+    )
+
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            conditions="none,generic,fetched,blocked",
+            block_level=1,
+            max_new_tokens=8,
+            batch_size=16,
+            heldout_documents=64,
+        )
+    )
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return c
+
+
+def load_config(path: str | None = None) -> ml_collections.ConfigDict:
+    """Load a preset file (``experiments/*.py`` with ``get_config()``), or the tiny default."""
+    if path is None:
+        path = str(Path(__file__).resolve().parent.parent / "experiments" / "tiny.py")
+        if not Path(path).exists():  # installed without the repository: fall back to the package copy
+            from memlm import presets
+
+            return presets.tiny()
+    spec_arg = None
+    if ":" in path and not Path(path).exists():
+        path, spec_arg = path.split(":", 1)
+    if not Path(path).exists():
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"memlm_config_{Path(path).stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config()")
+    return module.get_config(spec_arg) if spec_arg is not None else module.get_config()
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"expected a boolean, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"cannot parse {text!r}") from e
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list | int):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(f"expected {type(current).__name__}, got {text!r}")
+    return value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+    """Apply ``{"train.steps": "10"}``-style overrides; unknown keys fail naming the key."""
+    for key, text in overrides.items():
+        parts = key.split(".")
+        node = cfg
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} (in --config.{key})")
+            if i < len(parts) - 1:
+                node = node[part]
+        try:
+            node[parts[-1]] = _parse_value(text, node[parts[-1]])
+        except ConfigError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+    return cfg
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"config key {key!r} = {value!r}: {why}")
+
+
+def _check_positive(cfg: ml_collections.ConfigDict, section: str, keys: tuple[str, ...], strict=True) -> None:
+    for k in keys:
+        v = cfg[section][k]
+        if not isinstance(v, int | float) or isinstance(v, bool) or (v <= 0 if strict else v < 0):
+            _fail(f"{section}.{k}", v, "must be positive" if strict else "must not be negative")
+
+
+def _check_choice(cfg: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]) -> None:
+    section, k = key.split(".")
+    v = cfg[section][k]
+    if v not in choices:
+        _fail(key, v, f"unknown value; choose one of {', '.join(choices)}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check every section; raise ConfigError naming the first bad key and value."""
+    expected = default_config()
+    for section in expected:
+        if section not in cfg:
+            _fail(section, None, "missing section")
+    for section in cfg:
+        if section not in expected:
+            _fail(section, cfg[section], "unknown config section")
+        if isinstance(cfg[section], ml_collections.ConfigDict):
+            for k in cfg[section]:
+                if k not in expected[section]:
+                    _fail(f"{section}.{k}", cfg[section][k], "unknown config key")
+    m = cfg.model
+    _check_positive(cfg, "model", ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "head_dim",
+                                   "d_ff", "max_seq_len", "rope_base", "norm_eps", "init_std"))
+    _check_positive(cfg, "model", ("n_kv_heads",), strict=False)
+    if m.n_kv_heads and m.n_heads % m.n_kv_heads:
+        _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads = {m.n_heads}")
+    if m.vocab_size % m.vocab_multiple:
+        _fail("model.vocab_size", m.vocab_size, f"must be a multiple of model.vocab_multiple = {m.vocab_multiple}")
+    _check_choice(cfg, "model.norm", NORMS)
+    _check_choice(cfg, "model.remat", REMAT_POLICIES)
+    _check_choice(cfg, "model.attention", ATTENTION_IMPLS)
+    _check_choice(cfg, "model.param_dtype", DTYPES)
+    _check_choice(cfg, "model.compute_dtype", DTYPES)
+
+    mem = cfg.memory
+    _check_choice(cfg, "memory.type", MEMORY_TYPES)
+    _check_choice(cfg, "memory.placement", MEMORY_PLACEMENTS)
+    _check_choice(cfg, "memory.dtype", DTYPES)
+    sizes = tuple(mem.sizes)
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in sizes):
+        _fail("memory.sizes", sizes, "must be a tuple of integers (r_1, ..., r_p)")
+    if any(r < 0 for r in sizes):
+        _fail("memory.sizes", sizes, "sizes must not be negative")
+    if mem.type != "none":
+        if not any(sizes):
+            _fail("memory.sizes", sizes, f"memory.type = {mem.type!r} needs at least one non-zero level")
+        deepest = max(i + 1 for i, r in enumerate(sizes) if r)
+        if deepest > cfg.tree.depth:
+            _fail("memory.sizes", sizes, f"level {deepest} is deeper than the tree (tree.depth = {cfg.tree.depth})")
+    _check_positive(cfg, "memory", ("placement_layers", "lora_alpha", "init_std"))
+    if mem.placement != "all" and mem.placement_layers > m.n_layers:
+        _fail("memory.placement_layers", mem.placement_layers, f"exceeds model.n_layers = {m.n_layers}")
+    _check_positive(cfg, "memory", ("replicate_levels",), strict=False)
+
+    _check_positive(cfg, "tree", ("k", "depth", "kmeans_steps", "kmeans_batch", "balance_factor", "embed_window",
+                                  "embed_batch", "embed_max_tokens"))
+    if cfg.tree.k < 2:
+        _fail("tree.k", cfg.tree.k, "a tree needs at least 2 children per node")
+    _check_choice(cfg, "tree.embed_unit", EMBED_UNITS)
+    if cfg.tree.balance_factor < 1.0:
+        _fail("tree.balance_factor", cfg.tree.balance_factor, "must be at least 1.0")
+
+    _check_positive(cfg, "data", ("seq_len", "tokenizer_vocab", "facts_documents", "records_per_shard",
+                                  "num_threads", "prefetch"))
+    if cfg.data.seq_len > m.max_seq_len:
+        _fail("data.seq_len", cfg.data.seq_len, f"exceeds model.max_seq_len = {m.max_seq_len}")
+
+    t = cfg.train
+    _check_choice(cfg, "train.mode", TRAIN_MODES)
+    _check_positive(cfg, "train", ("steps", "batch_size", "lr", "b1", "b2", "eps", "clip_norm", "memory_lr",
+                                   "checkpoint_every", "keep_checkpoints", "log_every"))
+    _check_positive(cfg, "train", ("min_lr", "warmup_steps", "weight_decay", "memory_min_lr",
+                                   "memory_warmup_steps", "memory_weight_decay", "eval_every"), strict=False)
+    if not (0 < t.b1 < 1 and 0 < t.b2 < 1):
+        _fail("train.b1/b2", (t.b1, t.b2), "must lie in (0, 1)")
+    if t.mode in ("frozen", "cotrain", "scratch") and mem.type == "none":
+        _fail("train.mode", t.mode, "needs a memory: set memory.type (e.g. 'ffn')")
+
+    for c in str(cfg.eval.conditions).split(","):
+        if c and c not in CONDITIONS:
+            _fail("eval.conditions", cfg.eval.conditions, f"unknown condition {c!r}; choose from {CONDITIONS}")
+    _check_positive(cfg, "eval", ("block_level", "max_new_tokens", "batch_size", "heldout_documents"))
+    if cfg.eval.block_level > cfg.tree.depth:
+        _fail("eval.block_level", cfg.eval.block_level, f"deeper than tree.depth = {cfg.tree.depth}")
+
+    for k in ("data", "fsdp", "tensor"):
+        v = cfg.mesh[k]
+        if not isinstance(v, int) or (v < 1 and v != -1):
+            _fail(f"mesh.{k}", v, "must be a positive size or -1 (fill the remaining devices)")
+    if [cfg.mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) > 1:
+        _fail("mesh", dict(cfg.mesh), "at most one axis may be -1")
+    if cfg.mesh.tensor > 1:
+        kv = m.n_kv_heads or m.n_heads
+        if m.n_heads % cfg.mesh.tensor or kv % cfg.mesh.tensor:
+            _fail("mesh.tensor", cfg.mesh.tensor, f"must divide the head counts ({m.n_heads}, {kv})")
+    return cfg
+
+
+def memory_levels(cfg: ml_collections.ConfigDict) -> list[int]:
+    """The 1-based levels that carry memory (r_l > 0)."""
+    if cfg.memory.type == "none":
+        return []
+    return [i + 1 for i, r in enumerate(cfg.memory.sizes) if r]
+
+
+def memory_layers(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+    """The [start, end) range of anchor layers that receive memory (placement ablation, Tab. 9)."""
+    n, p = cfg.model.n_layers, cfg.memory.placement_layers
+    if cfg.memory.placement == "all":
+        return 0, n
+    if cfg.memory.placement == "early":
+        return 0, p
+    if cfg.memory.placement == "late":
+        return n - p, n
+    start = (n - p) // 2
+    return start, start + p
+
+
+def padded_vocab(n: int, multiple: int) -> int:
+    """Round a tokenizer's vocabulary up to the model's multiple (GPT-NeoX: 50,277 -> 50,432 at 128...)."""
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
+    """Resolve (data, fsdp, tensor) against a device count; -1 fills. Fails naming the axis."""
+    sizes = {k: cfg.mesh[k] for k in ("data", "fsdp", "tensor")}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if n_devices % fixed:
+        raise ConfigError(f"config key 'mesh' = {sizes}: the fixed axes ({fixed}) do not divide {n_devices} devices")
+    for k, v in sizes.items():
+        if v == -1:
+            sizes[k] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise ConfigError(f"config key 'mesh' = {sizes}: uses {math.prod(sizes.values())} devices, have {n_devices}")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
