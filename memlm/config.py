@@ -25,6 +25,7 @@ TRAIN_MODES = ("anchor", "frozen", "cotrain", "scratch")
 DTYPES = ("float32", "bfloat16")
 EMBED_UNITS = ("document", "window")
 CONDITIONS = ("none", "generic", "fetched", "blocked")
+EMBEDDERS = ("minilm", "hash")
 
 
 class ConfigError(ValueError):
@@ -82,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
             kmeans_batch=6400,
             balance_factor=1.5,  # a cluster over balance_factor / k of assignments is split
             seed=0,
-            embedder="minilm",
+            embedder="minilm",  # or "hash": a dependency-free hashed n-gram embedder (tests)
             embed_unit="document",  # or "window": non-overlapping windows of embed_window tokens
             embed_window=2048,
             embed_batch=64,
@@ -276,6 +277,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if cfg.tree.k < 2:
         _fail("tree.k", cfg.tree.k, "a tree needs at least 2 children per node")
     _check_choice(cfg, "tree.embed_unit", EMBED_UNITS)
+    _check_choice(cfg, "tree.embedder", EMBEDDERS)
     if cfg.tree.balance_factor < 1.0:
         _fail("tree.balance_factor", cfg.tree.balance_factor, "must be at least 1.0")
 
