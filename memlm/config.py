@@ -242,6 +242,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_positive(cfg, "model", ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "head_dim",
                                    "d_ff", "max_seq_len", "rope_base", "norm_eps", "init_std"))
     _check_positive(cfg, "model", ("n_kv_heads",), strict=False)
+    if m.head_dim % 2:
+        _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs of dimensions)")
     if m.n_kv_heads and m.n_heads % m.n_kv_heads:
         _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads = {m.n_heads}")
     if m.vocab_size % m.vocab_multiple:

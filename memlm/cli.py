@@ -1,0 +1,180 @@
+"""The ``memlm`` command line: prepare, train, eval, generate, info, demo.
+
+Every verb works with no flags on the embedded default (the tiny preset and the generated
+facts corpus). Configs are preset files under ``experiments/`` overridden with
+``--config.section.key=value``; bad keys and values fail at once with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+
+from memlm.config import ConfigError, apply_overrides, load_config, validate
+
+DEFAULT_DATA = "data/facts"
+DEFAULT_RUN = "runs/tiny"
+
+
+class UsageError(ValueError):
+    """A command-line or input problem: reported as one line, exit status 2."""
+
+
+def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    rest, overrides = [], {}
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    raise UsageError(f"{arg} needs a value")
+            overrides[key] = value
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def resolve_config(path: str | None, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+    """Load a preset, apply overrides and validate (fails naming the bad key and value)."""
+    cfg = load_config(path)
+    apply_overrides(cfg, overrides)
+    return validate(cfg)
+
+
+def _cmd_info(args, cfg) -> None:
+    from memlm.model.accounting import accounting
+
+    acc = accounting(cfg)
+    if args.json:
+        print(json.dumps(acc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    m = cfg.model
+    console = Console()
+    console.print(f"[bold]{cfg.name}[/]: anchor L={m.n_layers} d={m.d_model} heads={m.n_heads}x{m.head_dim} "
+                  f"kv_heads={m.n_kv_heads or m.n_heads} d_ff={m.d_ff} vocab={m.vocab_size} "
+                  f"{'tied' if m.tied_embeddings else 'separate'} head")
+    t = Table(title="memory bank" if acc["levels"] else None)
+    for col in ("level", "nodes", "r", "block params", "bank params"):
+        t.add_column(col, justify="right")
+    for lv in acc["levels"]:
+        t.add_row(str(lv["level"]), f"{lv['nodes']:,}", str(lv["r"]), f"{lv['block_params']:,}",
+                  f"{lv['bank_params']:,}")
+    if acc["levels"]:
+        console.print(t)
+    fl = acc["flops_per_token"]
+    rows = [
+        ("anchor parameters", f"{acc['anchor_params']:,}"),
+        ("anchor non-embedding", f"{acc['anchor_non_embedding']:,}"),
+        ("memory type", f"{acc['memory_type']} {tuple(acc['memory_sizes'])}"),
+        ("fetched parameters", f"{acc['fetched_params']:,} ({100 * acc['fetched_ratio']:.1f}% of anchor)"),
+        ("bank parameters", f"{acc['bank_params']:,} ({acc['bank_bytes'] / 1e9:.2f} GB in {acc['bank_dtype']})"),
+        ("generic memory", f"{acc['generic_params']:,}"),
+        (f"train FLOPs/token (S={acc['seq_len']})",
+         f"anchor {fl['anchor_train']:.3e}, memory {fl['memory_train']:.3e}"),
+        ("inference FLOPs/token", f"anchor {fl['anchor_inference']:.3e}, memory {fl['memory_inference']:.3e}"),
+        ("memory / dense FLOP ratio", f"{acc['flop_ratio']:.3f}"),
+    ]
+    s = Table(show_header=False)
+    s.add_column()
+    s.add_column(justify="right")
+    for r in rows:
+        s.add_row(*r)
+    console.print(s)
+
+
+def _cmd_prepare(args, cfg) -> None:
+    from memlm.data.prepare import prepare
+
+    prepare(cfg, args.corpus, args.out)
+
+
+def _cmd_train(args, cfg) -> None:
+    from memlm.train.loop import train
+
+    train(cfg, data_dir=args.data, workdir=args.workdir, init_from=args.init_from)
+
+
+def _cmd_eval(args, cfg) -> None:
+    from memlm.eval.run import evaluate
+
+    evaluate(args.workdir, probes=args.probes, conditions=args.conditions, data_dir=args.data,
+             overrides=args.overrides)
+
+
+def _cmd_generate(args, cfg) -> None:
+    from memlm.serve.generate import generate_cli
+
+    generate_cli(args.workdir, args.prompt, condition=args.condition, max_new_tokens=args.max_new_tokens)
+
+
+def _cmd_demo(args, cfg) -> None:
+    from memlm.eval.demo import run_demo
+
+    run_demo(workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memlm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def add(name, help_text):
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("--config", default=None, help="preset file (default experiments/tiny.py)")
+        return sp
+
+    sp = add("info", "parameter, bank and FLOP accounting of a config")
+    sp.add_argument("--json", action="store_true")
+    sp = add("prepare", "tokenize, embed, cluster, route and pack a corpus")
+    sp.add_argument("--corpus", default="facts", help="a .jsonl / parquet file, a folder of .txt, or 'facts'")
+    sp.add_argument("--out", default=DEFAULT_DATA)
+    sp = add("train", "train an anchor and / or its memory bank")
+    sp.add_argument("--data", default=DEFAULT_DATA)
+    sp.add_argument("--workdir", default=DEFAULT_RUN)
+    sp.add_argument("--init-from", default=None, help="start from another run's anchor")
+    sp = add("eval", "perplexity and long-tail probes under memory conditions")
+    sp.add_argument("--workdir", default=DEFAULT_RUN)
+    sp.add_argument("--data", default=None)
+    sp.add_argument("--probes", default=None, help="probe file (.jsonl); default: the data dir's built-in probes")
+    sp.add_argument("--conditions", default=None, help="comma list of none,generic,fetched,blocked")
+    sp = add("generate", "greedy generation with fetched memory")
+    sp.add_argument("--workdir", default=DEFAULT_RUN)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--condition", default="fetched")
+    sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp = add("demo", "the whole pipeline on the embedded default")
+    sp.add_argument("--workdir", default="runs/demo")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = _split_config_overrides(argv)
+        args = build_parser().parse_args(rest)
+        args.overrides = overrides
+        cfg = resolve_config(args.config, overrides)
+        handler = globals()[f"_cmd_{args.verb}"]
+        handler(args, cfg)
+    except (ConfigError, UsageError, FileNotFoundError) as e:
+        print(f"memlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # Bad input (a corrupt file, a mismatched tree or bank): one clear line, no traceback.
+        if type(e).__module__.startswith("memlm"):
+            print(f"memlm {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Parameter and FLOP accounting for a config, counted from the model's actual parameters.
+
+FLOPs per token follow the usual 6N rule for training (2N forward, 4N backward) over every
+matrix the token passes through, the output head included (also when tied); norms are not
+counted. Causal attention adds ``2 * 2 * S * h * d_h`` per layer forward (QK^T and PV), halved
+for the causal mask, so ``6 * L * S * h * d_h`` per token for training. Memory FLOPs are kept
+separate: every fetched parameter is used once per token in one multiply-add, so a fetched
+memory of M parameters costs ``6 M`` per token in training and ``2 M`` in inference (this holds
+for FFN, LoRA and KV memories alike).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from memlm.memspec import block_params, fetched_rank, level_sizes
+from memlm.model.anchor import Anchor
+
+
+def anchor_param_shapes(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+    """Shapes of the anchor's parameters, built abstractly (nothing is allocated)."""
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Anchor(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    return {".".join(str(k) for k in path): tuple(v.shape) for path, v in flat}
+
+
+def anchor_params(cfg: ml_collections.ConfigDict) -> int:
+    """Total anchor parameters (embedding, head, norms included)."""
+    return sum(math.prod(s) for s in anchor_param_shapes(cfg).values())
+
+
+def accounting(cfg: ml_collections.ConfigDict, seq_len: int | None = None) -> dict:
+    """Anchor, per-level block, fetched and bank sizes, and FLOPs per token, for ``cfg``."""
+    m = cfg.model
+    shapes = anchor_param_shapes(cfg)
+    total = sum(math.prod(s) for s in shapes.values())
+    norms = sum(math.prod(s) for n, s in shapes.items() if "norm" in n)
+    embed = m.vocab_size * m.d_model
+    matmul = total - norms - (embed if not m.tied_embeddings else 0)  # the head is a matmul either way
+    seq = seq_len or cfg.data.seq_len
+    attn_train = 6 * m.n_layers * seq * m.n_heads * m.head_dim
+    k = cfg.tree.k
+    bytes_per = np.dtype(jax.numpy.dtype(cfg.memory.dtype)).itemsize
+    levels = []
+    for level, r in enumerate(level_sizes(cfg), start=1):
+        if r:
+            block = block_params(cfg, r)
+            levels.append(dict(level=level, nodes=k**level, r=r, block_params=block, bank_params=block * k**level))
+    fetched = sum(x["block_params"] for x in levels)
+    bank = sum(x["bank_params"] for x in levels)
+    generic = block_params(cfg, fetched_rank(cfg)) if cfg.memory.type != "none" and cfg.memory.generic else 0
+    return dict(
+        name=cfg.name,
+        anchor_params=total,
+        anchor_non_embedding=total - embed - (0 if m.tied_embeddings else m.vocab_size * m.d_model),
+        memory_type=cfg.memory.type,
+        memory_sizes=list(level_sizes(cfg)),
+        levels=levels,
+        fetched_params=fetched,
+        fetched_ratio=fetched / total,
+        bank_params=bank,
+        bank_bytes=bank * bytes_per,
+        bank_dtype=cfg.memory.dtype,
+        generic_params=generic,
+        seq_len=seq,
+        flops_per_token=dict(
+            anchor_train=6 * matmul + attn_train,
+            memory_train=6 * fetched,
+            anchor_inference=2 * matmul + attn_train // 3,
+            memory_inference=2 * fetched,
+        ),
+        flop_ratio=(6 * matmul + attn_train + 6 * fetched) / (6 * matmul + attn_train),
+    )

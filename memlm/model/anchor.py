@@ -1,0 +1,241 @@
+"""The anchor transformer (OpenLM block, as in the paper) in Flax NNX.
+
+Pre-norm decoder: gain-only LayerNorm (or RMSNorm), QK-norm over the full query / key width,
+RoPE (base 100,000), head dimension decoupled from ``d_model``, grouped-query attention as an
+option, SwiGLU FFN, no biases, tied or separate output head. Layer parameters are stacked on a
+leading "layers" axis and run under ``jax.lax.scan`` with a configurable remat policy, so
+compile time does not grow with depth. Parameters are float32 by default and cast to the
+compute dtype (bfloat16 by default) at use.
+
+Fetched memory is an *input* of the call (``memory``: a FetchedMemory dict, see
+``memlm.memspec``), never a parameter: the model cannot see or update the bank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from memlm.config import memory_layers
+from memlm.memspec import block_arrays
+from memlm.model import adapters
+from memlm.model.layers import attention, document_mask, layer_norm, rope
+
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "q_norm", "k_norm", "wo", "ffn_norm", "w1", "w2", "w3")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorSpec:
+    """The static shape of an anchor (hashable: it is part of the NNX graph definition)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    tied_embeddings: bool
+    norm: str
+    qk_norm: bool
+    norm_eps: float
+    rope_base: float
+    init_std: float
+    param_dtype: str
+    compute_dtype: str
+    remat: str
+    attention: str
+    memory_type: str
+    memory_layers: tuple[int, int]
+    lora_alpha: float
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> AnchorSpec:
+        m = cfg.model
+        return cls(
+            vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+            n_kv_heads=m.n_kv_heads or m.n_heads, head_dim=m.head_dim, d_ff=m.d_ff,
+            tied_embeddings=m.tied_embeddings, norm=m.norm, qk_norm=m.qk_norm, norm_eps=m.norm_eps,
+            rope_base=m.rope_base, init_std=m.init_std, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+            remat=m.remat, attention=m.attention, memory_type=cfg.memory.type,
+            memory_layers=memory_layers(cfg), lora_alpha=cfg.memory.lora_alpha,
+        )
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
+
+
+def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype: str, axes: tuple[str, ...]) -> nnx.Param:
+    value = std * jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def _ones(shape: tuple[int, ...], dtype: str, axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
+
+
+class Anchor(nnx.Module):
+    """Decoder-only anchor LM. ``__call__`` returns float32 logits ``[B, T, vocab_size]``.
+
+    Initialisation: truncated normal (+-3 std) with ``init_std`` for every matrix, the output
+    projections (``wo``, ``w3``) scaled by ``1/sqrt(2 n_layers)``; norm gains one.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict | AnchorSpec, *, rngs: nnx.Rngs):
+        s = cfg if isinstance(cfg, AnchorSpec) else AnchorSpec.from_config(cfg)
+        self.spec = s
+        L, d, h, kv, dh, f = s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.d_ff
+        std, pd = s.init_std, s.param_dtype
+        out_std = std / (2 * L) ** 0.5
+        self.embed = _param(rngs.params(), (s.vocab_size, d), std, pd, ("vocab", "embed"))
+        self.attn_norm = _ones((L, d), pd, ("layers", "norm"))
+        self.wq = _param(rngs.params(), (L, d, h, dh), std, pd, ("layers", "embed", "heads", "head_dim"))
+        self.wk = _param(rngs.params(), (L, d, kv, dh), std, pd, ("layers", "embed", "kv_heads", "head_dim"))
+        self.wv = _param(rngs.params(), (L, d, kv, dh), std, pd, ("layers", "embed", "kv_heads", "head_dim"))
+        if s.qk_norm:
+            self.q_norm = _ones((L, h * dh), pd, ("layers", "norm"))
+            self.k_norm = _ones((L, kv * dh), pd, ("layers", "norm"))
+        self.wo = _param(rngs.params(), (L, h, dh, d), out_std, pd, ("layers", "heads", "head_dim", "embed"))
+        self.ffn_norm = _ones((L, d), pd, ("layers", "norm"))
+        self.w1 = _param(rngs.params(), (L, d, f), std, pd, ("layers", "embed", "mlp"))
+        self.w2 = _param(rngs.params(), (L, d, f), std, pd, ("layers", "embed", "mlp"))
+        self.w3 = _param(rngs.params(), (L, f, d), out_std, pd, ("layers", "mlp", "embed"))
+        self.final_norm = _ones((d,), pd, ("norm",))
+        if not s.tied_embeddings:
+            self.head = _param(rngs.params(), (d, s.vocab_size), std, pd, ("embed", "vocab"))
+
+    def _layer_params(self) -> dict[str, jax.Array]:
+        return {n: getattr(self, n)[...] for n in LAYER_PARAMS if hasattr(self, n)}
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        memory: Mapping[str, jax.Array] | None = None,
+        cache: Mapping[str, jax.Array] | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits for ``tokens [B, T]``.
+
+        ``segment_ids [B, T]`` (documents packed in one row; 0 is padding) restrict attention to
+        the same document; ``positions [B, T]`` are the RoPE positions (reset per document).
+        ``memory`` is the FetchedMemory of the batch (or None: the anchor alone). With ``cache``
+        (see :func:`init_cache`) the call appends to a KV cache and returns ``(logits, cache)``.
+        """
+        s = self.spec
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed[...].astype(s.dtype)[tokens]
+        if cache is None:
+            q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            ctx = dict(mask=document_mask(segment_ids, segment_ids, q_index, q_index), positions=positions)
+        else:
+            q_index = cache["lengths"][:, None] + jnp.arange(t, dtype=jnp.int32)
+            kv_segments = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i,)))(
+                cache["segments"], segment_ids, cache["lengths"])
+            kv_index = jnp.broadcast_to(jnp.arange(kv_segments.shape[1], dtype=jnp.int32), kv_segments.shape)
+            mask = document_mask(segment_ids, kv_segments, q_index, kv_index) & (kv_segments != 0)[:, None, None]
+            ctx = dict(mask=mask, positions=positions, write_index=cache["lengths"])
+
+        params = self._layer_params()
+        start, end = s.memory_layers if memory is not None and s.memory_type != "none" else (0, 0)
+        new_k, new_v = [], []
+        for a, z in ((0, start), (start, end), (end, s.n_layers)):
+            if z <= a:
+                continue
+            seg_params = {n: p[a:z] for n, p in params.items()}
+            seg_mem = None
+            if a == start and z == end and end > start:
+                seg_mem = {n: jnp.moveaxis(m, 1, 0) for n, m in memory.items()}
+            seg_cache = None if cache is None else (cache["k"][a:z], cache["v"][a:z])
+            x, kv = self._scan(x, seg_params, seg_mem, seg_cache, ctx)
+            if cache is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+
+        x = layer_norm(x, self.final_norm[...], s.norm_eps, s.norm)
+        head = self.embed[...].T if s.tied_embeddings else self.head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(s.dtype), preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits
+        new_cache = dict(
+            k=jnp.concatenate(new_k, 0), v=jnp.concatenate(new_v, 0), segments=kv_segments,
+            lengths=cache["lengths"] + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32),
+        )
+        return logits, new_cache
+
+    def _scan(self, x, params, mem, cache, ctx):
+        s = self.spec
+
+        def body(carry, xs):
+            p, m, c = xs
+            return layer(s, p, carry, m, c, ctx)
+
+        if cache is None and s.remat != "none":
+            policy = {
+                "full": jax.checkpoint_policies.nothing_saveable,
+                "dots": jax.checkpoint_policies.checkpoint_dots,
+                "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+            }[s.remat]
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        return jax.lax.scan(body, x, (params, mem, cache))
+
+
+def layer(s: AnchorSpec, p: Mapping[str, jax.Array], x: jax.Array, mem: Mapping[str, jax.Array] | None,
+          cache: tuple[jax.Array, jax.Array] | None, ctx: Mapping[str, jax.Array]):
+    """One pre-norm block: ``x + attn(norm(x))`` then ``+ ffn(norm(x))``, memory adapters included."""
+    dt = s.dtype
+    w = {n: v.astype(dt) for n, v in p.items()}
+    mem = None if mem is None else {n: v.astype(dt) for n, v in mem.items()}
+    b, t, _ = x.shape
+    h = layer_norm(x, p["attn_norm"], s.norm_eps, s.norm)
+    q = jnp.einsum("btd,dhk->bthk", h, w["wq"])
+    k = jnp.einsum("btd,dhk->bthk", h, w["wk"])
+    v = jnp.einsum("btd,dhk->bthk", h, w["wv"])
+    if mem is not None:
+        q, k, v = adapters.qkv(s, mem, h, q, k, v)
+    if s.qk_norm:
+        q = layer_norm(q.reshape(b, t, -1), p["q_norm"], s.norm_eps, s.norm).reshape(q.shape)
+        k = layer_norm(k.reshape(b, t, -1), p["k_norm"], s.norm_eps, s.norm).reshape(k.shape)
+    q_unrotated = q
+    q = rope(q, ctx["positions"], s.rope_base)
+    k = rope(k, ctx["positions"], s.rope_base)
+    new_cache = None
+    if cache is not None:
+        write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (i, 0, 0)))
+        k_all = write(cache[0], k, ctx["write_index"])
+        v_all = write(cache[1], v, ctx["write_index"])
+        new_cache = (k_all, v_all)
+        k, v = k_all.astype(dt), v_all.astype(dt)
+    a = attention(q, k, v, ctx["mask"], s.attention)
+    if mem is not None:
+        a = adapters.attention_output(s, mem, q_unrotated, a)
+    o = jnp.einsum("bthk,hkd->btd", a, w["wo"])
+    if mem is not None:
+        o = adapters.output(s, mem, a, o)
+    x = x + o.astype(x.dtype)
+    h = layer_norm(x, p["ffn_norm"], s.norm_eps, s.norm)
+    x = x + adapters.ffn(s, mem, h, w["w1"], w["w2"], w["w3"]).astype(x.dtype)
+    return x, new_cache
+
+
+def init_cache(spec: AnchorSpec, batch: int, max_len: int, dtype: str | None = None) -> dict[str, jax.Array]:
+    """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (all layers)."""
+    dt = dtype or spec.compute_dtype
+    shape = (spec.n_layers, batch, max_len, spec.n_kv_heads, spec.head_dim)
+    return dict(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), segments=jnp.zeros((batch, max_len), jnp.int32),
+                lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def memory_arrays(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Names of the FetchedMemory arrays the model reads for this config."""
+    return tuple(b.name for b in block_arrays(cfg))

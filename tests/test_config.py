@@ -1,0 +1,55 @@
+"""Config validation: a bad config fails naming the key and the value."""
+
+import pytest
+
+from memlm.config import ConfigError, apply_overrides, default_config, load_config, mesh_shape, validate
+
+
+def _bad(overrides: dict, *needles: str):
+    cfg = load_config("experiments/tiny.py")
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(cfg, overrides)
+        validate(cfg)
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+
+
+def test_every_preset_validates():
+    for name in ("tiny", "paper_160m", "paper_410m", "paper_1b4", "ratio_260m", "ratio_320m", "ratio_350m",
+                 "ratio_370m", "ratio_385m", "ratio_410m"):
+        validate(load_config(f"experiments/{name}.py"))
+
+
+def test_head_count_that_does_not_divide():
+    _bad({"model.n_kv_heads": "3"}, "model.n_kv_heads", "3", "divide")
+
+
+def test_memory_level_deeper_than_the_tree():
+    _bad({"memory.sizes": "(8, 8, 8)"}, "memory.sizes", "(8, 8, 8)", "deeper than the tree")
+
+
+def test_negative_size():
+    _bad({"model.d_model": "-4"}, "model.d_model", "-4")
+    _bad({"memory.sizes": "(8, -1)"}, "memory.sizes", "negative")
+
+
+def test_unknown_memory_type_and_unknown_key():
+    _bad({"memory.type": "moe"}, "memory.type", "'moe'", "ffn")
+    _bad({"model.dmodel": "4"}, "model.dmodel")
+
+
+def test_type_mismatch_names_the_key():
+    _bad({"train.steps": "ten"}, "train.steps")
+
+
+def test_mesh_that_does_not_divide_the_devices():
+    cfg = default_config()
+    cfg.mesh.update(data=3, fsdp=1, tensor=1)
+    with pytest.raises(ConfigError, match="mesh"):
+        mesh_shape(cfg, 8)
+    cfg.mesh.update(data=-1, tensor=2)
+    assert mesh_shape(cfg, 8) == (4, 1, 2)
+
+
+def test_memory_mode_without_memory_is_refused():
+    _bad({"memory.type": "none", "train.mode": "cotrain"}, "train.mode", "cotrain")

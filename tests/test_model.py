@@ -1,0 +1,191 @@
+"""The anchor transformer: exact parameter counts, memory adapters, masks, sharding, KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_memory, small_config
+
+from memlm.config import load_config
+from memlm.model import init_cache
+from memlm.model.accounting import accounting
+from memlm.model.functional import AnchorFunctional
+from memlm.model.layers import attention_xla, document_mask
+from memlm.sharding import make_mesh
+
+PAPER_COUNTS = {
+    "paper_160m": 163_510_016,
+    "paper_410m": 411_665_408,
+    "paper_1b4": 1_439_893_504,
+    "ratio_260m": 257_475_584,
+    "ratio_320m": 321_721_344,
+    "ratio_350m": 347_419_648,
+    "ratio_370m": 373_117_952,
+    "ratio_385m": 385_967_104,
+    "ratio_410m": 411_665_408,
+}
+
+
+@pytest.mark.parametrize("preset,count", PAPER_COUNTS.items())
+def test_anchor_parameter_counts_equal_the_papers(preset, count):
+    acc = accounting(load_config(f"experiments/{preset}.py"))
+    assert acc["anchor_params"] == count
+
+
+@pytest.mark.parametrize("preset,blocks,fetched,bank", [
+    ("paper_160m", (13_762_560, 3_440_640, 860_160), 18_063_360, 4_624_220_160),
+    ("paper_410m", (37_748_736, 9_437_184, 2_359_296), 49_545_216, 12_683_575_296),
+    ("paper_1b4", (113_246_208, 37_748_736, 2_359_296), 153_354_240, 21_139_292_160),
+])
+def test_fetched_and_bank_sizes_equal_the_papers(preset, blocks, fetched, bank):
+    acc = accounting(load_config(f"experiments/{preset}.py"))
+    assert tuple(lv["block_params"] for lv in acc["levels"]) == blocks
+    assert acc["fetched_params"] == fetched
+    assert acc["bank_params"] == bank
+    # PAPER.md 2.5: 18.06M / 4.624B, 49.5M / 12.68B, 153.4M / 21.14B
+    assert round(fetched / 1e6, 1) in (18.1, 49.5, 153.4)
+
+
+def _tokens(b, t, vocab, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab)
+
+
+def test_ffn_memory_equals_an_explicitly_widened_ffn():
+    cfg = small_config("ffn", sizes=(4, 6))
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    mem = random_memory(cfg, 1, jax.random.key(1))
+    tok = _tokens(1, 16, 128)
+    with_memory = f.apply(params, tok, memory=mem)
+
+    wide_cfg = small_config("none", d_ff=64 + 10)
+    wide = AnchorFunctional(wide_cfg)
+    wp = dict(params)
+    wp["w1"] = jnp.concatenate([params["w1"], mem["w1"][0]], axis=-1)  # [L, d, f + R]
+    wp["w2"] = jnp.concatenate([params["w2"], mem["w2"][0]], axis=-1)
+    wp["w3"] = jnp.concatenate([params["w3"], mem["w3"][0]], axis=-2)  # [L, f + R, d]
+    widened = wide.apply(wp, tok)
+    np.testing.assert_allclose(with_memory, widened, rtol=2e-5, atol=2e-5)
+    assert not np.allclose(with_memory, f.apply(params, tok), atol=1e-3)  # the memory did something
+
+
+@pytest.mark.parametrize("kind", ["ffn", "lora_qk", "lora_ov", "lora_ffn", "kv"])
+def test_every_memory_type_is_zero_at_init_and_gets_gradients(kind):
+    cfg = small_config(kind, sizes=(4, 4))
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    tok = _tokens(2, 12, 128)
+    mem0 = random_memory(cfg, 2, jax.random.key(2), at_init=True)
+    np.testing.assert_allclose(f.apply(params, tok, memory=mem0), f.apply(params, tok), atol=1e-6)
+
+    def loss(m):
+        return jnp.mean(f.apply(params, tok, memory=m) ** 2)
+
+    grads = jax.grad(loss)(mem0)
+    # The zero-initialised arrays (FFN w3, LoRA B, KV values) receive gradients at step 0.
+    zero_init = [n for n, v in mem0.items() if not np.any(v)]
+    assert zero_init
+    for n in zero_init:
+        assert np.abs(np.asarray(grads[n])).max() > 0, n
+    # Once trained away from zero, every memory array changes the logits.
+    mem = random_memory(cfg, 2, jax.random.key(3))
+    assert not np.allclose(f.apply(params, tok, memory=mem), f.apply(params, tok), atol=1e-4)
+
+
+def test_memory_placement_late_changes_only_late_layers():
+    cfg = small_config("ffn", sizes=(4, 4))
+    cfg.memory.update(placement="late", placement_layers=1)
+    f = AnchorFunctional(cfg)
+    assert f.spec.memory_layers == (2, 3)
+    mem = random_memory(cfg, 1, jax.random.key(1))
+    assert mem["w1"].shape[1] == 1  # one memory layer
+    params = f.init(jax.random.key(0))
+    tok = _tokens(1, 8, 128)
+    # Equivalent: the same memory on all layers, zero on the first two.
+    full_cfg = small_config("ffn", sizes=(4, 4))
+    full = AnchorFunctional(full_cfg)
+    pad = {n: jnp.concatenate([jnp.zeros_like(v).repeat(2, axis=1), v], axis=1) for n, v in mem.items()}
+    np.testing.assert_allclose(f.apply(params, tok, memory=mem), full.apply(params, tok, memory=pad), atol=1e-5)
+
+
+def test_document_masked_forward_equals_each_document_alone():
+    cfg = small_config("ffn")
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    lengths = [5, 9, 7]
+    docs = [_tokens(1, n, 128, seed=i) for i, n in enumerate(lengths)]
+    tok = jnp.concatenate(docs, axis=1)
+    seg = jnp.concatenate([jnp.full((1, n), i + 1) for i, n in enumerate(lengths)], axis=1)
+    pos = jnp.concatenate([jnp.arange(n)[None] for n in lengths], axis=1)
+    mem = random_memory(cfg, 1, jax.random.key(5))
+    packed = f.apply(params, tok, seg, pos, memory=mem)
+    start = 0
+    for d, n in zip(docs, lengths, strict=True):
+        alone = f.apply(params, d, memory=mem)
+        np.testing.assert_allclose(packed[:, start:start + n], alone, rtol=1e-5, atol=1e-5)
+        start += n
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_fast_attention_path_equals_the_xla_fallback(kv_heads):
+    b, t, h, dh = 2, 10, 4, 8
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (b, t, h, dh))
+    k = jax.random.normal(ks[1], (b, t, kv_heads, dh))
+    v = jax.random.normal(ks[2], (b, t, kv_heads, dh))
+    seg = jnp.array([[1] * 4 + [2] * 6, [1] * 10])
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = document_mask(seg, seg, idx, idx)
+    fast = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    np.testing.assert_allclose(attention_xla(q, k, v, mask), fast, rtol=1e-5, atol=1e-5)
+    # And against plain numpy for one head.
+    qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = qn[0, :, 0] @ kn[0, :, 0].T / np.sqrt(dh)
+    s = np.where(np.asarray(mask[0, 0]), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(fast)[0, :, 0], p @ vn[0, :, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_query_attention_and_rmsnorm_options_run():
+    cfg = small_config("ffn", n_kv_heads=2, norm="rmsnorm", qk_norm=False, tied_embeddings=True)
+    f = AnchorFunctional(cfg)
+    assert f.shapes["wk"].shape == (3, 32, 2, 8) and "q_norm" not in f.shapes and "head" not in f.shapes
+    out = f.apply(f.init(jax.random.key(0)), _tokens(2, 8, 128))
+    assert out.shape == (2, 8, 128) and np.isfinite(out).all()
+
+
+def test_sharded_forward_on_8_devices_matches_one_device():
+    cfg = small_config("ffn", sizes=(4, 4))
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    tok = _tokens(8, 16, 128)
+    mem = random_memory(cfg, 8, jax.random.key(1))
+    ref = jax.jit(lambda p, t, m: f.apply(p, t, memory=m))(params, tok, mem)
+    mesh = make_mesh((4, 1, 2))
+    shard = f.shardings(mesh)
+    assert shard["w1"].spec == jax.P(None, None, "tensor")
+    p_sh = jax.device_put(params, shard)
+    data = jax.NamedSharding(mesh, jax.P(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda p, t, m: f.apply(p, t, memory=m))(p_sh, jax.device_put(tok, data),
+                                                               jax.device_put(mem, data))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_the_full_forward():
+    cfg = small_config("kv", sizes=(4, 4))
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    mem = random_memory(cfg, 2, jax.random.key(1))
+    tok = _tokens(2, 12, 128)
+    full = f.apply(params, tok, memory=mem)
+    cache = init_cache(f.spec, 2, 16, dtype="float32")
+    logits, cache = f.apply(params, tok[:, :7], memory=mem, cache=cache)
+    steps = [logits]
+    for i in range(7, 12):
+        pos = jnp.full((2, 1), i, jnp.int32)
+        logits, cache = f.apply(params, tok[:, i:i + 1], positions=pos, memory=mem, cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-4)
+    assert list(cache["lengths"]) == [12, 12]
