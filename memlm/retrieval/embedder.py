@@ -1,0 +1,53 @@
+"""The embedder interface and the config-driven factory.
+
+An embedder maps texts to L2-normalised float32 vectors; the tree is fitted on these vectors and
+every text (training document or evaluation context) is routed by them, so training and evaluation
+must go through the same embedder instance type and settings. Whether a corpus embeds whole
+documents or fixed windows of them (``tree.embed_unit``) is the data pipeline's choice: it calls
+``embed`` with whatever texts that choice yields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class EmbedderError(ValueError):
+    """An embedder cannot be built or used (missing weights package, bad setting)."""
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Texts -> float32 ``[n, dim]``, every row of unit L2 norm."""
+
+    name: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm; all-zero rows stay zero."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
+
+
+def get_embedder(cfg, mesh=None) -> Embedder:
+    """The embedder named by ``cfg.tree.embedder`` ("minilm" or "hash").
+
+    MiniLM uses ``cfg.tree.embed_batch`` texts per jitted call and windows of at most
+    ``cfg.tree.embed_max_tokens`` word pieces; ``mesh`` (with a ``data`` axis) shards its batches.
+    """
+    name = cfg.tree.embedder
+    if name == "hash":
+        from memlm.retrieval.hashing import HashingEmbedder
+
+        return HashingEmbedder()
+    if name == "minilm":
+        from memlm.retrieval.minilm import MiniLMEmbedder
+
+        return MiniLMEmbedder(batch=int(cfg.tree.embed_batch), max_tokens=int(cfg.tree.embed_max_tokens), mesh=mesh)
+    raise EmbedderError(f"tree.embedder = {name!r}: unknown embedder; choose 'minilm' or 'hash'")

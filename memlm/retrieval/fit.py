@@ -1,0 +1,149 @@
+"""Top-down balanced hierarchical k-means: embeddings -> Tree (PAPER.md §3.1).
+
+Level by level: every point carries the index of its node at the level above; the nodes of a
+level are fitted together in vmapped groups (``kmeans.fit_nodes``), then every point is routed one
+level down with the routing code itself (``route.descend_levels``), so the fit statistics count
+exactly the nodes that ``route`` will give the same points.
+
+Scale: the points are streamed (an ``np.memmap`` works) and never held twice; per level the host
+holds one int32 node index per point, a sort order, and one group of node pools of at most
+``memory_budget`` bytes. Nodes are grouped by padded pool size (a few fixed shapes per level, so
+a few compilations), and groups of equal shape reuse one compiled program. Work per level is
+O(steps * min(n, k**(l-1) * steps * batch) * k * dim); memory never grows with n squared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from memlm.retrieval.kmeans import fit_nodes
+from memlm.retrieval.route import descend_levels
+from memlm.retrieval.tree import Tree
+
+MEMORY_BUDGET = 256 * 2**20  # bytes of node pools per vmapped call
+MAX_GROUP = 4096
+
+
+def _padded_len(m: int) -> int:
+    """Smallest of 16, 24, 32, 48, 64, 96, ... that holds m rows: padding wastes at most a third."""
+    size = 16
+    while size < m:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+    return size
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def _gather_rows(embeddings: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """L2-normalised float32 rows ``embeddings[idx]`` (read in sorted order: kind to a memmap)."""
+    flat = idx.ravel()
+    perm = np.argsort(flat, kind="stable")
+    rows = np.empty((flat.size, embeddings.shape[1]), np.float32)
+    rows[perm] = embeddings[flat[perm]]
+    if not np.isfinite(rows).all():
+        raise ValueError("fit_tree: the embeddings hold non-finite values (NaN or inf)")
+    norm = np.linalg.norm(rows, axis=1, keepdims=True)
+    rows /= np.maximum(norm, 1e-12)
+    return rows.reshape(*idx.shape, embeddings.shape[1])
+
+
+def _fit_level(embeddings, order, starts, pool_len, parent_centroids, *, level, k, steps, batch, balance_factor,
+               seed, memory_budget) -> np.ndarray:
+    """Centroids ``[n_parents * k, dim]`` of one level; node p's children go to rows ``p*k .. p*k+k-1``."""
+    n_parents, dim = len(pool_len), embeddings.shape[1]
+    out = np.empty((n_parents * k, dim), np.float32)
+    padded = np.array([_padded_len(m) for m in pool_len])
+    pending = None
+
+    def collect(pending):
+        nodes, result = pending
+        result = np.asarray(result)
+        for r, p in enumerate(nodes):
+            out[p * k : (p + 1) * k] = result[r]
+
+    for size in sorted(set(padded.tolist()), reverse=True):
+        nodes_of_size = np.nonzero(padded == size)[0]
+        cap = min(MAX_GROUP, _pow2_floor(memory_budget // (size * dim * 4)))
+        for g0 in range(0, len(nodes_of_size), cap):
+            nodes = nodes_of_size[g0 : g0 + cap]
+            group = cap if len(nodes) == cap else 1 << (len(nodes) - 1).bit_length()
+            idx = np.zeros((group, size), np.int64)
+            lens = np.zeros(group, np.int32)
+            for r, p in enumerate(nodes):
+                idx[r, : pool_len[p]] = order[starts[p] : starts[p] + pool_len[p]]
+                lens[r] = pool_len[p]
+            ids = np.zeros(group, np.int32)
+            ids[: len(nodes)] = nodes
+            parents = np.zeros((group, dim), np.float32)
+            parents[: len(nodes)] = parent_centroids[nodes]
+            result = fit_nodes(jnp.int32(seed), jnp.int32(level), ids, _gather_rows(embeddings, idx), lens, parents,
+                               k=k, steps=steps, batch=batch, balance_factor=balance_factor)
+            if pending is not None:  # gather the next group on the host while this one computes
+                collect(pending)
+            pending = (nodes, result)
+    if pending is not None:
+        collect(pending)
+    return out
+
+
+def _level_stats(counts: np.ndarray, k: int, n: int) -> dict:
+    parent_counts = counts.reshape(-1, k).sum(1)
+    in_parent = counts.reshape(-1, k).max(1) / np.maximum(parent_counts, 1)
+    return {
+        "nodes": int(counts.size),
+        "largest_count": int(counts.max()),
+        "smallest_count": int(counts.min()),
+        "largest_share": float(counts.max() / n),
+        "smallest_share": float(counts.min() / n),
+        "empty_nodes": int((counts == 0).sum()),
+        "largest_share_in_parent": float(in_parent[parent_counts > 0].max()),
+    }
+
+
+def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, batch: int = 6400,
+             balance_factor: float | None = 1.5, seed: int = 0, embedder_name: str = "minilm",
+             memory_budget: int = MEMORY_BUDGET) -> Tree:
+    """Fit a depth-``depth``, ``k``-ary tree on ``embeddings`` ``[n, dim]`` (array or memmap).
+
+    ``steps`` mini-batch Lloyd steps of ``batch`` samples per node; a cluster over
+    ``balance_factor / k`` of an assignment step is split with the smallest (None or inf: off).
+    Deterministic for ``seed`` (see ``kmeans`` for the per-node algorithm and edge cases).
+    """
+    if embeddings.ndim != 2 or embeddings.shape[0] < 1 or embeddings.shape[1] < 1:
+        raise ValueError(f"fit_tree: embeddings of shape {tuple(embeddings.shape)}, need [n >= 1, dim >= 1]")
+    for name, value, low in (("k", k, 2), ("depth", depth, 1), ("steps", steps, 1), ("batch", batch, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"fit_tree: {name} = {value!r}, must be an integer >= {low}")
+    factor = math.inf if balance_factor is None else float(balance_factor)
+    if not factor >= 1.0:
+        raise ValueError(f"fit_tree: balance_factor = {balance_factor!r}, must be >= 1 (or None / inf for off)")
+    n, dim = embeddings.shape
+    node = np.zeros(n, np.int32)  # each point's node at the level above (the root: 0)
+    parent_centroids = np.zeros((1, dim), np.float32)
+    centroids, counts, stats = [], [], {"n_points": int(n)}
+    for level in range(1, depth + 1):
+        n_parents = k ** (level - 1)
+        shuffle = np.random.default_rng([seed, level]).random(n)
+        order = np.lexsort((shuffle, node))  # grouped by node, random order inside a node
+        node_counts = np.bincount(node, minlength=n_parents)
+        starts = np.cumsum(node_counts) - node_counts
+        pool_len = np.minimum(node_counts, steps * batch)
+        del shuffle
+        level_centroids = _fit_level(embeddings, order, starts, pool_len, parent_centroids, level=level, k=k,
+                                     steps=steps, batch=batch, balance_factor=factor, seed=seed,
+                                     memory_budget=memory_budget)
+        del order
+        node = descend_levels([level_centroids], k, embeddings, first_parent=node)[:, 0]
+        counts.append(np.bincount(node, minlength=k**level).astype(np.int64))
+        stats[f"level_{level}"] = _level_stats(counts[-1], k, n)
+        centroids.append(level_centroids)
+        parent_centroids = level_centroids
+    fit = {"steps": int(steps), "batch": int(batch), "n_points": int(n),
+           "balance_factor": None if math.isinf(factor) else factor}
+    return Tree(k=int(k), depth=int(depth), dim=int(dim), embedder=embedder_name, centroids=centroids, counts=counts,
+                stats=stats, seed=int(seed), fit=fit)

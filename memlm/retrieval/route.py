@@ -1,0 +1,105 @@
+"""Greedy nearest-centroid descent of the tree: text embeddings -> paths ``[n, depth]``.
+
+``path[:, l-1]`` is the global index of the level-l node, in ``[0, k**l)``; the children of node i
+are ``k*i .. k*i + k - 1`` one level down. At each level only the k children of the current node
+are compared (L2 distance), so a text costs O(depth * k) distance evaluations (PAPER.md §3.1).
+Inputs are L2-normalised here, by the same code for training documents, evaluation contexts and
+the tree fit, so a text always gets the same path.
+
+Blocking (the paper's memory-blocking test, PAPER.md §6): at the blocked level a text takes the
+next-best sibling instead of the node it would have taken, then descends greedily below it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CHUNK = 8192  # rows per jitted call: a fixed shape (the last chunk is padded), bounded memory
+_FULL_MATMUL_NODES = 256  # levels this small compare against all their centroids in one matmul
+
+
+def _level_distances(x: jax.Array, parent: jax.Array, cent: jax.Array, sqnorm: jax.Array, k: int) -> jax.Array:
+    """Squared L2 distances (up to the constant |x|^2) from each row to the k children of its parent."""
+    children = parent[:, None] * k + jnp.arange(k)
+    if cent.shape[0] <= _FULL_MATMUL_NODES:  # one dense matmul beats a per-row gather of centroids
+        dots = jnp.take_along_axis(x @ cent.T, children, axis=1)
+    else:
+        dots = jnp.einsum("nd,nkd->nk", x, cent[children])
+    return sqnorm[children] - 2.0 * dots
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block_level"))
+def _descend(levels: tuple, x: jax.Array, first_parent: jax.Array, avoid: jax.Array, *, k: int,
+             block_level: int | None) -> jax.Array:
+    """Paths ``[n, len(levels)]`` below ``first_parent``; at level ``block_level`` (1-based, relative to
+    ``levels``) skip node ``avoid``, or the row's own best node when ``avoid < 0``."""
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    parent = first_parent
+    out = []
+    for level, (cent, sqnorm) in enumerate(levels, start=1):
+        dist = _level_distances(x, parent, cent, sqnorm, k)
+        if level == block_level:
+            local = jnp.arange(k)
+            own = jnp.argmin(dist, axis=-1)[:, None] == local
+            blocked = jnp.where(avoid < 0, own, parent[:, None] * k + local == avoid)
+            dist = jnp.where(blocked, jnp.inf, dist)
+        parent = parent * k + jnp.argmin(dist, axis=-1).astype(jnp.int32)
+        out.append(parent)
+    return jnp.stack(out, axis=1)
+
+
+def descend_levels(centroids: list[np.ndarray], k: int, embeddings: np.ndarray, *,
+                   first_parent: np.ndarray | None = None, block_level: int | None = None, avoid: int = -1,
+                   chunk: int = CHUNK) -> np.ndarray:
+    """Route ``embeddings`` (array or memmap, streamed in chunks) through the given levels of centroids.
+
+    ``first_parent`` gives each row's node one level above ``centroids[0]`` (default: the root, 0).
+    """
+    n = embeddings.shape[0]
+    levels = tuple((jnp.asarray(c, jnp.float32), jnp.asarray(np.sum(np.square(c, dtype=np.float64), -1), jnp.float32))
+                   for c in centroids)
+    out = np.empty((n, len(centroids)), np.int32)
+    pending = None
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        x = np.zeros((chunk, embeddings.shape[1]), np.float32)
+        x[: stop - start] = embeddings[start:stop]
+        parent = np.zeros(chunk, np.int32)
+        if first_parent is not None:
+            parent[: stop - start] = first_parent[start:stop]
+        result = _descend(levels, x, parent, jnp.int32(avoid), k=k, block_level=block_level)
+        if pending is not None:  # copy the previous chunk out while this one computes
+            out[pending[0] : pending[1]] = np.asarray(pending[2])[: pending[1] - pending[0]]
+        pending = (start, stop, result)
+    if pending is not None:
+        out[pending[0] : pending[1]] = np.asarray(pending[2])[: pending[1] - pending[0]]
+    return out
+
+
+def _check(tree, embeddings) -> None:
+    if embeddings.ndim != 2 or embeddings.shape[1] != tree.dim:
+        raise ValueError(f"embeddings of shape {tuple(embeddings.shape)}: the tree routes [n, {tree.dim}] "
+                         f"({tree.embedder} embeddings)")
+
+
+def route(tree, embeddings: np.ndarray, block_level: int | None = None) -> np.ndarray:
+    """Paths int32 ``[n, depth]``; with ``block_level`` = l, each text skips its own best level-l node."""
+    _check(tree, embeddings)
+    if block_level is not None and not 1 <= block_level <= tree.depth:
+        raise ValueError(f"block_level = {block_level}: must be in [1, {tree.depth}]")
+    return descend_levels(tree.centroids, tree.k, embeddings, block_level=block_level)
+
+
+def route_avoiding(tree, embeddings: np.ndarray, level: int, node: int) -> np.ndarray:
+    """Paths int32 ``[n, depth]`` that never pass through ``node`` at ``level``: texts that would, take
+    the next-best sibling there and descend greedily below it; other texts keep their greedy path."""
+    _check(tree, embeddings)
+    if not 1 <= level <= tree.depth:
+        raise ValueError(f"level = {level}: must be in [1, {tree.depth}]")
+    if not 0 <= node < tree.k**level:
+        raise ValueError(f"node = {node}: level {level} has nodes 0 .. {tree.k**level - 1}")
+    return descend_levels(tree.centroids, tree.k, embeddings, block_level=level, avoid=node)
