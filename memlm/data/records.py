@@ -1,0 +1,129 @@
+"""Packed sequences on disk: one ArrayRecord record per sequence, sharded, plus a JSON manifest.
+
+A record is a little-endian byte string: an int32 header
+``[magic, version, seq_len, n_tokens, n_segments, depth, leaf, token_bytes]``, the path
+(int32 [depth]), the segment lengths (int32 [n_segments]) and the tokens (uint16 when the
+vocabulary fits, else uint32) without padding. Segment ids and positions are derived from the
+segment lengths when read (``packing.segment_arrays``), so a record costs about 2 bytes a token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memlm.data.packing import segment_arrays
+
+MAGIC = 0x4D454D31  # "MEM1"
+VERSION = 1
+_HEADER = 8
+MANIFEST = "manifest.json"
+
+
+class RecordError(ValueError):
+    """A record or manifest is not what this version writes; the message names it."""
+
+
+def encode_sequence(tokens: np.ndarray, seg_lens: np.ndarray, path: np.ndarray, leaf: int, seq_len: int,
+                    token_bytes: int = 2) -> bytes:
+    """One packed sequence as record bytes (see the module docstring for the layout)."""
+    tokens = np.asarray(tokens)
+    if int(np.sum(seg_lens)) != len(tokens) or len(tokens) > seq_len:
+        raise RecordError(f"segments hold {int(np.sum(seg_lens))} tokens, the sequence {len(tokens)} "
+                          f"(seq_len {seq_len})")
+    dtype = {2: "<u2", 4: "<u4"}[token_bytes]
+    header = np.array([MAGIC, VERSION, seq_len, len(tokens), len(seg_lens), len(path), leaf, token_bytes], "<i4")
+    return b"".join((header.tobytes(), np.asarray(path, "<i4").tobytes(), np.asarray(seg_lens, "<i4").tobytes(),
+                     tokens.astype(dtype).tobytes()))
+
+
+def decode_sequence(record: bytes) -> dict[str, np.ndarray]:
+    """Record bytes -> tokens, segment_ids, positions [seq_len] int32 and path [depth] int32.
+
+    Padding positions carry token 0, segment 0 and position 0.
+    """
+    header = np.frombuffer(record, "<i4", count=_HEADER)
+    magic, version, seq_len, n, n_seg, depth, _, token_bytes = (int(x) for x in header)
+    if magic != MAGIC or version != VERSION:
+        raise RecordError(f"not a memlm packed-sequence record (magic {magic:#x}, version {version})")
+    off = 4 * _HEADER
+    path = np.frombuffer(record, "<i4", count=depth, offset=off).astype(np.int32)
+    off += 4 * depth
+    seg_lens = np.frombuffer(record, "<i4", count=n_seg, offset=off)
+    off += 4 * n_seg
+    toks = np.frombuffer(record, "<u2" if token_bytes == 2 else "<u4", count=n, offset=off)
+    tokens = np.zeros(seq_len, np.int32)
+    tokens[:n] = toks
+    segment_ids, positions = segment_arrays(seg_lens, seq_len)
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "path": path}
+
+
+def record_leaf(record: bytes) -> int:
+    """The leaf cluster a record was packed from."""
+    return int(np.frombuffer(record, "<i4", count=_HEADER)[6])
+
+
+class ShardWriter:
+    """Writes records into ``<dir>/<prefix>-NNNNN.array_record`` shards of ``per_shard`` records each."""
+
+    def __init__(self, directory: str | os.PathLike, per_shard: int, prefix: str = "train"):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.per_shard = per_shard
+        self.prefix = prefix
+        self.shards: list[str] = []
+        self.count = 0
+        self._writer = None
+        self._in_shard = 0
+
+    def write(self, record: bytes) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self._writer is None or self._in_shard == self.per_shard:
+            self._close_shard()
+            name = f"{self.prefix}-{len(self.shards):05d}.array_record"
+            self._writer = ArrayRecordWriter(str(self.directory / name), "group_size:1")
+            self.shards.append(name)
+            self._in_shard = 0
+        self._writer.write(record)
+        self._in_shard += 1
+        self.count += 1
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> list[str]:
+        """Finish the last shard; returns the shard file names (relative to the directory)."""
+        self._close_shard()
+        return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temp file, then rename): a reader never sees half a manifest."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a prepared data directory; a clear error when there is none."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise RecordError(f"{str(data_dir)!r} is not a prepared data directory (no {MANIFEST}); "
+                          "run `memlm prepare` first")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
