@@ -1,0 +1,124 @@
+"""Memory conditions for evaluation, and the provider protocol that supplies memory per text.
+
+The paper compares one anchor under several memories (PAPER.md §4.5, §5.3):
+
+- ``none``: the anchor alone (no memory);
+- ``generic``: the context-independent generic memory, the same for every text;
+- ``fetched``: the blocks on the path the text routes to;
+- ``blocked``: the text's own subtree at a chosen level is blocked and the next-best sibling's
+  path used instead (the paper's Fig. 6b proxy for unlearning).
+
+Scoring code never routes or touches the bank: it asks a :class:`MemoryProvider` for the
+memory of a batch of retrieval texts under a condition, and gathers rows from it inside the
+jitted kernels (:func:`row_index`), so memories are fetched once per batch and never copied
+to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from memlm.config import CONDITIONS
+from memlm.memspec import FetchedMemory
+
+__all__ = [
+    "CONDITIONS", "ConditionError", "DictMemoryProvider", "MemoryProvider", "parse_conditions", "row_index",
+    "memory_rows",
+]
+
+
+class ConditionError(ValueError):
+    """An unknown condition, or a provider that returned memory of the wrong shape."""
+
+
+class MemoryProvider(Protocol):
+    """``memory_for(texts, condition)``: the FetchedMemory for these retrieval texts.
+
+    Returns None for ``none`` (the anchor alone). Otherwise a dict name -> array whose leading
+    axis has ``len(texts)`` rows (row i is text i's memory) or a single row shared by all texts
+    (the natural shape of the generic memory: no copies per text).
+    """
+
+    def __call__(self, texts: list[str], condition: str) -> FetchedMemory | None: ...
+
+
+def parse_conditions(conditions: str | Iterable[str]) -> tuple[str, ...]:
+    """Condition names from ``"none,fetched"`` or a list, checked against :data:`CONDITIONS`."""
+    names = [c.strip() for c in conditions.split(",")] if isinstance(conditions, str) else list(conditions)
+    names = [c for c in names if c]
+    if not names:
+        raise ConditionError(f"no memory condition given; choose from {', '.join(CONDITIONS)}")
+    for c in names:
+        if c not in CONDITIONS:
+            raise ConditionError(f"unknown memory condition {c!r}; choose from {', '.join(CONDITIONS)}")
+    if len(set(names)) != len(names):
+        raise ConditionError(f"memory conditions repeat: {names}")
+    return tuple(names)
+
+
+def memory_rows(memory: FetchedMemory | None, n_texts: int, condition: str) -> int:
+    """Rows of a provider's answer (``n_texts`` or 1), after checking that every array agrees."""
+    if memory is None:
+        return 0
+    if not memory:
+        raise ConditionError(f"memory for condition {condition!r} is an empty dict; return None for no memory")
+    rows = {name: int(np.shape(a)[0]) if np.ndim(a) else -1 for name, a in memory.items()}
+    for name, r in rows.items():
+        if r not in (n_texts, 1):
+            raise ConditionError(f"memory array {name!r} for condition {condition!r} has {r} rows for {n_texts} "
+                                 f"texts; expected {n_texts} (one per text) or 1 (shared)")
+    if len(set(rows.values())) != 1:
+        raise ConditionError(f"memory arrays for condition {condition!r} disagree on rows: {rows}")
+    return next(iter(rows.values()))
+
+
+def row_index(text_of_row: Sequence[int], memory_rows: int, pad_to: int) -> np.ndarray:
+    """For each batch row, the memory row to gather: the row's text, or 0 when memory is shared.
+
+    Padding rows (past ``len(text_of_row)`` up to ``pad_to``) repeat the last row's memory.
+    """
+    idx = np.asarray(text_of_row, np.int32)
+    if memory_rows == 1:
+        idx = np.zeros_like(idx)
+    pad = pad_to - len(idx)
+    if pad < 0:
+        raise ValueError(f"{len(idx)} rows do not fit in a batch of {pad_to}")
+    return np.concatenate([idx, np.full(pad, idx[-1] if len(idx) else 0, np.int32)])
+
+
+class DictMemoryProvider:
+    """A :class:`MemoryProvider` over fixed tables, for tests and small experiments.
+
+    ``per_text[condition][text]`` is one text's memory (name -> array without a batch axis);
+    ``shared[condition]`` is one memory for every text (e.g. the generic memory). The ``none``
+    condition always gives None. A text missing from a per-text table is an error naming it.
+    """
+
+    def __init__(self, per_text: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]] | None = None,
+                 shared: Mapping[str, Mapping[str, np.ndarray]] | None = None):
+        self.per_text = dict(per_text or {})
+        self.shared = dict(shared or {})
+        both = set(self.per_text) & set(self.shared)
+        if both:
+            raise ConditionError(f"conditions {sorted(both)} are given both per text and shared")
+        parse_conditions([*self.per_text, *self.shared] or ["none"])
+        self.calls: list[tuple[str, int]] = []  # (condition, number of texts): lets tests see the batching
+
+    def __call__(self, texts: list[str], condition: str) -> FetchedMemory | None:
+        parse_conditions([condition])
+        self.calls.append((condition, len(texts)))
+        if condition == "none":
+            return None
+        if condition in self.shared:
+            return {n: np.asarray(a)[None] for n, a in self.shared[condition].items()}
+        table = self.per_text.get(condition)
+        if table is None:
+            raise ConditionError(f"no memory table for condition {condition!r}")
+        missing = [t for t in texts if t not in table]
+        if missing:
+            raise ConditionError(f"no {condition!r} memory for text {missing[0]!r}")
+        names = table[texts[0]].keys()
+        return {n: np.stack([np.asarray(table[t][n]) for t in texts]) for n in names}

@@ -1,0 +1,105 @@
+"""Greedy generation with the KV cache and fetched memory equals repeated full forwards."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_memory, small_config
+
+from memlm.model.functional import AnchorFunctional
+from memlm.serve.generate import bucket, generate, generate_text
+
+REF_LEN = 32  # the reference forward's fixed length (one compile); causality makes right padding inert
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = small_config("ffn", sizes=(4, 4))
+    f = AnchorFunctional(cfg)
+    return cfg, f, f.init(jax.random.key(0))
+
+
+def reference_greedy(f, params, prompt, memory_row, steps, eot_id=-1):
+    """Greedy decoding by a full forward (no cache) over the whole sequence at every step."""
+    forward = jax.jit(lambda p, t, m: f.apply(p, t, memory=m))
+    seq, out = list(prompt), []
+    for _ in range(steps):
+        padded = np.zeros((1, REF_LEN), np.int32)
+        padded[0, : len(seq)] = seq
+        logits = forward(params, padded, memory_row)
+        nxt = int(np.argmax(np.asarray(logits[0, len(seq) - 1])))
+        if nxt == eot_id:
+            break
+        out.append(nxt)
+        seq.append(nxt)
+    return out
+
+
+def _prompts(vocab):
+    rng = np.random.default_rng(3)
+    return [rng.integers(1, vocab, size=n).tolist() for n in (3, 11, 7)]
+
+
+def test_generation_with_fetched_memory_equals_full_forward_argmax(model):
+    cfg, f, params = model
+    prompts = _prompts(cfg.model.vocab_size)
+    memory = random_memory(cfg, len(prompts), jax.random.key(5), scale=1.0)
+    steps = 9
+    refs = [reference_greedy(f, params, p, {k: v[i:i + 1] for k, v in memory.items()}, steps)
+            for i, p in enumerate(prompts)]
+    # The memory changes what is generated (otherwise the test would not check that it is used).
+    assert refs != [reference_greedy(f, params, p, None, steps) for p in prompts]
+    assert generate(f, params, prompts, memory, steps, eot_id=-1) == refs
+
+    # Stopping at EOT: take a token that row 1 emits mid-way and does not emit earlier.
+    k = next(i for i in range(2, steps) if refs[1][i] not in refs[1][:i])
+    eot = refs[1][k]
+    stopped = generate(f, params, prompts, memory, steps, eot_id=eot)
+    assert stopped[1] == refs[1][:k]
+    for got, ref in zip(stopped, refs, strict=True):
+        assert got == (ref[: ref.index(eot)] if eot in ref else ref)
+
+
+def test_generation_without_memory_and_with_shared_memory(model):
+    cfg, f, params = model
+    prompts = _prompts(cfg.model.vocab_size)
+    refs = [reference_greedy(f, params, p, None, 5) for p in prompts]
+    assert generate(f, params, prompts, None, 5, eot_id=-1, pad_rows_to=8) == refs
+    shared = random_memory(cfg, 1, jax.random.key(9), scale=1.0)
+    refs = [reference_greedy(f, params, p, shared, 5) for p in prompts]
+    assert generate(f, params, prompts, shared, 5, eot_id=-1) == refs
+
+
+def test_generate_text_round_trips_through_a_tokenizer(model):
+    cfg, f, params = model
+
+    class Chars:
+        eot_id = 0
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    prompts = ["hello", "a longer prompt"]
+    ids = generate(f, params, [Chars().encode(p) for p in prompts], None, 4, eot_id=0)
+    assert generate_text(f, params, Chars(), prompts, None, 4) == [Chars().decode(i) for i in ids]
+
+
+def test_generate_rejects_bad_input(model):
+    cfg, f, params = model
+    with pytest.raises(ValueError, match="empty"):
+        generate(f, params, [[1, 2], []], None, 4, eot_id=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(f, params, [[1, 2]], None, 0, eot_id=0)
+    memory = random_memory(cfg, 3, jax.random.key(1))
+    with pytest.raises(ValueError, match="do not match 2 prompts"):
+        generate(f, params, [[1], [2]], memory, 4, eot_id=0)
+    assert generate(f, params, [], None, 4, eot_id=0) == []
+
+
+def test_bucket_is_the_next_power_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 8, 9)] == [1, 2, 4, 8, 16]
+    assert bucket(3, minimum=16) == 16
+    assert jnp.int32(bucket(17, 16)) == 32
