@@ -13,7 +13,6 @@ that are all zero (one column), so it trains, saves and fetches through the same
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import ml_collections
@@ -190,9 +189,3 @@ def generic_paths(batch: int) -> np.ndarray:
     """Paths into the generic memory: every sequence reads its single node."""
     return np.zeros((batch, 1), np.int32)
 
-
-def human_bytes(n: float) -> str:
-    if n <= 0:
-        return "0 B"
-    i = min(int(math.log(n, 1024)), 4)
-    return f"{n / 1024 ** i:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][i]}"

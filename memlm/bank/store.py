@@ -1,0 +1,605 @@
+"""The bank's system of record: tensorstore arrays with a versioned, crash-safe manifest.
+
+Layout of a bank location (any tensorstore kvstore; a local directory by default)::
+
+    bank.json                     metadata: layout facts, tree id, init seed, shard sizes
+    manifest.json                 versions: [{version, state, dirty}], next_version, rollback_to
+    main/level{l}/{array}/params  [k**l, *block]  bank dtype     zarr3, sharding codec,
+    main/level{l}/{array}/mu|nu   [k**l, *block]  float32        one inner chunk per node
+    main/level{l}/count           [k**l] int32    per-node AdamW step
+    main/level{l}/written         [k**l] uint8    1 once the node's block has been written
+    before/v{N}/level{l}/...      before-images of the nodes version N changed (+ ``nodes``)
+    after/v{N}/level{l}/...       after-images of those nodes, kept only until N is applied
+
+Lazy init. A node whose ``written`` flag is 0 has never been trained: its parameters are its
+initial block, recomputed on read from (seed, level, array, node) (``bank.init``), and its
+moments and counter are zero. Creating a bank therefore writes only metadata, and a 65k-leaf
+bank costs nothing on disk until its nodes are trained.
+
+Saving version N (only the nodes whose dirty flag is set; single writer):
+
+1. delta: write N's before-images (read from ``main``, which holds the latest version) and
+   after-images (from the device) in full under ``before/vN`` and ``after/vN``;
+2. commit: one atomic write of ``manifest.json`` appends N with state ``complete``;
+3. apply: write the after-images into ``main``, shard by shard;
+4. finish: mark N ``applied`` in the manifest, drop versions beyond the last ``keep``, delete
+   ``after/vN`` and the before-images nobody can need any more.
+
+A crash before 2 leaves a delta the manifest does not name: it is ignored and deleted on the
+next writable open, and version N-1 is read. A crash after 2 leaves a complete delta that may
+be partly (or wholly) applied: the next open replays the after-images (idempotent). Every key
+write is all-or-nothing, so no reader sees a torn block, and ``main`` is never read for a node
+that a pending delta covers without going through that delta: never a silent mix.
+
+Older versions: ``open(version=M)`` reads ``main`` overlaid with, for every node changed after
+M, its before-image from the first later version that changed it; a writable open of M rolls
+``main`` back (recorded in the manifest first, so a crash mid-rollback is redone on open) and
+forgets the later versions. Version numbers only grow, so an abandoned number is never reused.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from jax.sharding import Mesh
+
+from memlm.bank import tsio
+from memlm.bank.device import BankState, bank_shardings, clear_dirty
+from memlm.bank.init import init_rows
+from memlm.bank.layout import BankLayout, LevelLayout
+
+FORMAT = "memlm-bank"
+FORMAT_VERSION = 1
+META_KEY = "bank.json"
+MANIFEST_KEY = "manifest.json"
+KINDS = ("params", "mu", "nu")
+
+
+class BankStoreError(ValueError):
+    """A bank location is missing, damaged or used in a way it does not support."""
+
+
+class BankMismatchError(BankStoreError):
+    """A stored bank does not match the model or tree it is opened for; ``field`` names the fact."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    """One stored array of a level: a block array's params / mu / nu, or a per-node scalar."""
+
+    array: str | None
+    kind: str  # params, mu, nu, count, written
+
+    @property
+    def path(self) -> str:
+        return f"{self.array}/{self.kind}" if self.array else self.kind
+
+    def row_shape(self, layout: BankLayout, lv: LevelLayout) -> tuple[int, ...]:
+        return layout.array(self.array).shape(lv.rank) if self.array else ()
+
+    def dtype(self, layout: BankLayout) -> str:
+        dtypes = {"params": layout.dtype, "mu": "float32", "nu": "float32", "count": "int32", "written": "uint8"}
+        return dtypes[self.kind]
+
+
+def _fields(layout: BankLayout) -> list[_Field]:
+    return [_Field(a.name, k) for a in layout.arrays for k in KINDS] + [_Field(None, "count"), _Field(None, "written")]
+
+
+def _vkey(version: int) -> str:
+    return f"v{version:012d}"
+
+
+def _row_bytes(layout: BankLayout, lv: LevelLayout) -> int:
+    """Stored bytes of one node across all its fields."""
+    return sum(math.prod(f.row_shape(layout, lv)) * np.dtype(jnp.dtype(f.dtype(layout))).itemsize
+               for f in _fields(layout))
+
+
+
+@jax.jit
+def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.take(x, idx, axis=0)
+
+
+def _device_rows(x: jax.Array, nodes: np.ndarray) -> np.ndarray:
+    """Host copy of rows ``nodes`` of a device array (index count padded to a power of two)."""
+    n = nodes.shape[0]
+    padded = 1 << max(0, (n - 1).bit_length())
+    idx = np.full(padded, nodes[-1] if n else 0, np.int32)
+    idx[:n] = nodes
+    return np.asarray(jax.device_get(_take_rows(x, jnp.asarray(idx))))[:n]
+
+
+@jax.jit
+def _set_rows(buf: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(buf, rows, start, axis=0)
+
+
+_set_rows_donated = jax.jit(_set_rows.__wrapped__, donate_argnums=0)
+
+
+def _batches(nodes: np.ndarray, shard_nodes: int, max_rows: int) -> list[tuple[int, int]]:
+    """Split sorted node ids into [i, j) batches of whole shards, about ``max_rows`` rows each,
+    so that every shard of the target array is rewritten once per pass."""
+    if nodes.size == 0:
+        return []
+    shard = nodes // shard_nodes
+    starts = np.flatnonzero(np.diff(shard)) + 1
+    bounds = [0, *starts.tolist(), nodes.size]
+    out, i = [], 0
+    for b in bounds[1:]:
+        if b - i >= max_rows or b == nodes.size:
+            out.append((i, b))
+            i = b
+    return out
+
+
+class BankStore:
+    """A bank location opened at one version: save, load to device, read blocks.
+
+    Use :meth:`create` or :meth:`open`. A writable handle holds ``main`` at its version and is
+    the only writer; read-only handles never modify the location.
+    """
+
+    def __init__(self, kv_spec: dict, layout: BankLayout, meta: dict, *, writable: bool, batch_bytes: int):
+        self._spec = kv_spec
+        self._where = tsio.describe(kv_spec)
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}})
+        self._kv = ts.KvStore.open(kv_spec, context=self._context).result()
+        self.layout = dataclasses.replace(layout, init_std=float(meta["init_std"]))
+        self.meta = meta
+        self.writable = writable
+        self.batch_bytes = int(batch_bytes)
+        self.stats: collections.Counter = collections.Counter()
+        self.on_phase: Callable[[str], None] | None = None  # fault-injection seam: called between save phases
+        self._arrays: dict[str, ts.TensorStore] = {}
+        self._manifest: dict = {}
+        self.version = -1
+        self._count: dict[str, np.ndarray] = {}
+        self._written: dict[str, np.ndarray] = {}
+        self._overlay: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._overlay_groups: list[str] = []
+
+    # ---- creation and opening ------------------------------------------------------------------
+    @classmethod
+    def create(cls, location: str | os.PathLike | dict, layout: BankLayout, *, seed: int = 0, tree_id: str = "",
+               keep: int = 3, shard_bytes: int = 64 << 20, overwrite: bool = False,
+               batch_bytes: int = 256 << 20) -> BankStore:
+        """Create a bank at ``location`` as version 0 (its lazy init: only metadata is written).
+
+        ``keep``: how many versions stay restorable; ``shard_bytes``: target size of one outer
+        zarr chunk (a key holding several nodes' blocks of one array).
+        """
+        if keep < 1:
+            raise BankStoreError(f"keep = {keep}: at least the latest version must be kept")
+        spec = tsio.kvstore_spec(location)
+        kv = ts.KvStore.open(spec).result()
+        if tsio.read_json(kv, META_KEY) is not None:
+            if not overwrite:
+                raise BankStoreError(f"{tsio.describe(spec)} already holds a bank (pass overwrite=True to replace it)")
+            kv.delete_range(ts.KvStore.KeyRange()).result()
+        shards = {}
+        for lv in layout.levels:
+            biggest = max(a.size(lv.rank) for a in layout.arrays) * 4  # float32 moments: the largest rows
+            shards[lv.key] = max(1, min(lv.nodes, shard_bytes // biggest))
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **layout.metadata(), "init_std": layout.init_std,
+                "seed": int(seed), "tree_id": str(tree_id), "keep": int(keep), "shard_nodes": shards}
+        store = cls(spec, layout, meta, writable=True, batch_bytes=batch_bytes)
+        for lv in layout.levels:
+            store._create_group(f"main/{lv.key}/", lv, lv.nodes)
+        tsio.write_json(kv, META_KEY, meta)
+        store._manifest = {"versions": [{"version": 0, "state": "applied", "dirty": {}}], "next_version": 1,
+                           "rollback_to": None}
+        tsio.write_json(kv, MANIFEST_KEY, store._manifest)
+        store._build_view(0)
+        return store
+
+    @classmethod
+    def open(cls, location: str | os.PathLike | dict, layout: BankLayout, *, tree_id: str | None = None,
+             version: int | None = None, writable: bool = False, batch_bytes: int = 256 << 20) -> BankStore:
+        """Open the bank at ``location`` at ``version`` (default: the last complete one).
+
+        The stored metadata is checked against ``layout`` (and ``tree_id`` when given); a
+        mismatch raises BankMismatchError naming the field. A writable open first finishes or
+        discards an interrupted save and rolls ``main`` back to ``version`` if it is older.
+        """
+        spec = tsio.kvstore_spec(location)
+        kv = ts.KvStore.open(spec).result()
+        where = tsio.describe(spec)
+        meta = tsio.read_json(kv, META_KEY)
+        if meta is None:
+            raise BankStoreError(f"{where}: no bank here ({META_KEY} is missing)")
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise BankMismatchError("format_version", f"{where}: field 'format_version' is "
+                                    f"{meta.get('format_version')!r} in the bank but this code reads {FORMAT_VERSION}")
+        for field, want in layout.metadata().items():
+            if meta.get(field) != want:
+                raise BankMismatchError(field, f"{where}: field {field!r} is {meta.get(field)!r} in the bank "
+                                        f"but {want!r} in the config")
+        if tree_id is not None and meta["tree_id"] != tree_id:
+            raise BankMismatchError("tree_id", f"{where}: field 'tree_id' is {meta['tree_id']!r} in the bank "
+                                    f"but {tree_id!r} for the tree in use")
+        store = cls(spec, layout, meta, writable=writable, batch_bytes=batch_bytes)
+        store._manifest = tsio.read_json(kv, MANIFEST_KEY)
+        if store._manifest is None:
+            raise BankStoreError(f"{where}: {MANIFEST_KEY} is missing")
+        if writable:
+            store._recover()
+        target = store.latest if version is None else int(version)
+        if target not in store.versions:
+            raise BankStoreError(f"{where}: version {target} is not restorable; kept versions: {store.versions}")
+        if writable and target != store.latest:
+            store._rollback(target)
+        if writable:
+            store._collect_garbage()
+        store._build_view(target)
+        return store
+
+    # ---- versions ------------------------------------------------------------------------------
+    @property
+    def versions(self) -> list[int]:
+        """Restorable versions, oldest first (a pending rollback hides the versions it drops)."""
+        cut = self._manifest.get("rollback_to")
+        return [e["version"] for e in self._manifest["versions"] if cut is None or e["version"] <= cut]
+
+    @property
+    def latest(self) -> int:
+        return self.versions[-1]
+
+    @property
+    def seed(self) -> int:
+        return int(self.meta["seed"])
+
+    @property
+    def tree_id(self) -> str:
+        return str(self.meta["tree_id"])
+
+    def _entry(self, version: int) -> dict:
+        return next(e for e in self._manifest["versions"] if e["version"] == version)
+
+    def _write_manifest(self) -> None:
+        tsio.write_json(self._kv, MANIFEST_KEY, self._manifest)
+
+    def _phase(self, name: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name)
+
+    # ---- arrays --------------------------------------------------------------------------------
+    def _array(self, group: str, field: _Field | str) -> ts.TensorStore:
+        path = group + (field if isinstance(field, str) else field.path) + "/"
+        if path not in self._arrays:
+            self._arrays[path] = tsio.open_array(tsio.join(self._spec, path), self._context)
+        return self._arrays[path]
+
+    def _create_group(self, group: str, lv: LevelLayout, rows: int, with_nodes: bool = False) -> None:
+        shard = int(self.meta["shard_nodes"][lv.key])
+        for f in _fields(self.layout):
+            path = group + f.path + "/"
+            self._arrays[path] = tsio.create_array(tsio.join(self._spec, path), (rows, *f.row_shape(self.layout, lv)),
+                                                   f.dtype(self.layout), shard, self._context)
+        if with_nodes:
+            path = group + "nodes/"
+            self._arrays[path] = tsio.create_array(tsio.join(self._spec, path), (rows,), "int32", shard, self._context)
+
+    def _max_rows(self, lv: LevelLayout) -> int:
+        return max(1, self.batch_bytes // _row_bytes(self.layout, lv))
+
+    def _delta_nodes(self, version: int, lv: LevelLayout) -> np.ndarray:
+        if not self._entry(version)["dirty"].get(lv.key):
+            return np.zeros((0,), np.int64)
+        return self._array(f"before/{_vkey(version)}/{lv.key}/", "nodes").read().result().astype(np.int64)
+
+    # ---- the view: what this handle reads ------------------------------------------------------
+    def _build_view(self, target: int) -> None:
+        """Per-node counters and written flags of version ``target``, and the overlay that maps
+        nodes changed after it (or by an unapplied latest save) to the delta rows holding them."""
+        self.version = target
+        entries = [e for e in self._manifest["versions"] if e["version"] > target]
+        groups: list[str] = []
+        latest = self._manifest["versions"][-1]
+        unapplied = latest["version"] == target and latest["state"] == "complete"
+        for lv in self.layout.levels:
+            main = f"main/{lv.key}/"
+            count = self._array(main, "count").read().result()
+            written = self._array(main, "written").read().result()
+            seen = np.zeros(lv.nodes, bool)
+            ov_nodes, ov_src, ov_row = [], [], []
+            sources = [(e["version"], "before") for e in entries]
+            if unapplied:
+                sources = [(target, "after")]
+            for version, kind in sources:
+                nodes = self._delta_nodes(version, lv)
+                if nodes.size == 0:
+                    continue
+                fresh = np.flatnonzero(~seen[nodes])
+                seen[nodes] = True
+                group = f"{kind}/{_vkey(version)}/{lv.key}/"
+                groups.append(group)
+                ov_nodes.append(nodes[fresh])
+                ov_src.append(np.full(fresh.size, len(groups) - 1, np.int32))
+                ov_row.append(fresh)
+                count[nodes[fresh]] = self._array(group, "count")[fresh].read().result()
+                written[nodes[fresh]] = self._array(group, "written")[fresh].read().result()
+            if ov_nodes:
+                nodes = np.concatenate(ov_nodes)
+                order = np.argsort(nodes)
+                self._overlay[lv.key] = (nodes[order], np.concatenate(ov_src)[order], np.concatenate(ov_row)[order])
+            else:
+                self._overlay[lv.key] = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64))
+            self._count[lv.key], self._written[lv.key] = count, written
+        self._overlay_groups = groups
+
+    def _plan_rows(self, lv: LevelLayout, field: _Field, nodes: np.ndarray) -> Callable[[], np.ndarray]:
+        """Issue the reads for ``field`` of ``nodes`` (sorted) in this view; returns the finisher."""
+        if field.kind == "count":
+            return lambda: self._count[lv.key][nodes].copy()
+        if field.kind == "written":
+            return lambda: self._written[lv.key][nodes].copy()
+        written = self._written[lv.key][nodes].astype(bool)
+        ov_nodes, ov_src, ov_row = self._overlay[lv.key]
+        pos = np.searchsorted(ov_nodes, nodes)
+        hit = (pos < ov_nodes.size) & (ov_nodes[np.minimum(pos, max(ov_nodes.size - 1, 0))] == nodes) \
+            if ov_nodes.size else np.zeros(nodes.size, bool)
+        futures = []
+        from_main = np.flatnonzero(written & ~hit)
+        if from_main.size:
+            arr = self._array(f"main/{lv.key}/", field)
+            sel = nodes[from_main]
+            src = arr[int(sel[0]):int(sel[-1]) + 1] if tsio.contiguous(sel) else arr[sel]
+            futures.append((from_main, src.read()))
+        from_delta = np.flatnonzero(written & hit)
+        for g in np.unique(ov_src[pos[from_delta]]):
+            local = from_delta[ov_src[pos[from_delta]] == g]
+            arr = self._array(self._overlay_groups[int(g)], field)
+            futures.append((local, arr[ov_row[pos[local]]].read()))
+        self.stats["rows_read"] += int(from_main.size + from_delta.size)
+        fresh = np.flatnonzero(~written)
+
+        def finish() -> np.ndarray:
+            shape = field.row_shape(self.layout, lv)
+            out = np.zeros((nodes.size, *shape), jnp.dtype(field.dtype(self.layout)))
+            for where, fut in futures:
+                out[where] = fut.result()
+            if field.kind == "params" and fresh.size:
+                out[fresh] = init_rows(self.layout, self.seed, lv.level, field.array, nodes[fresh])
+            return out
+
+        return finish
+
+    def read_rows(self, level: int, name: str, nodes: Sequence[int], kind: str = "params") -> np.ndarray:
+        """``[len(nodes), *block]`` of array ``name`` (``kind``: params, mu or nu) at this version."""
+        lv = self.layout.level(level)
+        self.layout.array(name)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        nodes = np.asarray(nodes, np.int64)
+        order = np.argsort(nodes)
+        out = np.empty((nodes.size, *self.layout.array(name).shape(lv.rank)), jnp.dtype(_Field(name, kind).dtype(
+            self.layout)))
+        out[order] = self._plan_rows(lv, _Field(name, kind), nodes[order])()
+        return out
+
+    def read_blocks(self, requests: Sequence[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
+        """Parameter blocks ``{name: block}`` for (level, node) pairs, all reads issued at once."""
+        plans = []
+        for level, node in requests:
+            lv = self.layout.level(level)
+            if not 0 <= node < lv.nodes:
+                raise ValueError(f"level {level} has nodes [0, {lv.nodes}); got node {node}")
+            idx = np.array([node], np.int64)
+            plans.append({a.name: self._plan_rows(lv, _Field(a.name, "params"), idx) for a in self.layout.arrays})
+        return [{name: plan()[0] for name, plan in p.items()} for p in plans]
+
+    def counts(self, level: int) -> np.ndarray:
+        """Per-node update counters of a level at this version."""
+        return self._count[self.layout.level(level).key].copy()
+
+    # ---- load to device ------------------------------------------------------------------------
+    def load(self, mesh: Mesh | None = None, *, replicate_levels: int = 1,
+             rules: Mapping[str, Sequence[str]] | None = None) -> BankState:
+        """This version on device with the bank's sharding (``bank_shardings``), streamed: each
+        device shard is filled chunk by chunk of nodes (at most ``batch_bytes`` of host memory
+        per chunk), never through one host array of a whole level."""
+        if mesh is None:
+            mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+        sh = bank_shardings(self.layout, mesh, replicate_levels=replicate_levels, rules=rules)
+        params, mu, nu, count, dirty = {}, {}, {}, {}, {}
+        for lv in self.layout.levels:
+            key = lv.key
+            trees = {"params": params, "mu": mu, "nu": nu}
+            for kind in KINDS:
+                trees[kind][key] = {a.name: self._load_field(lv, _Field(a.name, kind), sh.params[key][a.name])
+                                    for a in self.layout.arrays}
+            count[key] = self._load_field(lv, _Field(None, "count"), sh.count[key])
+            dirty[key] = jax.device_put(np.zeros(lv.nodes, bool), sh.dirty[key])
+        return BankState(params=params, mu=mu, nu=nu, count=count, dirty=dirty, layout=self.layout)
+
+    def _load_field(self, lv: LevelLayout, field: _Field, sharding: jax.sharding.Sharding) -> jax.Array:
+        shape = (lv.nodes, *field.row_shape(self.layout, lv))
+        by_rows: dict[tuple[int, int], list] = collections.defaultdict(list)
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            start, stop, _ = index[0].indices(lv.nodes)
+            by_rows[(start, stop)].append((device, index[1:]))
+        chunk = max(1, self.batch_bytes // max(1, math.prod(shape[1:]) * np.dtype(
+            jnp.dtype(field.dtype(self.layout))).itemsize))
+        buffers = {}
+        for (start, stop), targets in by_rows.items():
+            if stop - start <= chunk:
+                rows = self._plan_rows(lv, field, np.arange(start, stop))()
+                for device, rest in targets:
+                    buffers[device] = jax.device_put(rows[(slice(None), *rest)], device)
+                continue
+            for device, rest in targets:
+                local = (stop - start, *(len(range(*s.indices(n))) for s, n in zip(rest, shape[1:], strict=True)))
+                buffers[device] = jnp.zeros(local, field.dtype(self.layout), device=device)
+            for a in range(start, stop, chunk):
+                rows = self._plan_rows(lv, field, np.arange(a, min(a + chunk, stop)))()
+                for device, rest in targets:
+                    part = jax.device_put(rows[(slice(None), *rest)], device)
+                    buffers[device] = _set_rows_donated(buffers[device], part, np.int32(a - start))
+        arrays = [buffers[d] for d in sharding.addressable_devices_indices_map(shape)]
+        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+    # ---- saving --------------------------------------------------------------------------------
+    def save(self, state: BankState) -> tuple[int, BankState]:
+        """Write the blocks dirty since the last save as a new version (module docstring, steps 1-4).
+
+        Returns the new version number (record it with the anchor checkpoint) and the state with
+        its dirty flags cleared. Nodes never updated are not written: they read back as their
+        init, which equals the state's values when it came from :meth:`load` (or from
+        ``init_state`` on the same backend).
+        """
+        if not self.writable:
+            raise BankStoreError(f"{self._where}: opened read-only; open it with writable=True to save")
+        if state.layout.metadata() != self.layout.metadata():
+            raise BankMismatchError("layout", f"{self._where}: the state's layout {state.layout.metadata()} differs "
+                                    f"from the bank's {self.layout.metadata()}")
+        version = int(self._manifest["next_version"])
+        dirty = {}
+        for lv in self.layout.levels:
+            nodes = np.flatnonzero(np.asarray(jax.device_get(state.dirty[lv.key])))
+            if nodes.size:
+                dirty[lv.key] = nodes
+        for lv in self.layout.levels:
+            if lv.key in dirty:
+                self._write_delta(version, lv, dirty[lv.key], state)
+        self._phase("delta-written")
+        self._manifest["versions"].append({"version": version, "state": "complete",
+                                           "dirty": {k: int(v.size) for k, v in dirty.items()}})
+        self._manifest["next_version"] = version + 1
+        self._write_manifest()
+        self._phase("committed")
+        for lv in self.layout.levels:
+            if lv.key in dirty:
+                nodes = dirty[lv.key]
+                self._apply(lv, nodes, lambda i, j, lv=lv, nodes=nodes: self._state_rows(state, lv, nodes[i:j]))
+        self._phase("applied")
+        self._mark_applied(version)
+        self.version = version
+        return version, clear_dirty(state)
+
+    def _state_rows(self, state: BankState, lv: LevelLayout, nodes: np.ndarray) -> dict[str, np.ndarray]:
+        rows = {}
+        for a in self.layout.arrays:
+            for kind, tree in (("params", state.params), ("mu", state.mu), ("nu", state.nu)):
+                rows[f"{a.name}/{kind}"] = _device_rows(tree[lv.key][a.name], nodes)
+        rows["count"] = _device_rows(state.count[lv.key], nodes)
+        rows["written"] = np.ones(nodes.size, np.uint8)
+        return rows
+
+    def _write_delta(self, version: int, lv: LevelLayout, nodes: np.ndarray, state: BankState) -> None:
+        """Before- and after-images of ``nodes`` under ``before/vN`` and ``after/vN``, batch by batch."""
+        before, after = (f"{g}/{_vkey(version)}/{lv.key}/" for g in ("before", "after"))
+        main = f"main/{lv.key}/"
+        n = nodes.size
+        self._create_group(before, lv, n, with_nodes=True)
+        self._create_group(after, lv, n)
+        self._array(before, "nodes").write(nodes.astype(np.int32)).result()
+        shard = min(n, int(self.meta["shard_nodes"][lv.key]))
+        step = max(shard, self._max_rows(lv) // shard * shard)
+        fields = _fields(self.layout)
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            sel = nodes[i:j]
+            was = np.flatnonzero(self._written[lv.key][sel])
+            old = {f.path: self._array(main, f)[sel[was]].read() for f in fields if f.array} if was.size else {}
+            rows = self._state_rows(state, lv, sel)
+            txn = ts.Transaction()
+            pending = [self._array(after, f).with_transaction(txn)[i:j].write(rows[f.path]) for f in fields]
+            pending.append(self._array(before, "count").with_transaction(txn)[i:j].write(self._count[lv.key][sel]))
+            pending.append(self._array(before, "written").with_transaction(txn)[i:j].write(self._written[lv.key][sel]))
+            for path, fut in old.items():
+                pending.append(self._array(before, path).with_transaction(txn)[i + was].write(fut.result()))
+            for p in pending:
+                p.result()
+            txn.commit_async().result()
+            self.stats["delta_rows_written"] += j - i
+            self._phase("delta-batch")
+
+    def _apply(self, lv: LevelLayout, nodes: np.ndarray,
+               rows_fn: Callable[[int, int], Mapping[str, np.ndarray]]) -> None:
+        """Write rows (all fields) of sorted ``nodes`` into ``main``, each shard rewritten once."""
+        main = f"main/{lv.key}/"
+        for i, j in _batches(nodes, int(self.meta["shard_nodes"][lv.key]), self._max_rows(lv)):
+            sel = nodes[i:j]
+            rows = rows_fn(i, j)
+            txn = ts.Transaction()
+            pending = []
+            for f in _fields(self.layout):
+                arr = self._array(main, f).with_transaction(txn)
+                target = arr[int(sel[0]):int(sel[-1]) + 1] if tsio.contiguous(sel) else arr[sel]
+                pending.append(target.write(rows[f.path]))
+            for p in pending:
+                p.result()
+            txn.commit_async().result()
+            if lv.key in self._count:
+                self._count[lv.key][sel] = rows["count"]
+                self._written[lv.key][sel] = rows["written"]
+            self.stats["main_rows_written"] += j - i
+            self._phase("apply-batch")
+
+    def _delta_rows(self, group: str, rows: np.ndarray) -> Callable[[int, int], dict[str, np.ndarray]]:
+        """rows_fn reading delta rows ``rows[i:j]`` of every field from ``group``."""
+        def read(i: int, j: int) -> dict[str, np.ndarray]:
+            futures = {f.path: self._array(group, f)[rows[i:j]].read() for f in _fields(self.layout)}
+            return {path: fut.result() for path, fut in futures.items()}
+        return read
+
+    def _mark_applied(self, version: int) -> None:
+        self._entry(version)["state"] = "applied"
+        self._manifest["versions"] = self._manifest["versions"][-int(self.meta["keep"]):]
+        self._write_manifest()
+        self._collect_garbage()
+
+    # ---- recovery, rollback, garbage -----------------------------------------------------------
+    def _recover(self) -> None:
+        """Finish what a crash interrupted: a pending rollback, or a complete but unapplied save."""
+        if self._manifest.get("rollback_to") is not None:
+            self._rollback(int(self._manifest["rollback_to"]))
+        latest = self._manifest["versions"][-1]
+        if latest["state"] == "complete":
+            version = latest["version"]
+            for lv in self.layout.levels:
+                nodes = self._delta_nodes(version, lv)
+                if nodes.size:
+                    group = f"after/{_vkey(version)}/{lv.key}/"
+                    self._apply(lv, nodes, self._delta_rows(group, np.arange(nodes.size)))
+            self._mark_applied(version)
+
+    def _rollback(self, target: int) -> None:
+        """Bring ``main`` back to ``target`` and forget the later versions (redone if interrupted)."""
+        self._manifest["rollback_to"] = target
+        self._write_manifest()
+        self._build_view(target)
+        for lv in self.layout.levels:
+            ov_nodes, ov_src, ov_row = self._overlay[lv.key]
+            for g in np.unique(ov_src):
+                mine = ov_src == g
+                self._apply(lv, ov_nodes[mine], self._delta_rows(self._overlay_groups[int(g)], ov_row[mine]))
+        self._manifest["versions"] = [e for e in self._manifest["versions"] if e["version"] <= target]
+        self._manifest["rollback_to"] = None
+        self._write_manifest()
+        tsio.delete_prefix(self._kv, f"before/{_vkey(target + 1)}", upto="before0")
+        self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Delete after-images (all applied by now), before-images no kept version needs, and any
+        delta the manifest does not name (an interrupted save)."""
+        kept = [e["version"] for e in self._manifest["versions"]]
+        tsio.delete_prefix(self._kv, "after/")
+        tsio.delete_prefix(self._kv, "before/", upto=f"before/{_vkey(kept[1])}" if len(kept) > 1 else None)
+        tsio.delete_prefix(self._kv, f"before/{_vkey(int(self._manifest['next_version']))}", upto="before0")
+        self._arrays = {k: v for k, v in self._arrays.items() if k.startswith("main/")}
