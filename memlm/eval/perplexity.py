@@ -1,0 +1,132 @@
+"""Perplexity on held-out documents, each routed by its own text, per memory condition.
+
+As the paper's Wiki-En perplexity (PAPER.md §5.1): a document's memory is fetched with the
+full document text. Its tokens are scored in chunks of ``seq_len`` inputs, each chunk its own
+context (positions restart at 0, as packed continuation chunks in training), so every token but
+the document's first is predicted exactly once. The result is the token-weighted mean NLL over
+all documents and its exponential.
+
+:func:`target_logprobs` is the shared scoring kernel (also used by multiple-choice scoring): one
+jitted forward over right-padded rows, returning each row's summed log-probability of chosen
+targets.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memlm.eval.conditions import MemoryProvider, memory_rows, parse_conditions, row_index
+from memlm.memspec import FetchedMemory
+from memlm.serve.generate import MIN_PROMPT_BUCKET, bucket, gather_rows
+
+__all__ = ["evaluate_perplexity", "target_logprobs"]
+
+
+def _logprob_kernel(fn, params, inputs, targets, weights, lengths, memory, rows):
+    b, t = inputs.shape
+    segment_ids = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits = fn.apply(params, inputs, segment_ids, positions, memory=gather_rows(memory, rows))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(weights > 0, picked * weights, 0.0), axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(fn: Any) -> Callable:
+    return jax.jit(functools.partial(_logprob_kernel, fn))
+
+
+def target_logprobs(fn: Any, params: Any, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray,
+                    lengths: np.ndarray, memory: FetchedMemory | None, rows: np.ndarray) -> np.ndarray:
+    """``sum_t weights[b, t] * log p(targets[b, t] | inputs[b, :t+1])`` per row, as float64.
+
+    ``inputs``, ``targets``, ``weights``: ``[B, T]``, right-padded; ``lengths [B]``: real input
+    tokens (the rest is padding, segment id 0). ``memory`` holds the provider's rows and
+    ``rows [B]`` picks each batch row's memory row.
+    """
+    out = _compiled(fn)(params, np.asarray(inputs, np.int32), np.asarray(targets, np.int32),
+                        np.asarray(weights, np.float32), np.asarray(lengths, np.int32), memory,
+                        np.asarray(rows, np.int32))
+    return np.asarray(out, np.float64)
+
+
+def _chunks(tokens: np.ndarray, seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) of each chunk: up to ``seq_len`` inputs, each predicting the next token."""
+    n = len(tokens)
+    for s in range(0, n - 1, seq_len):
+        inputs = tokens[s: min(s + seq_len, n - 1)]
+        yield inputs, tokens[s + 1: s + 1 + len(inputs)]
+
+
+def _batches(documents: Iterable[tuple[Sequence[int], str]], seq_len: int, batch_size: int):
+    """Batches of (texts of the docs involved, chunk rows as (text index, inputs, targets))."""
+    texts: list[str] = []
+    rows: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for tokens, text in documents:
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 1:
+            raise ValueError(f"a document's tokens must be a flat list, got shape {tokens.shape}")
+        for inputs, targets in _chunks(tokens, seq_len):
+            if not texts or texts[-1] != text:
+                texts.append(text)
+            rows.append((len(texts) - 1, inputs, targets))
+            if len(rows) == batch_size:
+                yield texts, rows
+                texts, rows = [], []
+    if rows:
+        yield texts, rows
+
+
+def evaluate_perplexity(fn: Any, params: Any, documents: Iterable[Sequence[int]], texts: Iterable[str],
+                        memory_for: MemoryProvider, conditions: str | Iterable[str], seq_len: int,
+                        batch_size: int) -> dict:
+    """Perplexity of ``documents`` (token lists) under each memory condition.
+
+    ``texts[i]`` is document i's retrieval text (its full text, as the paper). Streams: documents
+    are read once, in batches of ``batch_size`` chunks, and each batch asks ``memory_for`` once per
+    condition. Returns ``{"conditions": {cond: {"perplexity", "nll", "tokens", "documents"}}}``
+    (``nll``: mean per scored token in nats).
+    """
+    conds = parse_conditions(conditions)
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+    total = {c: 0.0 for c in conds}
+    count = 0
+    n_docs = 0
+
+    def counted(pairs):
+        nonlocal n_docs
+        for pair in pairs:
+            n_docs += 1
+            yield pair
+
+    for batch_texts, rows in _batches(counted(zip(documents, texts, strict=True)), seq_len, batch_size):
+        t = min(bucket(max(len(r[1]) for r in rows), MIN_PROMPT_BUCKET), seq_len)
+        inputs = np.zeros((batch_size, t), np.int32)
+        targets = np.zeros((batch_size, t), np.int32)
+        weights = np.zeros((batch_size, t), np.float32)
+        lengths = np.ones(batch_size, np.int32)
+        for i, (_, x, y) in enumerate(rows):
+            inputs[i, : len(x)] = x
+            targets[i, : len(y)] = y
+            weights[i, : len(y)] = 1.0
+            lengths[i] = len(x)
+        count += int(weights.sum())
+        for c in conds:
+            memory = memory_for(list(batch_texts), c)
+            idx = row_index([r[0] for r in rows], memory_rows(memory, len(batch_texts), c), batch_size)
+            total[c] -= float(target_logprobs(fn, params, inputs, targets, weights, lengths, memory, idx).sum())
+    result = {}
+    for c in conds:
+        nll = total[c] / count if count else float("nan")
+        result[c] = {"perplexity": math.exp(nll) if count else float("nan"), "nll": nll, "tokens": count,
+                     "documents": n_docs}
+    return {"conditions": result}
