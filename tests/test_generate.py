@@ -1,5 +1,7 @@
 """Greedy generation with the KV cache and fetched memory equals repeated full forwards."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,11 @@ from memlm.serve.generate import bucket, generate, generate_text
 REF_LEN = 32  # the reference forward's fixed length (one compile); causality makes right padding inert
 
 
+@functools.cache
+def _forward(f):
+    return jax.jit(lambda p, t, m: f.apply(p, t, memory=m))
+
+
 @pytest.fixture(scope="module")
 def model():
     cfg = small_config("ffn", sizes=(4, 4))
@@ -21,7 +28,7 @@ def model():
 
 def reference_greedy(f, params, prompt, memory_row, steps, eot_id=-1):
     """Greedy decoding by a full forward (no cache) over the whole sequence at every step."""
-    forward = jax.jit(lambda p, t, m: f.apply(p, t, memory=m))
+    forward = _forward(f)
     seq, out = list(prompt), []
     for _ in range(steps):
         padded = np.zeros((1, REF_LEN), np.int32)

@@ -72,15 +72,16 @@ def _rows(tokenizer: TextTokenizer, items: Sequence[ChoiceItem], max_len: int | 
     """Per (item, choice): (item index, context ids, choice ids), the context cut from the left to fit."""
     rows = []
     for i, item in enumerate(items):
-        q = [int(t) for t in tokenizer.encode(item.question)]
+        question = [int(t) for t in tokenizer.encode(item.question)]
         for choice in item.choices:
             c = [int(t) for t in tokenizer.encode(_continuation(item.question, choice))]
-            if not q or not c:
+            if not question or not c:
                 raise ValueError(f"question {item.question!r} or choice {choice!r} encodes to no tokens")
+            q = question
             if max_len is not None:
                 if len(c) >= max_len:
                     raise ValueError(f"choice {choice!r} has {len(c)} tokens, more than max_len - 1 = {max_len - 1}")
-                q = q[max(0, len(q) + len(c) - max_len):]
+                q = question[max(0, len(question) + len(c) - max_len):]
             rows.append((i, q, c))
     return rows
 

@@ -17,6 +17,7 @@ __all__ = ["PlotUnavailableError", "format_table", "plot_buckets"]
 
 CONDITION_LABELS = {"none": "anchor alone", "generic": "+ generic memory", "fetched": "+ fetched memory",
                     "blocked": "+ fetched, own subtree blocked"}
+CONDITION_COLORS = {"none": "#9e9e9e", "generic": "#6fa8dc", "fetched": "#e69138", "blocked": "#8e7cc3"}
 
 
 class PlotUnavailableError(RuntimeError):
@@ -89,19 +90,20 @@ def plot_buckets(result: Mapping[str, Any], path: str | os.PathLike, title: str 
     groups = [*buckets, "all"]
     n = len(conditions)
     width = 0.8 / max(n, 1)
-    fig = Figure(figsize=(max(4.0, 1.2 * len(groups) + 1.5), 3.6), dpi=120)
+    fig = Figure(figsize=(max(6.0, 1.4 * len(groups) + 1.5), 4.2), dpi=120)
     FigureCanvasAgg(fig)  # render with Agg without touching pyplot's global backend
     ax = fig.subplots()
     for i, (cond, r) in enumerate(conditions.items()):
         values = [100 * r.get("by_bucket", {}).get(b, math.nan) for b in buckets] + [100 * r["accuracy"]]
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, values, width, label=CONDITION_LABELS.get(cond, cond))
+        bars = ax.bar(xs, values, width, label=CONDITION_LABELS.get(cond, cond), color=CONDITION_COLORS.get(cond))
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-    ax.set_xticks(range(len(groups)), [f"bucket {b}" for b in buckets] + ["all"])
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_xlabel("frequency bucket")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title or result.get("probes") or "probe accuracy by frequency bucket")
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     path = Path(path)

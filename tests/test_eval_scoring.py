@@ -1,0 +1,152 @@
+"""Log-likelihood scoring: multiple choice and perplexity against direct numpy computations."""
+
+import functools
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from helpers import random_memory, small_config
+
+from memlm.eval.choice import _rows, evaluate_choice, load_choice_items
+from memlm.eval.conditions import ConditionError, DictMemoryProvider
+from memlm.eval.perplexity import evaluate_perplexity
+from memlm.eval.probes import ProbeFileError
+from memlm.model.functional import AnchorFunctional
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REF_LEN = 64  # the reference forward's fixed length; causality makes right padding inert
+
+
+class Chars:
+    eot_id = 0
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+@functools.cache
+def _forward(f):
+    return jax.jit(lambda p, t, m: f.apply(p, t, memory=m))
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = small_config("ffn", sizes=(4, 4))
+    f = AnchorFunctional(cfg)
+    return cfg, f, f.init(jax.random.key(0))
+
+
+def memory_table(cfg, texts, seed):
+    mem = random_memory(cfg, len(texts), jax.random.key(seed), scale=1.0)
+    return {t: {k: np.asarray(v[i]) for k, v in mem.items()} for i, t in enumerate(texts)}
+
+
+def log_softmax(logits):
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def reference_logprobs(f, params, seq, memory):
+    """log p(seq[i+1] | seq[:i+1]) for every i, from one full forward in numpy float64."""
+    forward = _forward(f)
+    padded = np.zeros((1, REF_LEN), np.int32)
+    padded[0, : len(seq)] = seq
+    m = None if memory is None else {k: v[None] for k, v in memory.items()}
+    lp = log_softmax(forward(params, padded, m)[0])
+    return np.array([lp[i, seq[i + 1]] for i in range(len(seq) - 1)])
+
+
+def test_multiple_choice_scores_equal_direct_log_likelihoods(model):
+    cfg, f, params = model
+    items = load_choice_items(FIXTURES / "eval_choice_islands.jsonl")
+    keys = [it.key for it in items]
+    assert keys[1] == "Oskany is an island nation."
+    fetched = memory_table(cfg, keys, 3)
+    provider = DictMemoryProvider(per_text={"fetched": fetched},
+                                  shared={"generic": memory_table(cfg, ["g"], 4)["g"]})
+    result = evaluate_choice(f, params, Chars(), items, provider, ["none", "generic", "fetched"], batch_size=3,
+                             return_scores=True)
+    tok = Chars()
+    for cond in ("none", "generic", "fetched"):
+        sums, means = [], []
+        for it, got in zip(items, result["scores"][cond], strict=True):
+            memory = {"none": None, "generic": provider.shared["generic"], "fetched": fetched.get(it.key)}[cond]
+            q = tok.encode(it.question)
+            want = []
+            for c in it.choices:
+                cont = c if it.question.endswith(" ") or c.startswith(" ") else " " + c
+                lp = reference_logprobs(f, params, q + tok.encode(cont), memory)
+                want.append(lp[len(q) - 1:].sum())
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            lengths = [len(tok.encode(c if c.startswith(" ") or it.question.endswith(" ") else " " + c))
+                       for c in it.choices]
+            sums.append(int(np.argmax(want)) == it.gold)
+            means.append(int(np.argmax(np.array(want) / lengths)) == it.gold)
+        assert result["conditions"][cond] == {"accuracy": np.mean(sums), "accuracy_norm": np.mean(means),
+                                              "n": len(items)}
+    assert result["scores"]["none"] != result["scores"]["fetched"]
+    assert [n for c, n in provider.calls if c == "fetched"] == [3, 1]
+
+
+def test_long_questions_are_cut_from_the_left():
+    rows = _rows(Chars(), load_choice_items(FIXTURES / "eval_choice_islands.jsonl")[:1], max_len=13)
+    assert [(i, "".join(map(chr, q)), "".join(map(chr, c))) for i, q, c in rows] == [
+        (0, "the", " north sea"), (0, "in the", " desert"), (0, "es in the", " sky")]
+    with pytest.raises(ValueError, match="more than max_len - 1 = 9"):
+        _rows(Chars(), load_choice_items(FIXTURES / "eval_choice_islands.jsonl")[:1], max_len=10)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"question": "q", "choices": ["a"], "gold": 0}', "two or more"),
+    ('{"question": "q", "choices": ["a", "b"], "gold": 2}', "'gold' = 2"),
+    ('{"question": "q", "choices": ["a", "b"], "gold": "0"}', "'gold' must be int"),
+    ('{"choices": ["a", "b"], "gold": 0}', "missing field 'question'"),
+])
+def test_bad_choice_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "task.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ProbeFileError, match=message) as e:
+        load_choice_items(path)
+    assert f"{path}:1" in str(e.value)
+
+
+def test_perplexity_equals_exp_of_direct_nll(model):
+    cfg, f, params = model
+    rng = np.random.default_rng(7)
+    seq_len = 16
+    docs = [rng.integers(1, cfg.model.vocab_size, size=n).tolist() for n in (1, 5, 40, 17, 70)]
+    texts = [f"document {i}" for i in range(len(docs))]
+    fetched = memory_table(cfg, texts, 11)
+    provider = DictMemoryProvider(per_text={"fetched": fetched})
+    result = evaluate_perplexity(f, params, docs, texts, provider, "none,fetched", seq_len=seq_len, batch_size=4)
+    for cond in ("none", "fetched"):
+        nll, count = 0.0, 0
+        for doc, text in zip(docs, texts, strict=True):
+            memory = fetched[text] if cond == "fetched" else None
+            for s in range(0, len(doc) - 1, seq_len):  # each chunk of seq_len inputs is its own context
+                chunk = doc[s: s + seq_len + 1]
+                lp = reference_logprobs(f, params, chunk, memory)
+                nll -= lp.sum()
+                count += len(lp)
+        got = result["conditions"][cond]
+        assert got["tokens"] == count == sum(len(d) - 1 for d in docs)
+        assert got["documents"] == len(docs)
+        np.testing.assert_allclose(got["nll"], nll / count, rtol=1e-5)
+        np.testing.assert_allclose(got["perplexity"], math.exp(nll / count), rtol=1e-5)
+    assert result["conditions"]["none"]["nll"] != result["conditions"]["fetched"]["nll"]
+
+
+def test_memory_of_the_wrong_size_is_rejected(model):
+    cfg, f, params = model
+
+    def wrong(texts, condition):
+        return {k: v[:2] for k, v in random_memory(cfg, 3, jax.random.key(0)).items()}
+
+    with pytest.raises(ConditionError, match="has 2 rows for 3 texts"):
+        evaluate_perplexity(f, params, [[1, 2, 3]] * 3, ["a", "b", "c"], wrong, "fetched", seq_len=8, batch_size=4)
