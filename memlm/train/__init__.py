@@ -1,0 +1,1 @@
+"""Training: mesh, the jitted step, schedules, checkpoints, metrics and the loop behind ``memlm train``."""

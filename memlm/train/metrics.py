@@ -1,0 +1,92 @@
+"""Metrics that tell the truth: ``metrics.jsonl``, TensorBoard events and a console line.
+
+MFU = tokens/s x training FLOPs per token / (peak FLOP/s x devices), with the FLOPs per token
+of :func:`memlm.model.accounting.accounting` (6N over every matrix the token passes, causal
+attention halved, memory FLOPs = 6 x fetched parameters, counted only for sequences that
+fetch). The peak is the device's dense bf16 figure from its data sheet where known, else a
+measured matmul rate (CPU), and the source is logged with it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device, from vendor data sheets.
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+    "A10G": 125e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def device_peak_flops() -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak, f"data sheet ({kind})"
+    n = 512
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(10):
+        out = mm(a)
+    out.block_until_ready()
+    return 2 * n**3 * 10 / (time.perf_counter() - t) / jax.local_device_count(), f"measured fp32 matmul ({kind})"
+
+
+class MetricsWriter:
+    """Writes each logged step to ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str | Path, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=10)
+            except ImportError:  # TensorBoard events are optional; metrics.jsonl always exists
+                self._tb = None
+
+    def write(self, step: int, scalars: dict[str, Any], histograms: dict[str, np.ndarray] | None = None) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, np.floating | np.integer | float | int) else v)
+                 for k, v in scalars.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float | int):
+                    self._tb.add_scalar(k, v, step)
+            for k, h in (histograms or {}).items():
+                if h.size:
+                    self._tb.add_histogram(k, h, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """All logged steps of a run (the last record wins for a step logged twice after a resume)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
