@@ -352,8 +352,7 @@ def allocate(prominence: np.ndarray, total: int, alpha: float, floor: int = MIN_
     (largest-remainder rounding, so the counts sum to ``total`` exactly)."""
     n = len(prominence)
     if total < floor * n:
-        raise FactsError(f"data.facts_documents = {total} is too small: {n} entities need at least {floor} "
-                         f"documents each ({floor * n})")
+        raise FactsError(f"{total} documents are too few: {n} entities need at least {floor} each ({floor * n})")
     w = np.power(np.maximum(prominence, 0.0), alpha)
     w = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
     share = (total - floor * n) * w
@@ -393,6 +392,9 @@ def _render(entity: Entity, rng: np.random.Generator, first: bool) -> str:
 
 def documents_per_entity(ents: list[Entity], n_documents: int) -> np.ndarray:
     """Split ``n_documents`` over the two tables by entity count, then by prominence within each."""
+    if n_documents < MIN_DOCUMENTS * len(ents):
+        raise FactsError(f"data.facts_documents = {n_documents} is too small: {len(ents)} entities need at least "
+                         f"{MIN_DOCUMENTS} documents each ({MIN_DOCUMENTS * len(ents)})")
     kinds = np.array([e.kind for e in ents])
     prom = np.array([e.prominence for e in ents])
     counts = np.zeros(len(ents), dtype=np.int64)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -69,6 +69,17 @@ def plan_leaf(lengths: Sequence[int], ends_document: Sequence[bool], seq_len: in
             sequences.append([piece])
             bisect.insort(rooms, (seq_len - size, len(sequences) - 1))
     return sequences
+
+
+def group_by_leaf(leaf: np.ndarray, n_leaves: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(leaf, its unit indices in corpus order) for every leaf 0 .. n_leaves-1 (empty ones too)."""
+    leaf = np.asarray(leaf, dtype=np.int64)
+    if len(leaf) and (leaf.min() < 0 or leaf.max() >= n_leaves):
+        raise ValueError(f"leaf ids must lie in [0, {n_leaves}), got [{leaf.min()}, {leaf.max()}]")
+    order = np.argsort(leaf, kind="stable")
+    bounds = np.searchsorted(leaf[order], np.arange(n_leaves + 1))
+    for lf in range(n_leaves):
+        yield lf, order[bounds[lf]:bounds[lf + 1]]
 
 
 def materialize(pieces: Sequence[Piece], unit_tokens: Callable[[int], np.ndarray], eot_id: int

@@ -35,9 +35,10 @@ import numpy as np
 
 from memlm.config import validate
 from memlm.data import facts as facts_mod
-from memlm.data.packing import materialize, plan_leaf
+from memlm.data.packing import group_by_leaf, materialize, plan_leaf
 from memlm.data.readers import Document, ReadStats, corpus_fingerprint, iter_documents
 from memlm.data.records import MANIFEST, ShardWriter, encode_sequence, write_json
+from memlm.data.records import VERSION as RECORD_VERSION
 from memlm.data.stages import Stages, stage_key
 from memlm.data.tokenizer import Tokenizer, train_bpe
 
@@ -287,7 +288,7 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     paths = np.load(out / "paths.npy", mmap_mode="r")
 
     # 8. pack --------------------------------------------------------------------------------------
-    pack_key = stage_key("pack", route_key, tokens_key, unit_key, dc.seq_len, dc.records_per_shard)
+    pack_key = stage_key("pack", RECORD_VERSION, route_key, tokens_key, unit_key, dc.seq_len, dc.records_per_shard)
     pack = stages.lookup("pack", pack_key)
     if pack is None:
         pack = _pack(out, tokens, offsets, (unit_doc, unit_start, unit_stop, unit_ends), paths, tok.eot_id,
@@ -352,15 +353,11 @@ def _pack(out: Path, tokens, offsets, units, paths, eot_id: int, leaves: int, se
     shard_dir = out / "shards"
     if shard_dir.exists():
         shutil.rmtree(shard_dir)
-    leaf = np.asarray(paths[:, -1], dtype=np.int64)
-    order = np.argsort(leaf, kind="stable")
-    bounds = np.searchsorted(leaf[order], np.arange(leaves + 1))
     leaf_sequences, leaf_units = [0] * leaves, [0] * leaves
     packed = 0
     with ShardWriter(shard_dir, per_shard) as writer, _progress(console) as bar:
         task = bar.add_task("packing", total=leaves)
-        for lf in range(leaves):
-            members = order[bounds[lf]:bounds[lf + 1]]
+        for lf, members in group_by_leaf(paths[:, -1], leaves):
             bar.advance(task)
             if len(members) == 0:
                 continue
@@ -375,7 +372,9 @@ def _pack(out: Path, tokens, offsets, units, paths, eot_id: int, leaves: int, se
             plan = plan_leaf(lengths, unit_ends[members].tolist(), seq_len)
             for pieces in plan:
                 toks, seg_lens = materialize(pieces, unit_tokens, eot_id)
-                writer.write(encode_sequence(toks, seg_lens, path, lf, seq_len, token_bytes))
+                units_in = members[[p.unit for p in pieces]]
+                writer.write(encode_sequence(toks, seg_lens, path, lf, seq_len, token_bytes, units=units_in,
+                                             starts=[p.start for p in pieces]))
                 packed += len(toks)
             leaf_sequences[lf] = len(plan)
             leaf_units[lf] = len(members)

@@ -2,9 +2,11 @@
 
 A record is a little-endian byte string: an int32 header
 ``[magic, version, seq_len, n_tokens, n_segments, depth, leaf, token_bytes]``, the path
-(int32 [depth]), the segment lengths (int32 [n_segments]) and the tokens (uint16 when the
+(int32 [depth]), per segment its length (int32), unit index (int64: the document, or window, in
+prepare's unit order) and first token within the unit (int32), then the tokens (uint16 when the
 vocabulary fits, else uint32) without padding. Segment ids and positions are derived from the
-segment lengths when read (``packing.segment_arrays``), so a record costs about 2 bytes a token.
+segment lengths when read (``packing.segment_arrays``), so a record costs about 2 bytes a token
+plus 16 bytes a segment; the unit and start say where every token came from (tests, analysis).
 """
 
 from __future__ import annotations
@@ -29,16 +31,36 @@ class RecordError(ValueError):
 
 
 def encode_sequence(tokens: np.ndarray, seg_lens: np.ndarray, path: np.ndarray, leaf: int, seq_len: int,
-                    token_bytes: int = 2) -> bytes:
-    """One packed sequence as record bytes (see the module docstring for the layout)."""
+                    token_bytes: int = 2, units: np.ndarray | None = None, starts: np.ndarray | None = None) -> bytes:
+    """One packed sequence as record bytes (see the module docstring for the layout).
+
+    ``units`` / ``starts``: each segment's unit index and first token within it (default -1 / 0).
+    """
     tokens = np.asarray(tokens)
+    n_seg = len(seg_lens)
     if int(np.sum(seg_lens)) != len(tokens) or len(tokens) > seq_len:
         raise RecordError(f"segments hold {int(np.sum(seg_lens))} tokens, the sequence {len(tokens)} "
                           f"(seq_len {seq_len})")
+    units = np.full(n_seg, -1) if units is None else units
+    starts = np.zeros(n_seg) if starts is None else starts
     dtype = {2: "<u2", 4: "<u4"}[token_bytes]
-    header = np.array([MAGIC, VERSION, seq_len, len(tokens), len(seg_lens), len(path), leaf, token_bytes], "<i4")
+    header = np.array([MAGIC, VERSION, seq_len, len(tokens), n_seg, len(path), leaf, token_bytes], "<i4")
     return b"".join((header.tobytes(), np.asarray(path, "<i4").tobytes(), np.asarray(seg_lens, "<i4").tobytes(),
+                     np.asarray(units, "<i8").tobytes(), np.asarray(starts, "<i4").tobytes(),
                      tokens.astype(dtype).tobytes()))
+
+
+def _layout(record: bytes) -> tuple[list[int], dict[str, np.ndarray]]:
+    header = [int(x) for x in np.frombuffer(record, "<i4", count=_HEADER)]
+    magic, version, seq_len, n, n_seg, depth, _, token_bytes = header
+    if magic != MAGIC or version != VERSION:
+        raise RecordError(f"not a memlm packed-sequence record (magic {magic:#x}, version {version})")
+    parts, off = {}, 4 * _HEADER
+    for name, dtype, count in (("path", "<i4", depth), ("seg_lens", "<i4", n_seg), ("units", "<i8", n_seg),
+                               ("starts", "<i4", n_seg), ("tokens", "<u2" if token_bytes == 2 else "<u4", n)):
+        parts[name] = np.frombuffer(record, dtype, count=count, offset=off)
+        off += np.dtype(dtype).itemsize * count
+    return header, parts
 
 
 def decode_sequence(record: bytes) -> dict[str, np.ndarray]:
@@ -46,25 +68,21 @@ def decode_sequence(record: bytes) -> dict[str, np.ndarray]:
 
     Padding positions carry token 0, segment 0 and position 0.
     """
-    header = np.frombuffer(record, "<i4", count=_HEADER)
-    magic, version, seq_len, n, n_seg, depth, _, token_bytes = (int(x) for x in header)
-    if magic != MAGIC or version != VERSION:
-        raise RecordError(f"not a memlm packed-sequence record (magic {magic:#x}, version {version})")
-    off = 4 * _HEADER
-    path = np.frombuffer(record, "<i4", count=depth, offset=off).astype(np.int32)
-    off += 4 * depth
-    seg_lens = np.frombuffer(record, "<i4", count=n_seg, offset=off)
-    off += 4 * n_seg
-    toks = np.frombuffer(record, "<u2" if token_bytes == 2 else "<u4", count=n, offset=off)
+    header, parts = _layout(record)
+    seq_len, n = header[2], header[3]
     tokens = np.zeros(seq_len, np.int32)
-    tokens[:n] = toks
-    segment_ids, positions = segment_arrays(seg_lens, seq_len)
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "path": path}
+    tokens[:n] = parts["tokens"]
+    segment_ids, positions = segment_arrays(parts["seg_lens"], seq_len)
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+            "path": parts["path"].astype(np.int32)}
 
 
-def record_leaf(record: bytes) -> int:
-    """The leaf cluster a record was packed from."""
-    return int(np.frombuffer(record, "<i4", count=_HEADER)[6])
+def decode_segments(record: bytes) -> dict[str, Any]:
+    """Where a record's tokens came from: leaf, path, and per segment its length, unit and start."""
+    header, parts = _layout(record)
+    return {"leaf": header[6], "seq_len": header[2], "path": parts["path"].astype(np.int32),
+            "seg_lens": parts["seg_lens"].astype(np.int64), "units": parts["units"].astype(np.int64),
+            "starts": parts["starts"].astype(np.int64), "tokens": parts["tokens"].astype(np.int64)}
 
 
 class ShardWriter:

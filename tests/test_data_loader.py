@@ -1,0 +1,129 @@
+"""The grain loader: determinism, resumption, host split, epochs, generic flag."""
+
+import numpy as np
+import pytest
+
+from memlm.data.loader import Loader, generic_draw
+from memlm.data.records import ShardWriter, encode_sequence, write_json
+
+SEQ_LEN, DEPTH, N = 16, 2, 40
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """40 sequences in 3 shards; sequence i starts with token i+1 and has path (i % 4, i)."""
+    d = tmp_path_factory.mktemp("loader")
+    with ShardWriter(d / "shards", per_shard=15) as w:
+        for i in range(N):
+            n = 4 + i % 9
+            toks = np.concatenate([[i + 1], np.arange(n - 1) + 100])
+            w.write(encode_sequence(toks, np.array([n - 2, 2]), np.array([i % 4, i]), i, SEQ_LEN))
+        shards = w.close()
+    write_json(d / "manifest.json", {"shards": [f"shards/{s}" for s in shards], "sequences": N, "seq_len": SEQ_LEN,
+                                     "depth": DEPTH, "k": 4})
+    return d
+
+
+def ids(batch):
+    return (batch["tokens"][:, 0] - 1).tolist()
+
+
+def test_batches_have_the_documented_shapes_and_dtypes(data_dir):
+    b = next(iter(Loader(data_dir, batch_size=8, seed=0, generic_prob=0.2)))
+    assert b["tokens"].shape == b["segment_ids"].shape == b["positions"].shape == (8, SEQ_LEN)
+    assert b["paths"].shape == (8, DEPTH) and b["generic"].shape == (8,)
+    assert all(b[k].dtype == np.int32 for k in ("tokens", "segment_ids", "positions", "paths"))
+    assert b["generic"].dtype == np.bool_
+    for row, i in enumerate(ids(b)):
+        assert b["paths"][row].tolist() == [i % 4, i]
+        n = 4 + i % 9
+        assert b["segment_ids"][row].tolist() == [1] * (n - 2) + [2, 2] + [0] * (SEQ_LEN - n)
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ(data_dir):
+    loader = Loader(data_dir, batch_size=8, seed=3, generic_prob=0.0)
+    it = iter(loader)
+    stream = [i for _ in range(10) for i in ids(next(it))]  # 80 samples = 2 epochs
+    assert sorted(stream[:N]) == list(range(N)) and sorted(stream[N:]) == list(range(N))
+    assert stream[:N] != stream[N:], "each epoch is reshuffled"
+    assert stream[:N] != list(range(N)), "the order is shuffled across shards"
+    other = Loader(data_dir, batch_size=8, seed=4, generic_prob=0.0)
+    assert ids(other.batch_at(0)) != ids(loader.batch_at(0))
+
+
+def test_batch_is_a_pure_function_of_seed_and_step(data_dir):
+    a = Loader(data_dir, batch_size=8, seed=7, generic_prob=0.3)
+    b = Loader(data_dir, batch_size=8, seed=7, generic_prob=0.3, num_threads=1, prefetch=1)
+    it = iter(a)
+    for step in range(7):
+        x = next(it)
+        for y in (a.batch_at(step), b.batch_at(step)):
+            assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_resumed_iterator_yields_exactly_the_uninterrupted_batches(data_dir):
+    loader = Loader(data_dir, batch_size=8, seed=1, generic_prob=0.3)
+    it = iter(loader)
+    for _ in range(4):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(8)]  # crosses an epoch boundary
+    resumed = iter(Loader(data_dir, batch_size=8, seed=1, generic_prob=0.3))
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+def test_iterator_state_checkpoints_with_orbax(data_dir, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    loader = Loader(data_dir, batch_size=4, seed=2, generic_prob=0.3)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        want = [next(it) for _ in range(3)]
+        fresh = iter(loader)
+        mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    got = [next(fresh) for _ in range(3)]
+    assert all(np.array_equal(w[k], g[k]) for w, g in zip(want, got, strict=True) for k in w)
+
+
+def test_hosts_split_each_global_batch_disjointly_and_completely(data_dir):
+    single = Loader(data_dir, batch_size=8, seed=5, generic_prob=0.3)
+    hosts = [Loader(data_dir, batch_size=8, seed=5, generic_prob=0.3, process_index=h, process_count=4)
+             for h in range(4)]
+    for step in range(12):
+        glob = single.batch_at(step)
+        parts = [h.batch_at(step) for h in hosts]
+        assert all(p["tokens"].shape[0] == 2 for p in parts)
+        for h, part in enumerate(parts):  # host h holds global rows h, h+4
+            for k in glob:
+                assert np.array_equal(part[k], glob[k][h::4]), (step, h, k)
+        assert sorted(i for p in parts for i in ids(p)) == sorted(ids(glob))
+
+
+def test_generic_flag_is_drawn_with_the_asked_probability_per_global_sample():
+    draws = np.array([generic_draw(11, i) for i in range(20_000)])
+    assert abs((draws < 1 / 17).mean() - 1 / 17) < 0.006
+    assert draws.min() >= 0.0 and draws.max() < 1.0
+    assert generic_draw(11, 5) == generic_draw(11, 5) != generic_draw(12, 5)
+
+
+def test_generic_flag_follows_the_draw_and_is_off_at_probability_zero(data_dir):
+    loader = Loader(data_dir, batch_size=8, seed=9, generic_prob=0.5)
+    flags = np.concatenate([loader.batch_at(s)["generic"] for s in range(5)])
+    assert flags.tolist() == [generic_draw(9, i) < 0.5 for i in range(40)]
+    off = Loader(data_dir, batch_size=8, seed=9, generic_prob=0.0)
+    assert not any(off.batch_at(s)["generic"].any() for s in range(5))
+
+
+def test_bad_loader_arguments_and_missing_data_fail_clearly(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="not divisible"):
+        Loader(data_dir, batch_size=6, seed=0, generic_prob=0.1, process_count=4)
+    with pytest.raises(ValueError, match="not a prepared data directory"):
+        Loader(tmp_path, batch_size=4, seed=0, generic_prob=0.1)
