@@ -8,3 +8,20 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def facts_data(tmp_path_factory):
+    """A small prepared facts corpus (hash embedder, k=8, depth 2), shared by the training and eval tests."""
+    from memlm.config import load_config
+    from memlm.data.prepare import prepare
+
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "tiny.py"))
+    cfg.tree.embedder = "hash"
+    cfg.data.update(facts_documents=1500, seq_len=256, tokenizer_vocab=1024)
+    cfg.model.vocab_size = 1024
+    out = tmp_path_factory.mktemp("facts_data")
+    prepare(cfg, "facts", str(out))
+    return out

@@ -181,9 +181,9 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str | Path = "data/facts", w
     data_dir, workdir = Path(data_dir), Path(workdir)
     if t.mode in ("frozen", "cotrain") and not init_from and not (workdir / "checkpoints").exists():
         raise ConfigError(f"config key 'train.mode' = {t.mode!r} starts from a pretrained anchor: pass --init-from")
-    manifest = _check_data(cfg, data_dir)
     mesh = build_mesh(cfg)
     check_batch(cfg, mesh)
+    manifest = _check_data(cfg, data_dir)
     _record_config(cfg, workdir, data_dir, init_from)
 
     from memlm.data.loader import make_loader

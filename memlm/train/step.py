@@ -165,7 +165,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
 
         sq = jnp.zeros((), jnp.float32)
         if g_params is not None:
-            anchor_sq = optax.tree_utils.tree_l2_norm(g_params, squared=True)
+            anchor_sq = optax.tree_utils.tree_norm(g_params, squared=True)
             metrics["grad_norm_anchor"] = jnp.sqrt(anchor_sq)
             sq = sq + anchor_sq
         if g_mem is not None:
