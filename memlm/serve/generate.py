@@ -113,15 +113,14 @@ def _compiled(fn: Any) -> tuple[Callable, Callable]:
 
 
 def generate(fn: Any, params: Any, prompts: Sequence[Sequence[int]], memory: FetchedMemory | None,
-             max_new_tokens: int, eot_id: int, *, pad_rows_to: int | None = None) -> list[list[int]]:
+             max_new_tokens: int, eot_id: int) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token ids), without the EOT that stops a row.
 
     ``fn`` is an :class:`~memlm.model.functional.AnchorFunctional` (anything with ``spec`` and
     ``apply(params, tokens, segment_ids, positions, memory=, cache=)``). ``memory`` is the
     FetchedMemory of the batch with one row per prompt, or a single row shared by all prompts,
-    or None (the anchor alone). A row stops at EOT or after ``max_new_tokens`` tokens.
-    ``pad_rows_to`` fixes the padded batch size (e.g. the eval batch size) so the last, smaller
-    batch of a stream reuses the same compiled shapes.
+    or None (the anchor alone). A row stops at EOT or after ``max_new_tokens`` tokens. Callers
+    streaming batches keep the batch size fixed (padding the last batch) to reuse compiled shapes.
     """
     n = len(prompts)
     if n == 0:
@@ -131,7 +130,7 @@ def generate(fn: Any, params: Any, prompts: Sequence[Sequence[int]], memory: Fet
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompt {lengths.index(0)} is empty: generation needs at least one token")
-    b = bucket(max(n, pad_rows_to or 0))
+    b = bucket(n)
     t = bucket(max(lengths), MIN_PROMPT_BUCKET)
     n_out = bucket(max_new_tokens, MIN_NEW_BUCKET)
     tokens = np.zeros((b, t), np.int32)
@@ -160,8 +159,28 @@ def generate(fn: Any, params: Any, prompts: Sequence[Sequence[int]], memory: Fet
 
 
 def generate_text(fn: Any, params: Any, tokenizer: TextTokenizer, prompts: Sequence[str],
-                  memory: FetchedMemory | None, max_new_tokens: int, *, pad_rows_to: int | None = None) -> list[str]:
+                  memory: FetchedMemory | None, max_new_tokens: int) -> list[str]:
     """:func:`generate` on text: encode the prompts, decode the continuations (EOT excluded)."""
     ids = [[int(i) for i in tokenizer.encode(p)] for p in prompts]
-    out = generate(fn, params, ids, memory, max_new_tokens, tokenizer.eot_id, pad_rows_to=pad_rows_to)
+    out = generate(fn, params, ids, memory, max_new_tokens, tokenizer.eot_id)
     return [tokenizer.decode(o) for o in out]
+
+
+def generate_cli(workdir: str, prompt: str, condition: str = "fetched", max_new_tokens: int = 32) -> str:
+    """The ``memlm generate`` verb: route the prompt, fetch its memory, decode greedily, print."""
+    from memlm.eval.run import load_run
+
+    run = load_run(workdir)
+    if condition not in run.conditions:
+        from memlm.eval.conditions import ConditionError
+
+        raise ConditionError(f"condition {condition!r} is not available for {workdir} "
+                             f"(available: {', '.join(run.conditions)})")
+    memory = run.memory([prompt], condition)
+    text = generate_text(run.fn, run.params, run.tokenizer, [prompt], memory, max_new_tokens)[0]
+    where = ""
+    if condition in ("fetched", "blocked"):
+        where = f" [path {run.memory.paths([prompt], condition)[0].tolist()}]"
+    print(f"{prompt}{text}")
+    print(f"memlm generate: {condition} memory{where}, step {run.step} of {workdir}")
+    return text
