@@ -129,7 +129,7 @@ def split_fetched(layout: BankLayout, fetched: FetchedMemory) -> dict[str, dict[
 
 
 def clear_dirty(state: BankState) -> BankState:
-    """The same state with every dirty flag cleared (after a save)."""
+    """The same state with every dirty flag cleared (after a save); keeps the flags' sharding."""
     return state.replace(dirty=jax.tree.map(lambda d: jnp.logical_and(d, False), state.dirty))
 
 

@@ -46,22 +46,33 @@ def init_blocks(layout: BankLayout, seed: int, lv: LevelLayout, array: BlockArra
     return blocks.astype(layout.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _init_rows_jit(layout: BankLayout, seed: int, level: int, name: str, nodes: jax.Array) -> jax.Array:
+def bucket(n: int) -> int:
+    """Padded row count for host-side jitted helpers: 8, 32, 128, ... so few shapes get compiled."""
+    size = 8
+    while size < n:
+        size *= 4
+    return size
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_rows_jit(layout: BankLayout, seed: jax.Array, level: int, name: str, nodes: jax.Array) -> jax.Array:
     return init_blocks(layout, seed, layout.level(level), layout.array(name), nodes)
 
 
 def init_rows(layout: BankLayout, seed: int, level: int, name: str, nodes: np.ndarray) -> np.ndarray:
-    """Host copy of the initial blocks of ``nodes`` (computed on the CPU backend; node count padded
-    to a power of two so that few shapes get compiled)."""
+    """Host copy of the initial blocks of ``nodes``, computed on the CPU backend in chunks of at
+    most 512 nodes (row counts padded to a few bucket sizes, so that few shapes get compiled)."""
     nodes = np.asarray(nodes, np.int32)
-    n = nodes.shape[0]
-    if n == 0:
-        lv, a = layout.level(level), layout.array(name)
-        return np.zeros((0, *a.shape(lv.rank)), dtype=jnp.dtype(layout.dtype))
-    padded = 1 << max(0, (n - 1).bit_length())
-    idx = np.zeros(padded, np.int32)
-    idx[:n] = nodes
-    with jax.default_device(jax.devices("cpu")[0]):
-        out = _init_rows_jit(layout, seed, level, name, jnp.asarray(idx))
-    return np.asarray(out)[:n]
+    lv, a = layout.level(level), layout.array(name)
+    out = np.zeros((nodes.shape[0], *a.shape(lv.rank)), dtype=jnp.dtype(layout.dtype))
+    if a.init == "zeros":
+        return out
+    cpu = jax.devices("cpu")[0]
+    for start in range(0, nodes.shape[0], 512):
+        part = nodes[start:start + 512]
+        idx = np.zeros(bucket(part.shape[0]), np.int32)
+        idx[:part.shape[0]] = part
+        with jax.default_device(cpu):
+            rows = _init_rows_jit(layout, np.uint32(seed), level, name, jnp.asarray(idx))
+        out[start:start + part.shape[0]] = np.asarray(rows)[:part.shape[0]]
+    return out

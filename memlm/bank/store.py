@@ -53,7 +53,7 @@ from jax.sharding import Mesh
 
 from memlm.bank import tsio
 from memlm.bank.device import BankState, bank_shardings, clear_dirty
-from memlm.bank.init import init_rows
+from memlm.bank.init import bucket, init_rows
 from memlm.bank.layout import BankLayout, LevelLayout
 
 FORMAT = "memlm-bank"
@@ -115,10 +115,9 @@ def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def _device_rows(x: jax.Array, nodes: np.ndarray) -> np.ndarray:
-    """Host copy of rows ``nodes`` of a device array (index count padded to a power of two)."""
+    """Host copy of rows ``nodes`` of a device array (index count padded to a bucket size)."""
     n = nodes.shape[0]
-    padded = 1 << max(0, (n - 1).bit_length())
-    idx = np.full(padded, nodes[-1] if n else 0, np.int32)
+    idx = np.full(bucket(n), nodes[-1] if n else 0, np.int32)
     idx[:n] = nodes
     return np.asarray(jax.device_get(_take_rows(x, jnp.asarray(idx))))[:n]
 
@@ -560,9 +559,15 @@ class BankStore:
 
     def _mark_applied(self, version: int) -> None:
         self._entry(version)["state"] = "applied"
-        self._manifest["versions"] = self._manifest["versions"][-int(self.meta["keep"]):]
+        versions = self._manifest["versions"]
+        dropped, kept = versions[:-int(self.meta["keep"])], versions[-int(self.meta["keep"]):]
+        self._manifest["versions"] = kept
         self._write_manifest()
-        self._collect_garbage()
+        # the new first kept version's before-images restore nothing kept any more
+        for v in [e["version"] for e in dropped] + ([kept[0]["version"]] if dropped else []):
+            tsio.delete_prefix(self._kv, f"before/{_vkey(v)}/")
+        tsio.delete_prefix(self._kv, f"after/{_vkey(version)}/")
+        self._arrays = {k: v for k, v in self._arrays.items() if k.startswith("main/")}
 
     # ---- recovery, rollback, garbage -----------------------------------------------------------
     def _recover(self) -> None:
