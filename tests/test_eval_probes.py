@@ -149,8 +149,8 @@ def test_probe_evaluation_per_bucket_and_condition():
     assert [o["output"] for o in fetched] == [s[0][:16] for s in SAYS]
     assert [o["correct"] for o in fetched] == [True, True, True, True, False]
     assert result["outputs"]["none"][0]["output"] == ""
-    # One memory request per batch (2 + 2 + 1 probes) and condition; "none" asks too and gets None.
-    assert [n for c, n in provider.calls if c == "fetched"] == [2, 2, 1]
+    # One memory request per batch and condition (the last batch padded to 2); "none" asks too and gets None.
+    assert [n for c, n in provider.calls if c == "fetched"] == [2, 2, 2]
 
 
 def test_conditions_are_checked():

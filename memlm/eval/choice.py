@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from memlm.eval.conditions import MemoryProvider, memory_rows, parse_conditions, row_index
+from memlm.eval.conditions import MemoryProvider, memory_rows, pad_to, parse_conditions, row_index
 from memlm.eval.perplexity import target_logprobs
 from memlm.eval.probes import ProbeFileError, field, read_jsonl
 from memlm.serve.generate import MIN_PROMPT_BUCKET, TextTokenizer, bucket
@@ -106,7 +106,7 @@ def evaluate_choice(fn: Any, params: Any, tokenizer: TextTokenizer, items: Seque
     for start in range(0, len(items), batch_size):
         batch = items[start: start + batch_size]
         rows = _rows(tokenizer, batch, max_len)
-        b = bucket(len(rows))
+        b = bucket(batch_size * max(len(item.choices) for item in batch))  # the last batch keeps the shape
         t = bucket(max(len(q) + len(c) - 1 for _, q, c in rows), MIN_PROMPT_BUCKET)
         inputs = np.zeros((b, t), np.int32)
         targets = np.zeros((b, t), np.int32)
@@ -121,9 +121,10 @@ def evaluate_choice(fn: Any, params: Any, tokenizer: TextTokenizer, items: Seque
             lengths[r] = n
         per_item = np.cumsum([0] + [len(item.choices) for item in batch])
         tokens.extend([len(c) for _, _, c in rows[per_item[k]: per_item[k + 1]]] for k in range(len(batch)))
+        keys = pad_to([item.key for item in batch], batch_size)  # a fixed memory shape for every batch
         for cond in conds:
-            memory = memory_for([item.key for item in batch], cond)
-            idx = row_index([r[0] for r in rows], memory_rows(memory, len(batch), cond), b)
+            memory = memory_for(keys, cond)
+            idx = row_index([r[0] for r in rows], memory_rows(memory, len(keys), cond), b)
             ll = target_logprobs(fn, params, inputs, targets, weights, lengths, memory, idx)
             scores[cond].extend(ll[per_item[k]: per_item[k + 1]].tolist() for k in range(len(batch)))
     result: dict[str, Any] = {"conditions": {}}

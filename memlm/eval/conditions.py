@@ -25,8 +25,8 @@ from memlm.config import CONDITIONS
 from memlm.memspec import FetchedMemory
 
 __all__ = [
-    "CONDITIONS", "ConditionError", "DictMemoryProvider", "MemoryProvider", "parse_conditions", "row_index",
-    "memory_rows",
+    "CONDITIONS", "ConditionError", "DictMemoryProvider", "MemoryProvider", "memory_rows", "pad_to",
+    "parse_conditions", "row_index",
 ]
 
 
@@ -87,6 +87,13 @@ def row_index(text_of_row: Sequence[int], memory_rows: int, pad_to: int) -> np.n
     if pad < 0:
         raise ValueError(f"{len(idx)} rows do not fit in a batch of {pad_to}")
     return np.concatenate([idx, np.full(pad, idx[-1] if len(idx) else 0, np.int32)])
+
+
+def pad_to(items: list, size: int) -> list:
+    """``items`` extended to ``size`` by repeating the last one: fixed batch shapes for jitted kernels."""
+    if not items or len(items) > size:
+        raise ValueError(f"cannot pad {len(items)} items to {size}")
+    return items + [items[-1]] * (size - len(items))
 
 
 class DictMemoryProvider:

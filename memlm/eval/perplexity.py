@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlm.eval.conditions import MemoryProvider, memory_rows, parse_conditions, row_index
+from memlm.eval.conditions import MemoryProvider, memory_rows, pad_to, parse_conditions, row_index
 from memlm.memspec import FetchedMemory
 from memlm.serve.generate import MIN_PROMPT_BUCKET, bucket, gather_rows
 
@@ -120,9 +120,11 @@ def evaluate_perplexity(fn: Any, params: Any, documents: Iterable[Sequence[int]]
             weights[i, : len(y)] = 1.0
             lengths[i] = len(x)
         count += int(weights.sum())
+        # Texts padded to the batch size (repeating the last) give the memory one shape for every batch.
+        keys = pad_to(batch_texts, batch_size)
         for c in conds:
-            memory = memory_for(list(batch_texts), c)
-            idx = row_index([r[0] for r in rows], memory_rows(memory, len(batch_texts), c), batch_size)
+            memory = memory_for(keys, c)
+            idx = row_index([r[0] for r in rows], memory_rows(memory, len(keys), c), batch_size)
             total[c] -= float(target_logprobs(fn, params, inputs, targets, weights, lengths, memory, idx).sum())
     result = {}
     for c in conds:

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from memlm.eval.conditions import MemoryProvider, parse_conditions
+from memlm.eval.conditions import MemoryProvider, pad_to, parse_conditions
 from memlm.serve.generate import TextTokenizer, generate
 
 __all__ = ["Probe", "ProbeFileError", "evaluate_probes", "is_correct", "load_probes", "normalize", "parse_integers",
@@ -176,11 +176,13 @@ def evaluate_probes(fn: Any, params: Any, tokenizer: TextTokenizer, probes: Sequ
     correct: dict[str, list[bool]] = {c: [] for c in conds}
     outputs: dict[str, list[str]] = {c: [] for c in conds}
     for batch in _batches(probes, batch_size):
-        ids = [[int(i) for i in tokenizer.encode(p.prompt)] for p in batch]
-        keys = [p.key for p in batch]
+        # The last batch is padded with copies of its last probe, so every batch has the same shapes.
+        padded = pad_to(list(batch), batch_size)
+        ids = [[int(i) for i in tokenizer.encode(p.prompt)] for p in padded]
+        keys = [p.key for p in padded]
         for c in conds:
             memory = memory_for(keys, c)
-            gen = generate(fn, params, ids, memory, max_new_tokens, tokenizer.eot_id, pad_rows_to=batch_size)
+            gen = generate(fn, params, ids, memory, max_new_tokens, tokenizer.eot_id)[: len(batch)]
             texts = [tokenizer.decode(g) for g in gen]
             outputs[c].extend(texts)
             correct[c].extend(is_correct(p.answer, t) for p, t in zip(batch, texts, strict=True))
