@@ -119,7 +119,7 @@ def _cmd_generate(args, cfg) -> None:
 def _cmd_demo(args, cfg) -> None:
     from memlm.eval.demo import run_demo
 
-    run_demo(workdir=args.workdir)
+    run_demo(workdir=args.workdir, data_dir=args.data, config=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp = add("demo", "the whole pipeline on the embedded default")
     sp.add_argument("--workdir", default="runs/demo")
+    sp.add_argument("--data", default=DEFAULT_DATA)
     return p
 
 
