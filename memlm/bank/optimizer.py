@@ -18,9 +18,9 @@ So when every node is touched on every step this is ``optax.adamw`` on the dense
 partial touches it is "lazy" AdamW whose bias correction follows each node's own history.
 The update is computed in float32 and cast to the parameter dtype (bf16 banks work).
 
-Shapes are fixed for jit: per level the touched node ids are made unique with ``size = B``,
-padding and untouched sequences map to the fill index ``nodes``, whose rows are dropped on
-scatter. Work and memory are O(B x block), never O(bank): no dense gradient, no dense pass.
+Shapes are fixed for jit: per level the touched node ids are made unique with
+``size = min(B, nodes + 1)``; padding and untouched sequences map to the fill index ``nodes``,
+whose rows are dropped on scatter. Work and memory are O(B x block), never O(bank): no dense gradient, no dense pass.
 
 Clipping jointly with the anchor: ``fetched_grad_sq_norm`` returns ``sum_l sum_{n in T} |g_n|^2``,
 the squared norm of the per-node summed gradients (what the bank would see as its gradient),
@@ -43,15 +43,16 @@ def _segments(lv: LevelLayout, paths: jax.Array, touched: jax.Array) -> tuple[ja
     segment of every sequence (untouched sequences land in the fill segment)."""
     batch = paths.shape[0]
     ids = jnp.where(touched, paths[:, lv.level - 1].astype(jnp.int32), lv.nodes)
-    uniq, inverse = jnp.unique(ids, size=batch, fill_value=lv.nodes, return_inverse=True)
+    size = min(batch, lv.nodes + 1)  # ids lie in [0, nodes]: a small level needs no more rows than that
+    uniq, inverse = jnp.unique(ids, size=size, fill_value=lv.nodes, return_inverse=True)
     return uniq, inverse.reshape(batch)
 
 
-def _node_sums(g: jax.Array, touched: jax.Array, inverse: jax.Array) -> jax.Array:
+def _node_sums(g: jax.Array, touched: jax.Array, inverse: jax.Array, segments: int) -> jax.Array:
     """Per-segment sum of the touched sequences' gradients, in float32."""
     mask = touched.reshape((-1,) + (1,) * (g.ndim - 1))
     g = jnp.where(mask, g.astype(jnp.float32), 0.0)
-    return jax.ops.segment_sum(g, inverse, num_segments=g.shape[0])
+    return jax.ops.segment_sum(g, inverse, num_segments=segments)
 
 
 def fetched_grad_sq_norm(layout: BankLayout, paths: jax.Array, grads: FetchedMemory, touched: jax.Array) -> jax.Array:
@@ -59,9 +60,9 @@ def fetched_grad_sq_norm(layout: BankLayout, paths: jax.Array, grads: FetchedMem
     per_level = split_fetched(layout, grads)
     total = jnp.zeros((), jnp.float32)
     for lv in layout.levels:
-        _, inverse = _segments(lv, paths, touched)
+        uniq, inverse = _segments(lv, paths, touched)
         for g in per_level[lv.key].values():
-            total = total + jnp.sum(jnp.square(_node_sums(g, touched, inverse)))
+            total = total + jnp.sum(jnp.square(_node_sums(g, touched, inverse, uniq.shape[0])))
     return total
 
 
@@ -92,7 +93,7 @@ def sparse_adamw(state: BankState, paths: jax.Array, grads: FetchedMemory, touch
         bc1, bc2 = 1.0 - b1**cf, 1.0 - b2**cf
         params[key], mu[key], nu[key] = {}, {}, {}
         for a in layout.arrays:
-            g = _node_sums(per_level[key][a.name], touched, inverse)
+            g = _node_sums(per_level[key][a.name], touched, inverse, uniq.shape[0])
             shape = (-1,) + (1,) * (g.ndim - 1)
             p_arr, m_arr, v_arr = state.params[key][a.name], state.mu[key][a.name], state.nu[key][a.name]
             m = b1 * m_arr[rows] + (1.0 - b1) * g

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -108,7 +109,6 @@ def _row_bytes(layout: BankLayout, lv: LevelLayout) -> int:
                for f in _fields(layout))
 
 
-
 @jax.jit
 def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take(x, idx, axis=0)
@@ -122,12 +122,10 @@ def _device_rows(x: jax.Array, nodes: np.ndarray) -> np.ndarray:
     return np.asarray(jax.device_get(_take_rows(x, jnp.asarray(idx))))[:n]
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _set_rows(buf: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+    """Write rows into a device buffer in place (the buffer is donated)."""
     return jax.lax.dynamic_update_slice_in_dim(buf, rows, start, axis=0)
-
-
-_set_rows_donated = jax.jit(_set_rows.__wrapped__, donate_argnums=0)
 
 
 def _batches(nodes: np.ndarray, shard_nodes: int, max_rows: int) -> list[tuple[int, int]]:
@@ -448,7 +446,7 @@ class BankStore:
                 rows = self._plan_rows(lv, field, np.arange(a, min(a + chunk, stop)))()
                 for device, rest in targets:
                     part = jax.device_put(rows[(slice(None), *rest)], device)
-                    buffers[device] = _set_rows_donated(buffers[device], part, np.int32(a - start))
+                    buffers[device] = _set_rows(buffers[device], part, np.int32(a - start))
         arrays = [buffers[d] for d in sharding.addressable_devices_indices_map(shape)]
         return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
