@@ -9,7 +9,7 @@ from memlm.retrieval.embedder import Embedder, EmbedderError, get_embedder, l2_n
 from memlm.retrieval.fit import fit_tree
 from memlm.retrieval.hashing import HashingEmbedder
 from memlm.retrieval.minilm import MiniLMEmbedder
-from memlm.retrieval.route import route, route_avoiding
+from memlm.retrieval.routing import route, route_avoiding
 from memlm.retrieval.tree import Tree, TreeError
 
 __all__ = [

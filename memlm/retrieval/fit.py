@@ -6,8 +6,9 @@ level down with the routing code itself (``route.descend_levels``), so the fit s
 exactly the nodes that ``route`` will give the same points.
 
 Scale: the points are streamed (an ``np.memmap`` works) and never held twice; per level the host
-holds one int32 node index per point, a sort order, and one group of node pools of at most
-``memory_budget`` bytes. Nodes are grouped by padded pool size (a few fixed shapes per level, so
+holds one int32 node index per point, a sort order, and one group of node pools (at most
+``POOL_BYTES``); a group's per-step batches total about ``group_bytes``, which keeps the 20 Lloyd
+steps of small nodes inside the CPU cache. Nodes are grouped by padded pool size (a few fixed shapes per level, so
 a few compilations), and groups of equal shape reuse one compiled program. Work per level is
 O(steps * min(n, k**(l-1) * steps * batch) * k * dim); memory never grows with n squared.
 """
@@ -16,23 +17,20 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 from memlm.retrieval.kmeans import fit_nodes
-from memlm.retrieval.route import descend_levels
+from memlm.retrieval.routing import descend_levels
 from memlm.retrieval.tree import Tree
 
-MEMORY_BUDGET = 256 * 2**20  # bytes of node pools per vmapped call
+GROUP_BYTES = 16 * 2**20  # one step's batches of a vmapped group: small enough to stay in cache on a CPU
+POOL_BYTES = 512 * 2**20  # node pools of a vmapped group held on the host and device at once
 MAX_GROUP = 4096
 
 
 def _padded_len(m: int) -> int:
-    """Smallest of 16, 24, 32, 48, 64, 96, ... that holds m rows: padding wastes at most a third."""
-    size = 16
-    while size < m:
-        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
-    return size
+    """Pool rows padded to a power of two (at least 16): few distinct shapes, so few compilations."""
+    return max(16, 1 << (max(1, int(m)) - 1).bit_length())
 
 
 def _pow2_floor(x: int) -> int:
@@ -53,36 +51,36 @@ def _gather_rows(embeddings: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _fit_level(embeddings, order, starts, pool_len, parent_centroids, *, level, k, steps, batch, balance_factor,
-               seed, memory_budget) -> np.ndarray:
+               seed, group_bytes) -> np.ndarray:
     """Centroids ``[n_parents * k, dim]`` of one level; node p's children go to rows ``p*k .. p*k+k-1``."""
     n_parents, dim = len(pool_len), embeddings.shape[1]
+    rng = np.random.default_rng([seed, level])
+    u_init = rng.random((n_parents, k), np.float32)  # k-means++ draws of node p: row p, whatever the grouping
+    shifts = rng.integers(0, np.iinfo(np.int32).max, (n_parents, steps), np.int32)
     out = np.empty((n_parents * k, dim), np.float32)
     padded = np.array([_padded_len(m) for m in pool_len])
     pending = None
 
     def collect(pending):
         nodes, result = pending
-        result = np.asarray(result)
-        for r, p in enumerate(nodes):
-            out[p * k : (p + 1) * k] = result[r]
+        out[(nodes[:, None] * k + np.arange(k)).ravel()] = np.asarray(result)[: len(nodes)].reshape(-1, dim)
 
     for size in sorted(set(padded.tolist()), reverse=True):
         nodes_of_size = np.nonzero(padded == size)[0]
-        cap = min(MAX_GROUP, _pow2_floor(memory_budget // (size * dim * 4)))
-        for g0 in range(0, len(nodes_of_size), cap):
-            nodes = nodes_of_size[g0 : g0 + cap]
-            group = cap if len(nodes) == cap else 1 << (len(nodes) - 1).bit_length()
+        cap = min(MAX_GROUP, _pow2_floor(group_bytes // (min(size, batch) * dim * 4)),
+                  _pow2_floor(POOL_BYTES // (size * dim * 4)))
+        group = min(cap, 1 << (len(nodes_of_size) - 1).bit_length())  # one shape per pool size: one compilation
+        for g0 in range(0, len(nodes_of_size), group):
+            nodes = nodes_of_size[g0 : g0 + group]
             idx = np.zeros((group, size), np.int64)
-            lens = np.zeros(group, np.int32)
+            lens = np.zeros(group, np.int32)  # padding nodes: no points
             for r, p in enumerate(nodes):
                 idx[r, : pool_len[p]] = order[starts[p] : starts[p] + pool_len[p]]
                 lens[r] = pool_len[p]
-            ids = np.zeros(group, np.int32)
-            ids[: len(nodes)] = nodes
-            parents = np.zeros((group, dim), np.float32)
-            parents[: len(nodes)] = parent_centroids[nodes]
-            result = fit_nodes(jnp.int32(seed), jnp.int32(level), ids, _gather_rows(embeddings, idx), lens, parents,
-                               k=k, steps=steps, batch=batch, balance_factor=balance_factor)
+            pick = np.zeros(group, np.int64)
+            pick[: len(nodes)] = nodes
+            result = fit_nodes(u_init[pick], shifts[pick], _gather_rows(embeddings, idx), lens,
+                               parent_centroids[pick], steps=steps, batch=batch, balance_factor=balance_factor)
             if pending is not None:  # gather the next group on the host while this one computes
                 collect(pending)
             pending = (nodes, result)
@@ -107,7 +105,7 @@ def _level_stats(counts: np.ndarray, k: int, n: int) -> dict:
 
 def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, batch: int = 6400,
              balance_factor: float | None = 1.5, seed: int = 0, embedder_name: str = "minilm",
-             memory_budget: int = MEMORY_BUDGET) -> Tree:
+             group_bytes: int = GROUP_BYTES) -> Tree:
     """Fit a depth-``depth``, ``k``-ary tree on ``embeddings`` ``[n, dim]`` (array or memmap).
 
     ``steps`` mini-batch Lloyd steps of ``batch`` samples per node; a cluster over
@@ -136,7 +134,7 @@ def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, bat
         del shuffle
         level_centroids = _fit_level(embeddings, order, starts, pool_len, parent_centroids, level=level, k=k,
                                      steps=steps, batch=batch, balance_factor=factor, seed=seed,
-                                     memory_budget=memory_budget)
+                                     group_bytes=group_bytes)
         del order
         node = descend_levels([level_centroids], k, embeddings, first_parent=node)[:, 0]
         counts.append(np.bincount(node, minlength=k**level).astype(np.int64))

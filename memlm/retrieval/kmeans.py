@@ -12,16 +12,20 @@ Per node (PAPER.md §3.1, after Grangier et al. 2025 and Jegou et al. 2010):
   Centroids are plain means of unit vectors and are *not* renormalised: routing compares L2
   distances to them, as in the paper.
 - Balancing, at every assignment step: while the largest cluster holds more than
-  ``balance_factor / k`` of the batch, a random subset of its rows moves to the smallest cluster
-  so that the two hold equal counts (to within one). The smallest centroid then moves into the
-  crowded region and splits it. ``balance_factor = inf`` turns balancing off.
+  ``balance_factor / k`` of the batch, its rows and the smallest cluster's are pooled and split
+  evenly (to within one) at random between the two. Both centroids then become means of random
+  halves of the crowded region: nearly equal, they differ by a random direction, and the next
+  Lloyd steps split the region along it (Jegou et al.'s trick for empty clusters, applied to
+  crowded ones). ``balance_factor = inf`` turns balancing off.
 - Fewer than k distinct points (including duplicates): k-means++ picks every distinct point
   before it ever repeats one, so the first children hold the distinct points and the remaining
   children are exact copies of them; ties go to the lowest index, so the copies are never routed
   to and routing stays defined. A node with no points gives all k children its parent's centroid
   (only child 0 is reached).
-- Randomness comes from ``fold_in(seed, level, node)``, so the result does not depend on how
-  nodes are grouped into vmapped calls.
+- Randomness (k-means++ draws, balancing offsets) is drawn on the host per (seed, level) in a
+  layout indexed by node and passed in, so a node's result does not depend on how nodes are
+  grouped into vmapped calls, and the jitted code holds no random-number generator (which made
+  it several times slower to compile on a CPU).
 """
 
 from __future__ import annotations
@@ -38,43 +42,46 @@ def assign(x: jax.Array, centroids: jax.Array) -> jax.Array:
     return jnp.argmin(dist, axis=-1).astype(jnp.int32)
 
 
-def kmeans_pp(key: jax.Array, x: jax.Array, valid: jax.Array, k: int) -> jax.Array:
-    """k centroids from the valid rows of ``x`` by D^2 sampling; a row repeats only once all distinct rows are used."""
-    uniform = jnp.where(valid, 0.0, -jnp.inf)
+def kmeans_pp(u: jax.Array, x: jax.Array, valid: jax.Array) -> jax.Array:
+    """``len(u)`` centroids from the valid rows of ``x`` by D^2 sampling, pick j drawn by inverse CDF at
+    ``u[j]`` in [0, 1); a row repeats only once every distinct valid row is a centroid."""
+    k = u.shape[0]
 
-    def pick(key, d2):
+    def pick(u, d2):
         w = jnp.where(valid, d2, 0.0)
-        logits = jnp.where(w.sum() > 0, jnp.log(w), uniform)
-        return jax.random.categorical(key, logits)
+        w = jnp.where(w.sum() > 0, w, valid.astype(x.dtype))  # all distinct rows taken: uniform over valid rows
+        cdf = jnp.cumsum(w)
+        last = w.shape[0] - 1 - jnp.argmax(w[::-1] > 0)  # u * total may round up to the total
+        return jnp.minimum(jnp.sum(cdf <= u * cdf[-1]), last)
 
-    keys = jax.random.split(key, k)
-    first = pick(keys[0], jnp.zeros(x.shape[0]))
+    first = pick(u[0], jnp.zeros(x.shape[0], x.dtype))
     c = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
-    d2 = jnp.sum((x - x[first]) ** 2, -1)  # exact: a duplicate of a chosen point has d2 == 0
+    d2 = jnp.sum((x - x[first]) ** 2, -1)  # exact: a duplicate of a chosen row has d2 == 0
 
     def body(j, carry):
         c, d2 = carry
-        i = pick(keys[j], d2)
+        i = pick(u[j], d2)
         return c.at[j].set(x[i]), jnp.minimum(d2, jnp.sum((x - x[i]) ** 2, -1))
 
     c, _ = jax.lax.fori_loop(1, k, body, (c, d2))
     return c
 
 
-def balance(key: jax.Array, a: jax.Array, valid: jax.Array, k: int, balance_factor: float) -> jax.Array:
-    """Move rows of any cluster above ``balance_factor / k`` of the valid rows to the smallest cluster."""
-    n_rows = a.shape[0]
+def balance(shift: jax.Array, a: jax.Array, valid: jax.Array, k: int, balance_factor: float) -> jax.Array:
+    """While a cluster holds over ``balance_factor / k`` of the valid rows, pool its rows with the smallest
+    cluster's and split the pool evenly between the two: the rows are in random order, and the split
+    takes them in that order from the random position ``shift``."""
     limit = balance_factor * valid.sum() / k
-    shift = jax.random.randint(key, (), 0, n_rows)  # the rows are in random order; a random start varies the subset
 
     def body(state):
         i, a, _ = state
         counts = jnp.zeros(k, jnp.int32).at[a].add(valid.astype(jnp.int32))
         big, small = jnp.argmax(counts), jnp.argmin(counts)
-        n_move = jnp.where(counts[big] > limit, (counts[big] - counts[small]) // 2, 0)
-        member = (a == big) & valid
+        split = (counts[big] > limit) & (counts[big] - counts[small] > 1)
+        member = ((a == big) | (a == small)) & valid & split
         rank = jnp.roll(jnp.cumsum(jnp.roll(member, -shift)), shift) - 1  # rank among members from `shift` on
-        return i + 1, jnp.where(member & (rank < n_move), small, a), n_move == 0
+        half = (counts[big] + counts[small]) // 2
+        return i + 1, jnp.where(member, jnp.where(rank < half, small, big), a), ~split
 
     def cond(state):
         i, _, done = state
@@ -84,19 +91,22 @@ def balance(key: jax.Array, a: jax.Array, valid: jax.Array, k: int, balance_fact
     return a
 
 
-def fit_node(key: jax.Array, pool: jax.Array, pool_len: jax.Array, parent: jax.Array, *, k: int, steps: int,
-             batch: int, balance_factor: float) -> jax.Array:
-    """k centroids ``[k, d]`` of one node from its pool ``[P, d]`` (first ``pool_len`` rows valid)."""
+def fit_node(u_init: jax.Array, shifts: jax.Array, pool: jax.Array, pool_len: jax.Array, parent: jax.Array, *,
+             steps: int, batch: int, balance_factor: float) -> jax.Array:
+    """k = ``len(u_init)`` centroids ``[k, d]`` of one node from its pool ``[P, d]`` (first ``pool_len`` rows
+    valid); ``u_init`` drives k-means++, ``shifts[t]`` the balancing split of step t."""
+    k = u_init.shape[0]
     rows = min(batch, pool.shape[0])
     n_batch = jnp.minimum(rows, pool_len)
     valid = jnp.arange(rows) < n_batch
-    key_init, key_steps = jax.random.split(key)
-    c = kmeans_pp(key_init, pool[:rows], valid, k)
+    c = kmeans_pp(u_init, pool[:rows], valid)
 
     def step(t, c):
-        idx = (t * n_batch + jnp.arange(rows)) % jnp.maximum(pool_len, 1)
-        x = pool[idx]
-        a = balance(jax.random.fold_in(key_steps, t), assign(x, c), valid, k, balance_factor)
+        if pool.shape[0] <= batch:  # static: every node of the group fits one batch: full-batch Lloyd
+            x = pool[:rows]
+        else:
+            x = pool[(t * n_batch + jnp.arange(rows)) % jnp.maximum(pool_len, 1)]
+        a = balance(shifts[t] % rows, assign(x, c), valid, k, balance_factor)
         onehot = jax.nn.one_hot(a, k, dtype=x.dtype) * valid[:, None]
         counts = onehot.sum(0)
         sums = onehot.T @ x
@@ -106,11 +116,9 @@ def fit_node(key: jax.Array, pool: jax.Array, pool_len: jax.Array, parent: jax.A
     return jnp.where(pool_len > 0, c, jnp.broadcast_to(parent, c.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "steps", "batch", "balance_factor"))
-def fit_nodes(seed: jax.Array, level: jax.Array, nodes: jax.Array, pools: jax.Array, pool_lens: jax.Array,
-              parents: jax.Array, *, k: int, steps: int, batch: int, balance_factor: float) -> jax.Array:
-    """Centroids ``[G, k, d]`` of G nodes of one level (global ids ``nodes``), vmapped."""
-    root = jax.random.fold_in(jax.random.key(seed), level)
-    keys = jax.vmap(lambda n: jax.random.fold_in(root, n))(nodes)
-    fit = functools.partial(fit_node, k=k, steps=steps, batch=batch, balance_factor=balance_factor)
-    return jax.vmap(fit)(keys, pools, pool_lens, parents)
+@functools.partial(jax.jit, static_argnames=("steps", "batch", "balance_factor"))
+def fit_nodes(u_init: jax.Array, shifts: jax.Array, pools: jax.Array, pool_lens: jax.Array, parents: jax.Array, *,
+              steps: int, batch: int, balance_factor: float) -> jax.Array:
+    """Centroids ``[G, k, d]`` of G nodes (``u_init`` ``[G, k]``, ``shifts`` ``[G, steps]``), vmapped."""
+    fit = functools.partial(fit_node, steps=steps, batch=batch, balance_factor=balance_factor)
+    return jax.vmap(fit)(u_init, shifts, pools, pool_lens, parents)
