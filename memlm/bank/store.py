@@ -163,6 +163,8 @@ class BankStore:
         self.stats: collections.Counter = collections.Counter()
         self.on_phase: Callable[[str], None] | None = None  # fault-injection seam: called between save phases
         self._arrays: dict[str, ts.TensorStore] = {}
+        self._background: list[ts.Future] = []  # garbage deletions still running
+        self._interrupted = False  # a save on this handle raised: main may hold a partial version
         self._manifest: dict = {}
         self.version = -1
         self._count: dict[str, np.ndarray] = {}
@@ -461,6 +463,10 @@ class BankStore:
         """
         if not self.writable:
             raise BankStoreError(f"{self._where}: opened read-only; open it with writable=True to save")
+        if self._interrupted:
+            raise BankStoreError(f"{self._where}: an earlier save on this handle was interrupted; open the bank "
+                                 "again (writable) to recover before saving")
+        self._interrupted = True  # cleared only when this save completes
         if state.layout.metadata() != self.layout.metadata():
             raise BankMismatchError("layout", f"{self._where}: the state's layout {state.layout.metadata()} differs "
                                     f"from the bank's {self.layout.metadata()}")
@@ -486,6 +492,7 @@ class BankStore:
         self._phase("applied")
         self._mark_applied(version)
         self.version = version
+        self._interrupted = False
         return version, clear_dirty(state)
 
     def _state_rows(self, state: BankState, lv: LevelLayout, nodes: np.ndarray) -> dict[str, np.ndarray]:
@@ -561,10 +568,12 @@ class BankStore:
         dropped, kept = versions[:-int(self.meta["keep"])], versions[-int(self.meta["keep"]):]
         self._manifest["versions"] = kept
         self._write_manifest()
-        # the new first kept version's before-images restore nothing kept any more
+        # Garbage under version keys that are never written again (numbers only grow), so it is
+        # deleted in the background; the first kept version's before-images restore nothing kept.
+        self._background = [f for f in self._background if not f.done()]
         for v in [e["version"] for e in dropped] + ([kept[0]["version"]] if dropped else []):
-            tsio.delete_prefix(self._kv, f"before/{_vkey(v)}/")
-        tsio.delete_prefix(self._kv, f"after/{_vkey(version)}/")
+            self._background.append(tsio.delete_prefix(self._kv, f"before/{_vkey(v)}/", wait=False))
+        self._background.append(tsio.delete_prefix(self._kv, f"after/{_vkey(version)}/", wait=False))
         self._arrays = {k: v for k, v in self._arrays.items() if k.startswith("main/")}
 
     # ---- recovery, rollback, garbage -----------------------------------------------------------

@@ -89,10 +89,14 @@ def write_json(kv: ts.KvStore, key: str, value: Any) -> None:
     kv.write(key, json.dumps(value, indent=1, sort_keys=True).encode()).result()
 
 
-def delete_prefix(kv: ts.KvStore, prefix: str, upto: str | None = None) -> None:
-    """Delete every key in [prefix, upto) or, without ``upto``, every key starting with ``prefix``."""
+def delete_prefix(kv: ts.KvStore, prefix: str, upto: str | None = None, wait: bool = True) -> ts.Future:
+    """Delete every key in [prefix, upto) or, without ``upto``, every key starting with ``prefix``.
+    With ``wait=False`` the deletion runs in the background (for garbage nobody will write again)."""
     end = upto if upto is not None else prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    kv.delete_range(ts.KvStore.KeyRange(prefix, end)).result()
+    future = kv.delete_range(ts.KvStore.KeyRange(prefix, end))
+    if wait:
+        future.result()
+    return future
 
 
 def contiguous(nodes: np.ndarray) -> bool:
