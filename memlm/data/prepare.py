@@ -228,7 +228,7 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
         embedder = get_embedder(cfg)
         emb = np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=np.float32,
                                         shape=(n_units, embedder.dim))
-        chunk = max(int(tc.embed_batch) * 8, 256)
+        chunk = max(int(tc.embed_batch) * 64, 1024)  # large calls: few part-filled batches per length bucket
 
         def unit_texts() -> Iterator[str]:
             if tc.embed_unit == "document":
