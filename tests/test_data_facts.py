@@ -129,3 +129,12 @@ def test_too_few_documents_and_missing_packages_fail_clearly(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "countryinfo" else real(name, *a))
     with pytest.raises(facts.FactsError, match="needs the 'countryinfo' package"):
         facts.load_countries()
+
+
+def test_the_reader_streams_the_generated_corpus(corpus):
+    from memlm.data.readers import ReadStats, iter_documents
+
+    stats = ReadStats()
+    docs = list(iter_documents("facts", stats, facts_documents=N_DOCS, facts_seed=0))
+    assert [d.text for d in docs] == [c["text"] for c in corpus] and stats.documents == N_DOCS
+    assert docs[0].fields == {"entity": corpus[0]["entity"], "kind": corpus[0]["kind"]}

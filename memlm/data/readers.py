@@ -148,14 +148,27 @@ def _read_parquet(path: Path, stats: ReadStats, report, batch_rows: int = 4096) 
 _READERS = {"jsonl": _read_jsonl, "txt": _read_txt, "parquet": _read_parquet}
 
 
+def _read_facts(n_documents: int, seed: int, stats: ReadStats) -> Iterator[Document]:
+    from memlm.data.facts import generate
+
+    for i, record in enumerate(generate(n_documents, seed), start=1):
+        stats.documents += 1
+        yield Document(record.pop("text"), record, f"facts:{i}")
+
+
 def iter_documents(source: str | os.PathLike, stats: ReadStats | None = None,
-                   report: Callable[[str], None] | None = _stderr) -> Iterator[Document]:
-    """Stream the documents of a corpus file or folder, filling ``stats`` as it goes.
+                   report: Callable[[str], None] | None = _stderr, *, facts_documents: int = 20_000,
+                   facts_seed: int = 0) -> Iterator[Document]:
+    """Stream the documents of a corpus file or folder (or of the generated ``"facts"`` corpus, of
+    ``facts_documents`` documents for ``facts_seed``), filling ``stats`` as it goes.
 
     ``report`` receives one message per skipped line or file (the first MAX_REPORTED of them);
     pass None on later passes to stay quiet. Raises CorpusError when nothing usable is found.
     """
     stats = stats if stats is not None else ReadStats()
+    if str(source) == "facts":
+        yield from _read_facts(facts_documents, facts_seed, stats)
+        return
     kind, files = corpus_files(source)
     reader = _READERS[kind]
     for path in files:
