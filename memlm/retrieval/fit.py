@@ -38,15 +38,18 @@ def _pow2_floor(x: int) -> int:
 
 
 def _gather_rows(embeddings: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """L2-normalised float32 rows ``embeddings[idx]`` (read in sorted order: kind to a memmap)."""
+    """L2-normalised float32 rows ``embeddings[idx]``; a memmap is read in sorted row order."""
     flat = idx.ravel()
-    perm = np.argsort(flat, kind="stable")
-    rows = np.empty((flat.size, embeddings.shape[1]), np.float32)
-    rows[perm] = embeddings[flat[perm]]
-    if not np.isfinite(rows).all():
+    if isinstance(embeddings, np.memmap):
+        perm = np.argsort(flat, kind="stable")
+        rows = np.empty((flat.size, embeddings.shape[1]), np.float32)
+        rows[perm] = embeddings[flat[perm]]
+    else:
+        rows = np.take(embeddings, flat, axis=0).astype(np.float32, copy=False)
+    norm = np.sqrt(np.einsum("nd,nd->n", rows, rows))
+    if not np.isfinite(norm).all():
         raise ValueError("fit_tree: the embeddings hold non-finite values (NaN or inf)")
-    norm = np.linalg.norm(rows, axis=1, keepdims=True)
-    rows /= np.maximum(norm, 1e-12)
+    rows *= (1.0 / np.maximum(norm, 1e-12))[:, None]
     return rows.reshape(*idx.shape, embeddings.shape[1])
 
 
@@ -111,6 +114,8 @@ def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, bat
     ``steps`` mini-batch Lloyd steps of ``batch`` samples per node; a cluster over
     ``balance_factor / k`` of an assignment step is split with the smallest (None or inf: off).
     Deterministic for ``seed`` (see ``kmeans`` for the per-node algorithm and edge cases).
+    A node uses at most ``steps * batch`` of its points, so at corpus scale fit on a uniform sample
+    of about ``k**(depth-1) * steps * batch`` points and route the whole corpus with ``route``.
     """
     if embeddings.ndim != 2 or embeddings.shape[0] < 1 or embeddings.shape[1] < 1:
         raise ValueError(f"fit_tree: embeddings of shape {tuple(embeddings.shape)}, need [n >= 1, dim >= 1]")
@@ -126,7 +131,7 @@ def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, bat
     centroids, counts, stats = [], [], {"n_points": int(n)}
     for level in range(1, depth + 1):
         n_parents = k ** (level - 1)
-        shuffle = np.random.default_rng([seed, level]).random(n)
+        shuffle = np.random.default_rng([seed, level]).random(n, np.float32)
         order = np.lexsort((shuffle, node))  # grouped by node, random order inside a node
         node_counts = np.bincount(node, minlength=n_parents)
         starts = np.cumsum(node_counts) - node_counts

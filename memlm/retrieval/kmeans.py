@@ -17,11 +17,12 @@ Per node (PAPER.md §3.1, after Grangier et al. 2025 and Jegou et al. 2010):
   halves of the crowded region: nearly equal, they differ by a random direction, and the next
   Lloyd steps split the region along it (Jegou et al.'s trick for empty clusters, applied to
   crowded ones). ``balance_factor = inf`` turns balancing off.
-- Fewer than k distinct points (including duplicates): k-means++ picks every distinct point
-  before it ever repeats one, so the first children hold the distinct points and the remaining
-  children are exact copies of them; ties go to the lowest index, so the copies are never routed
-  to and routing stays defined. A node with no points gives all k children its parent's centroid
-  (only child 0 is reached).
+- Fewer than k distinct points: k-means++ picks every distinct point before it repeats one, so
+  the first children start as the distinct points and the others as exact copies of them; ties
+  go to the lowest index, so a copy is never routed to and routing stays defined. Duplicate points
+  in general: identical rows always share a path (a path is a function of the vector); balancing
+  may spread one point's copies over several children, which then tie, and the lowest wins.
+  A node with no points gives all k children its parent's centroid (only child 0 is reached).
 - Randomness (k-means++ draws, balancing offsets) is drawn on the host per (seed, level) in a
   layout indexed by node and passed in, so a node's result does not depend on how nodes are
   grouped into vmapped calls, and the jitted code holds no random-number generator (which made
