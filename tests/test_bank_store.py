@@ -72,7 +72,8 @@ def files(root):
 
 @pytest.fixture
 def bank(tmp_path):
-    store = BankStore.create(tmp_path / "bank", LAYOUT, seed=3, tree_id="tree-a", shard_bytes=SHARD_BYTES)
+    store = BankStore.create(tmp_path / "bank", LAYOUT, seed=3, tree_id="tree-a", shard_bytes=SHARD_BYTES,
+                             batch_bytes=1500)  # a few nodes per batch: saves run as several pipelined batches
     return store, store.load()
 
 

@@ -175,12 +175,13 @@ class BankStore:
     # ---- creation and opening ------------------------------------------------------------------
     @classmethod
     def create(cls, location: str | os.PathLike | dict, layout: BankLayout, *, seed: int = 0, tree_id: str = "",
-               keep: int = 3, shard_bytes: int = 64 << 20, overwrite: bool = False,
+               keep: int = 3, shard_bytes: int = 16 << 20, overwrite: bool = False,
                batch_bytes: int = 256 << 20) -> BankStore:
         """Create a bank at ``location`` as version 0 (its lazy init: only metadata is written).
 
         ``keep``: how many versions stay restorable; ``shard_bytes``: target size of one outer
-        zarr chunk (a key holding several nodes' blocks of one array).
+        zarr chunk (a key holding several nodes' blocks of one array; an incremental save rewrites
+        every shard holding a dirty node; 0 gives one key per block).
         """
         if keep < 1:
             raise BankStoreError(f"keep = {keep}: at least the latest version must be kept")
@@ -504,6 +505,23 @@ class BankStore:
         rows["written"] = np.ones(nodes.size, np.uint8)
         return rows
 
+    def _pipelined(self, batches: Sequence[tuple[int, int]],
+                   stage: Callable[[int, int, ts.Transaction], list], done: Callable[[int, int], None]) -> None:
+        """Run batches as transactions, staging batch i+1 while batch i commits (one shard set
+        per batch, so the two never touch the same block); ``done(i, j)`` once batch [i, j) is durable."""
+        inflight = None
+        for i, j in batches:
+            txn = ts.Transaction()
+            for fut in stage(i, j, txn):
+                fut.result()
+            if inflight is not None:
+                inflight[0].result()
+                done(*inflight[1])
+            inflight = (txn.commit_async(), (i, j))
+        if inflight is not None:
+            inflight[0].result()
+            done(*inflight[1])
+
     def _write_delta(self, version: int, lv: LevelLayout, nodes: np.ndarray, state: BankState) -> None:
         """Before- and after-images of ``nodes`` under ``before/vN`` and ``after/vN``, batch by batch."""
         before, after = (f"{g}/{_vkey(version)}/{lv.key}/" for g in ("before", "after"))
@@ -515,45 +533,50 @@ class BankStore:
         shard = min(n, int(self.meta["shard_nodes"][lv.key]))
         step = max(shard, self._max_rows(lv) // shard * shard)
         fields = _fields(self.layout)
-        for i in range(0, n, step):
-            j = min(n, i + step)
+
+        def stage(i: int, j: int, txn: ts.Transaction) -> list:
             sel = nodes[i:j]
             was = np.flatnonzero(self._written[lv.key][sel])
             old = {f.path: self._array(main, f)[sel[was]].read() for f in fields if f.array} if was.size else {}
             rows = self._state_rows(state, lv, sel)
-            txn = ts.Transaction()
             pending = [self._array(after, f).with_transaction(txn)[i:j].write(rows[f.path]) for f in fields]
             pending.append(self._array(before, "count").with_transaction(txn)[i:j].write(self._count[lv.key][sel]))
             pending.append(self._array(before, "written").with_transaction(txn)[i:j].write(self._written[lv.key][sel]))
             for path, fut in old.items():
                 pending.append(self._array(before, path).with_transaction(txn)[i + was].write(fut.result()))
-            for p in pending:
-                p.result()
-            txn.commit_async().result()
+            return pending
+
+        def done(i: int, j: int) -> None:
             self.stats["delta_rows_written"] += j - i
             self._phase("delta-batch")
+
+        self._pipelined([(i, min(n, i + step)) for i in range(0, n, step)], stage, done)
 
     def _apply(self, lv: LevelLayout, nodes: np.ndarray,
                rows_fn: Callable[[int, int], Mapping[str, np.ndarray]]) -> None:
         """Write rows (all fields) of sorted ``nodes`` into ``main``, each shard rewritten once."""
         main = f"main/{lv.key}/"
-        for i, j in _batches(nodes, int(self.meta["shard_nodes"][lv.key]), self._max_rows(lv)):
+        staged: dict[tuple[int, int], Mapping[str, np.ndarray]] = {}
+
+        def stage(i: int, j: int, txn: ts.Transaction) -> list:
             sel = nodes[i:j]
-            rows = rows_fn(i, j)
-            txn = ts.Transaction()
+            rows = staged[(i, j)] = rows_fn(i, j)
             pending = []
             for f in _fields(self.layout):
                 arr = self._array(main, f).with_transaction(txn)
                 target = arr[int(sel[0]):int(sel[-1]) + 1] if tsio.contiguous(sel) else arr[sel]
                 pending.append(target.write(rows[f.path]))
-            for p in pending:
-                p.result()
-            txn.commit_async().result()
+            return pending
+
+        def done(i: int, j: int) -> None:
+            rows = staged.pop((i, j))
             if lv.key in self._count:
-                self._count[lv.key][sel] = rows["count"]
-                self._written[lv.key][sel] = rows["written"]
+                self._count[lv.key][nodes[i:j]] = rows["count"]
+                self._written[lv.key][nodes[i:j]] = rows["written"]
             self.stats["main_rows_written"] += j - i
             self._phase("apply-batch")
+
+        self._pipelined(_batches(nodes, int(self.meta["shard_nodes"][lv.key]), self._max_rows(lv)), stage, done)
 
     def _delta_rows(self, group: str, rows: np.ndarray) -> Callable[[int, int], dict[str, np.ndarray]]:
         """rows_fn reading delta rows ``rows[i:j]`` of every field from ``group``."""

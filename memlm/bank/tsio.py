@@ -4,7 +4,10 @@ A location is a local path (the ``file`` kvstore), a URL tensorstore understands
 (``gs://bucket/bank/``, ``s3://...``, ``file:///...``) or any kvstore spec dict
 (``{"driver": "ocdbt", "base": "gs://bucket/bank/"}``...). Block arrays are zarr3 with the
 sharding codec: the outer chunk (one key) holds ``shard_nodes`` nodes and every inner chunk is
-exactly one node's block, so reading one block is one contiguous read (STACK.md §2).
+exactly one node's block, so reading one block is one contiguous read (STACK.md §2). Writing
+part of a shard rewrites the whole shard (one key): the shard size trades file count against
+the write amplification of incremental saves. With one node per shard, every block is its own
+key (the layout for OCDBT, which packs small keys itself, or object stores).
 """
 
 from __future__ import annotations
@@ -50,10 +53,13 @@ def describe(spec: dict) -> str:
 
 def array_spec(kv: dict, shape: tuple[int, ...], dtype: str, shard_nodes: int) -> dict:
     """zarr3 spec of a ``[nodes, *block]`` array: outer chunks of ``shard_nodes`` nodes, one inner
-    chunk per node (block arrays), or plain chunks of ``SCALAR_CHUNK`` (1-d per-node scalars)."""
+    chunk per node (block arrays; ``shard_nodes = 1``: one plain chunk, one key, per node), or
+    plain chunks of ``SCALAR_CHUNK`` (1-d per-node scalars)."""
     n = max(int(shape[0]), 1)
     if len(shape) == 1:
         metadata = {"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [min(n, SCALAR_CHUNK)]}}}
+    elif shard_nodes <= 1:
+        metadata = {"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, *shape[1:]]}}}
     else:
         block = list(shape[1:])
         inner = {"name": "sharding_indexed", "configuration": {
