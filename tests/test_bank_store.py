@@ -282,8 +282,9 @@ def test_generic_memory_saves_loads_and_fetches_like_a_bank(tmp_path):
 
 def test_any_tensorstore_kvstore_works_ocdbt_and_urls(tmp_path):
     rng = np.random.default_rng(7)
-    for location in ({"driver": "ocdbt", "base": f"file://{tmp_path}/ocdbt/"}, f"file://{tmp_path}/url"):
-        store = BankStore.create(location, LAYOUT, seed=1)
+    for location, shard_bytes in (({"driver": "ocdbt", "base": f"file://{tmp_path}/ocdbt/"}, 0),  # a key per block
+                                  (f"file://{tmp_path}/url", SHARD_BYTES)):
+        store = BankStore.create(location, LAYOUT, seed=1, shard_bytes=shard_bytes)
         _, v1 = store.save(train(store.load(), rng))
         _, v2 = store.save(train(v1, rng))
         assert_same(BankStore.open(location, LAYOUT).load(), v2)
