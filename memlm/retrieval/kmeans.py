@@ -12,11 +12,12 @@ Per node (PAPER.md §3.1, after Grangier et al. 2025 and Jegou et al. 2010):
   Centroids are plain means of unit vectors and are *not* renormalised: routing compares L2
   distances to them, as in the paper.
 - Balancing, at every assignment step: while the largest cluster holds more than
-  ``balance_factor / k`` of the batch, its rows and the smallest cluster's are pooled and split
-  evenly (to within one) at random between the two. Both centroids then become means of random
-  halves of the crowded region: nearly equal, they differ by a random direction, and the next
-  Lloyd steps split the region along it (Jegou et al.'s trick for empty clusters, applied to
-  crowded ones). ``balance_factor = inf`` turns balancing off.
+  ``balance_factor / k`` of the batch, the smallest cluster is recycled: its rows go to their
+  next-nearest clusters, and it takes half of the largest cluster's rows, chosen at random. Its
+  centroid then becomes the mean of a random half of the crowded region, next to the crowded
+  centroid but off by a random direction, and the following Lloyd steps split the region along it
+  (Jegou et al.'s split of a large cluster into an empty one, extended to the smallest cluster).
+  ``balance_factor = inf`` turns balancing off.
 - Fewer than k distinct points: k-means++ picks every distinct point before it repeats one, so
   the first children start as the distinct points and the others as exact copies of them; ties
   go to the lowest index, so a copy is never routed to and routing stays defined. Duplicate points
@@ -37,10 +38,14 @@ import jax
 import jax.numpy as jnp
 
 
+def distances(x: jax.Array, centroids: jax.Array) -> jax.Array:
+    """Squared L2 distances ``[rows, k]`` up to ``|x|^2``, which is the same for every centroid."""
+    return jnp.sum(centroids * centroids, -1) - 2.0 * x @ centroids.T
+
+
 def assign(x: jax.Array, centroids: jax.Array) -> jax.Array:
     """Index of the nearest centroid (L2) of each row; ties go to the lowest index."""
-    dist = jnp.sum(centroids * centroids, -1) - 2.0 * x @ centroids.T  # + |x|^2, the same for every centroid
-    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+    return jnp.argmin(distances(x, centroids), axis=-1).astype(jnp.int32)
 
 
 def kmeans_pp(u: jax.Array, x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -68,26 +73,30 @@ def kmeans_pp(u: jax.Array, x: jax.Array, valid: jax.Array) -> jax.Array:
     return c
 
 
-def balance(shift: jax.Array, a: jax.Array, valid: jax.Array, k: int, balance_factor: float) -> jax.Array:
-    """While a cluster holds over ``balance_factor / k`` of the valid rows, pool its rows with the smallest
-    cluster's and split the pool evenly between the two: the rows are in random order, and the split
-    takes them in that order from the random position ``shift``."""
+def balance(shift: jax.Array, dist: jax.Array, valid: jax.Array, k: int, balance_factor: float) -> jax.Array:
+    """Nearest-centroid assignment of rows with distances ``dist`` ``[rows, k]``, balanced: while a cluster
+    holds over ``balance_factor / k`` of the valid rows, the smallest cluster gives its rows to their
+    next-nearest clusters and takes half of the big cluster's rows, chosen at random (the rows are in
+    random order; the half is taken in that order from position ``shift``)."""
     limit = balance_factor * valid.sum() / k
+    columns = jnp.arange(k)
 
     def body(state):
         i, a, _ = state
         counts = jnp.zeros(k, jnp.int32).at[a].add(valid.astype(jnp.int32))
         big, small = jnp.argmax(counts), jnp.argmin(counts)
         split = (counts[big] > limit) & (counts[big] - counts[small] > 1)
-        member = ((a == big) | (a == small)) & valid & split
+        elsewhere = jnp.argmin(jnp.where(columns == small, jnp.inf, dist), axis=-1).astype(a.dtype)
+        a = jnp.where(split & (a == small), elsewhere, a)
+        member = (a == big) & valid & split
         rank = jnp.roll(jnp.cumsum(jnp.roll(member, -shift)), shift) - 1  # rank among members from `shift` on
-        half = (counts[big] + counts[small]) // 2
-        return i + 1, jnp.where(member, jnp.where(rank < half, small, big), a), ~split
+        return i + 1, jnp.where(member & (rank < member.sum() // 2), small, a), ~split
 
     def cond(state):
         i, _, done = state
         return (i < 2 * k) & ~done
 
+    a = jnp.argmin(dist, axis=-1).astype(jnp.int32)
     _, a, _ = jax.lax.while_loop(cond, body, (0, a, False))
     return a
 
@@ -107,7 +116,7 @@ def fit_node(u_init: jax.Array, shifts: jax.Array, pool: jax.Array, pool_len: ja
             x = pool[:rows]
         else:
             x = pool[(t * n_batch + jnp.arange(rows)) % jnp.maximum(pool_len, 1)]
-        a = balance(shifts[t] % rows, assign(x, c), valid, k, balance_factor)
+        a = balance(shifts[t] % rows, distances(x, c), valid, k, balance_factor)
         onehot = jax.nn.one_hot(a, k, dtype=x.dtype) * valid[:, None]
         counts = onehot.sum(0)
         sums = onehot.T @ x
