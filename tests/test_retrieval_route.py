@@ -98,6 +98,10 @@ def test_route_rejects_bad_arguments(tree_and_points):
         route(tree, x, block_level=4)
     with pytest.raises(ValueError, match="node = 8"):
         route_avoiding(tree, x, 1, 8)
+    bad = x.copy()
+    bad[5, 0] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        route(tree, bad)
 
 
 @pytest.mark.parametrize(("rows", "n_parents"), [(64, 4), (64, 64), (4096, 64), (4096, 4096)])

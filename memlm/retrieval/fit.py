@@ -2,15 +2,15 @@
 
 Level by level: every point carries the index of its node at the level above; the nodes of a
 level are fitted together in vmapped groups (``kmeans.fit_nodes``), then every point is routed one
-level down with the routing code itself (``route.descend_levels``), so the fit statistics count
-exactly the nodes that ``route`` will give the same points.
+level down with the routing code itself (``routing.descend_levels``), so the fit statistics count
+exactly the nodes that ``route`` gives the same points.
 
 Scale: the points are streamed (an ``np.memmap`` works) and never held twice; per level the host
 holds one int32 node index per point, a sort order, and one group of node pools (at most
-``POOL_BYTES``); a group's per-step batches total about ``group_bytes``, which keeps the 20 Lloyd
-steps of small nodes inside the CPU cache. Nodes are grouped by padded pool size (a few fixed shapes per level, so
-a few compilations), and groups of equal shape reuse one compiled program. Work per level is
-O(steps * min(n, k**(l-1) * steps * batch) * k * dim); memory never grows with n squared.
+``POOL_BYTES``). A group's per-step batches total about ``group_bytes``, which keeps the Lloyd
+steps of small nodes inside the CPU cache. Pools are padded to a power of two, so a level has a
+few shapes, hence a few compilations, shared by all groups (and levels) of equal shape. Work per
+level is O(steps * min(n, k**(l-1) * steps * batch) * k * dim); memory never grows with n squared.
 """
 
 from __future__ import annotations

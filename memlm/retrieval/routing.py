@@ -99,6 +99,8 @@ def descend_levels(centroids: list[np.ndarray], k: int, embeddings: np.ndarray, 
         stop = min(start + chunk, n)
         x = np.zeros((chunk, embeddings.shape[1]), np.float32)
         x[: stop - start] = embeddings[start:stop]
+        if not np.isfinite(x).all():
+            raise ValueError(f"embeddings rows {start}..{stop - 1} hold non-finite values (NaN or inf)")
         parent = np.zeros(chunk, np.int32)
         if first_parent is not None:
             parent[: stop - start] = first_parent[start:stop]
