@@ -130,9 +130,10 @@ def bench_store(name: str, batch: int) -> None:
         t = time.perf_counter()
         _, state = store.save(state)
         t_save = time.perf_counter() - t
+        store.close()
         print(f"[{name}] create (lazy) {t_create * 1e3:.0f} ms; full save of {total / 2**20:.0f} MiB state "
               f"{t_save:.2f} s = {total / t_save / 1e9:.3f} GB/s (delta + main: {2 * total / t_save / 1e9:.3f} GB/s "
-              f"written); on disk {dir_bytes(root / 'bank') / 2**20:.0f} MiB")
+              f"written); on disk after it {dir_bytes(root / 'bank') / 2**20:.0f} MiB")
 
         rng = np.random.default_rng(1)
         leaves = layout.k ** layout.depth

@@ -290,3 +290,13 @@ def test_any_tensorstore_kvstore_works_ocdbt_and_urls(tmp_path):
         assert_same(BankStore.open(location, LAYOUT).load(), v2)
         assert_same(BankStore.open(location, LAYOUT, version=1).load(), v1)
     assert (tmp_path / "ocdbt" / "manifest.ocdbt").exists()
+
+
+def test_overwrite_replaces_the_bank_and_nothing_else(bank, tmp_path):
+    store, state = bank
+    store.save(train(state, np.random.default_rng(8)))
+    (tmp_path / "bank" / "notes.txt").write_text("not the bank's")
+    fresh = BankStore.create(tmp_path / "bank", LAYOUT, seed=3, overwrite=True)
+    assert fresh.versions == [0] and not fresh.counts(2).any()
+    assert_same(BankStore.open(tmp_path / "bank", LAYOUT).load(), init_state(LAYOUT, 3))
+    assert (tmp_path / "bank" / "notes.txt").read_text() == "not the bank's"

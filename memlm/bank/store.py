@@ -190,7 +190,10 @@ class BankStore:
         if tsio.read_json(kv, META_KEY) is not None:
             if not overwrite:
                 raise BankStoreError(f"{tsio.describe(spec)} already holds a bank (pass overwrite=True to replace it)")
-            kv.delete_range(ts.KvStore.KeyRange()).result()
+            for key in (META_KEY, MANIFEST_KEY):  # metadata first: a half-deleted bank is no bank
+                kv.write(key, None).result()
+            for prefix in ("main/", "before/", "after/"):  # only the bank's own keys
+                tsio.delete_prefix(kv, prefix)
         shards = {}
         for lv in layout.levels:
             biggest = max(a.size(lv.rank) for a in layout.arrays) * 4  # float32 moments: the largest rows
@@ -200,10 +203,10 @@ class BankStore:
         store = cls(spec, layout, meta, writable=True, batch_bytes=batch_bytes)
         for lv in layout.levels:
             store._create_group(f"main/{lv.key}/", lv, lv.nodes)
-        tsio.write_json(kv, META_KEY, meta)
         store._manifest = {"versions": [{"version": 0, "state": "applied", "dirty": {}}], "next_version": 1,
                            "rollback_to": None}
         tsio.write_json(kv, MANIFEST_KEY, store._manifest)
+        tsio.write_json(kv, META_KEY, meta)  # last: a bank exists once its metadata does
         store._build_view(0)
         return store
 
@@ -247,6 +250,12 @@ class BankStore:
             store._collect_garbage()
         store._build_view(target)
         return store
+
+    def close(self) -> None:
+        """Wait for background garbage deletions (optional: a later writable open redoes them)."""
+        for future in self._background:
+            future.result()
+        self._background = []
 
     # ---- versions ------------------------------------------------------------------------------
     @property
