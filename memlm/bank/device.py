@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from memlm.bank.init import init_blocks
 from memlm.bank.layout import NODE_AXIS, BankLayout
 from memlm.memspec import FetchedMemory
+from memlm.sharding import logical_to_spec
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {NODE_AXIS: ("data", "fsdp")}
 
@@ -42,29 +42,14 @@ class BankState:
     layout: BankLayout = struct.field(pytree_node=False)
 
 
-def _spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Sequence[str]]) -> P:
-    """Logical axes -> PartitionSpec: size-1 mesh axes dropped, an axis used once, non-dividing dims replicated."""
-    used: set[str] = set()
-    spec: list = []
-    for name, dim in zip(axes, shape, strict=True):
-        chosen, size = [], 1
-        for axis in rules.get(name, ()):
-            n = mesh.shape.get(axis, 1)
-            if n == 1 or axis in used or dim % (size * n):
-                continue
-            chosen.append(axis)
-            size *= n
-        used.update(chosen)
-        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
-    return P(*spec)
-
-
 def bank_shardings(layout: BankLayout, mesh: Mesh, *, replicate_levels: int = 1,
                    rules: Mapping[str, Sequence[str]] | None = None) -> BankState:
     """A BankState whose leaves are the NamedShardings of each state array (for in/out_shardings).
 
-    ``rules`` maps logical axes to mesh axes (default: ``bank_nodes`` over ``data``/``fsdp``, the
-    block axes replicated); levels ``<= replicate_levels`` keep their node axis replicated.
+    ``rules`` maps logical axes to mesh axes (``memlm.sharding.logical_to_spec`` semantics; default:
+    ``bank_nodes`` over ``data``/``fsdp``, the block axes replicated; pass ``memlm.sharding.RULES``
+    to also split e.g. ``mem_rank`` over ``tensor``); levels ``<= replicate_levels`` keep their
+    node axis replicated.
     """
     rules = dict(DEFAULT_RULES if rules is None else rules)
     params, nodes = {}, {}
@@ -72,9 +57,9 @@ def bank_shardings(layout: BankLayout, mesh: Mesh, *, replicate_levels: int = 1,
         lv_rules = dict(rules)
         if lv.level <= replicate_levels:
             lv_rules[NODE_AXIS] = ()
-        params[lv.key] = {a.name: NamedSharding(mesh, _spec(layout.logical_axes(a), layout.array_shape(lv, a),
-                                                             mesh, lv_rules)) for a in layout.arrays}
-        nodes[lv.key] = NamedSharding(mesh, _spec((NODE_AXIS,), (lv.nodes,), mesh, lv_rules))
+        params[lv.key] = {a.name: NamedSharding(mesh, logical_to_spec(layout.logical_axes(a), layout.array_shape(lv, a),
+                                                                       mesh, lv_rules)) for a in layout.arrays}
+        nodes[lv.key] = NamedSharding(mesh, logical_to_spec((NODE_AXIS,), (lv.nodes,), mesh, lv_rules))
     return BankState(params=params, mu=params, nu=params, count=nodes, dirty=nodes, layout=layout)
 
 
