@@ -23,6 +23,7 @@ class PathFetcher:
 
     ``cache_levels``: levels whose blocks are cached; ``cache_blocks``: LRU capacity in blocks.
     ``block_reads`` counts blocks read from the store, ``cache_hits`` blocks served from the cache.
+    The cache belongs to the store's version: make a new fetcher for a newly opened version.
     """
 
     def __init__(self, store: BankStore, *, cache_levels: Sequence[int] = (1, 2), cache_blocks: int = 64):
