@@ -31,9 +31,11 @@ be partly (or wholly) applied: the next open replays the after-images (idempoten
 write is all-or-nothing, so no reader sees a torn block, and ``main`` is never read for a node
 that a pending delta covers without going through that delta: never a silent mix.
 
-Writers and readers. One writer process at a time (saves pull the dirty rows with
-``device_get``, so a multi-host run saves from one process that sees every shard); read-only
-handles may be open meanwhile but should not read while a save or rollback is being applied.
+Writers and readers. One writer process at a time. Saves pull the dirty rows with
+``device_get``, which needs every shard addressable: multi-host saves (each process writing
+the rows of its own shards, process 0 the manifest) are not implemented yet; loading is
+per-device and works on any host. Read-only handles may be open meanwhile but should not read
+while a save or rollback is being applied.
 
 Older versions: ``open(version=M)`` reads ``main`` overlaid with, for every node changed after
 M, its before-image from the first later version that changed it; a writable open of M rolls
