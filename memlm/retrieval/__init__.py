@@ -5,7 +5,7 @@ node indices (PAPER.md §3.1), which the data pipeline stores with each packed s
 evaluation code computes for each context.
 """
 
-from memlm.retrieval.embedder import Embedder, EmbedderError, get_embedder, l2_normalise
+from memlm.retrieval.embedder import Embedder, EmbedderError, get_embedder
 from memlm.retrieval.fit import fit_tree
 from memlm.retrieval.hashing import HashingEmbedder
 from memlm.retrieval.minilm import MiniLMEmbedder
@@ -21,7 +21,6 @@ __all__ = [
     "TreeError",
     "fit_tree",
     "get_embedder",
-    "l2_normalise",
     "route",
     "route_avoiding",
 ]

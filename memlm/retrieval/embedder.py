@@ -10,9 +10,13 @@ documents or fixed windows of them (``tree.embed_unit``) is the data pipeline's 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import jax
+    import ml_collections
 
 
 class EmbedderError(ValueError):
@@ -29,13 +33,7 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm; all-zero rows stay zero."""
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
-
-
-def get_embedder(cfg, mesh=None) -> Embedder:
+def get_embedder(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Embedder:
     """The embedder named by ``cfg.tree.embedder`` ("minilm" or "hash").
 
     MiniLM uses ``cfg.tree.embed_batch`` texts per jitted call and windows of at most

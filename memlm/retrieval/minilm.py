@@ -22,6 +22,7 @@ it is batched with (training and evaluation texts share this path).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,8 +55,10 @@ def model_dir() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=2)
 def load_params(path: Path) -> dict:
-    """BERT weights as a params pytree; dense kernels transposed to ``[in, out]``, layers stacked."""
+    """BERT weights as a params pytree; dense kernels transposed to ``[in, out]``, layers stacked.
+    Cached: data preparation and evaluation in one process share one host copy."""
     from safetensors.numpy import load_file
 
     w = load_file(str(path / "model.safetensors"))
@@ -119,6 +122,9 @@ def encode(params: dict, ids: jax.Array, mask: jax.Array) -> jax.Array:
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
+_encode_one_device = jax.jit(encode)  # shared by every unsharded instance: one compilation per bucket
+
+
 def bucket_lengths(max_tokens: int) -> tuple[int, ...]:
     """Padded lengths (with [CLS]/[SEP]): 16, 24, 32, 48, 64, ... up to and including ``max_tokens``."""
     out, n = [], 16
@@ -160,7 +166,7 @@ class MiniLMEmbedder:
         if mesh is None:
             self.batch = int(batch)
             self.params = jax.device_put(params)
-            self._encode = jax.jit(encode)
+            self._encode = _encode_one_device
         else:
             from jax.sharding import NamedSharding, PartitionSpec
 
