@@ -104,7 +104,8 @@ def test_route_rejects_bad_arguments(tree_and_points):
         route(tree, bad)
 
 
-@pytest.mark.parametrize(("rows", "n_parents"), [(64, 4), (64, 64), (4096, 64), (4096, 4096)])
+@pytest.mark.parametrize(("rows", "n_parents"), [(64, 4), (64, 128), (4096, 4096), (4096, 128), (1000, 96)],
+                         ids=["dense", "gather", "gather-in-sub-chunks", "parent-tiles", "parent-tiles-odd"])
 def test_children_dots_matches_numpy_on_every_path(rows, n_parents):
     """Dense matmul (few nodes), per-row gather (few rows per parent, direct or in sub-chunks) and
     parent tiles (many rows per parent) all give each row's dots with its own k children."""

@@ -40,7 +40,7 @@ def _children_dots(x: jax.Array, parent: jax.Array, cent: jax.Array, k: int) -> 
         return jnp.take_along_axis(x @ cent.T, parent[:, None] * k + jnp.arange(k), axis=1)
     tile = min(_MAX_TILE, 1 << max(0, (n // n_par).bit_length() - 1))
     blocks = cent.reshape(n_par, k, dim)
-    if tile < 4 or n % _GATHER_ROWS:
+    if tile < 4:  # few rows per parent: gather each row's children
         if n % _GATHER_ROWS:
             return jnp.einsum("nd,nkd->nk", x, blocks[parent])
         pieces = jax.lax.map(lambda a: jnp.einsum("nd,nkd->nk", a[0], blocks[a[1]]),
