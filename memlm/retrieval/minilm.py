@@ -11,8 +11,8 @@ Long texts (PAPER.md §8 leaves this open). sentence-transformers truncates at 2
 memlm instead splits a text of more than ``max_tokens - 2`` word pieces into the fewest windows
 that fit (``[CLS] window [SEP]`` each), of equal length to within one piece, embeds every window,
 and averages the window embeddings (each unit-norm) before renormalising. Every piece of a long
-document thus counts, with about equal weight. A text that fits one window gets exactly the
-sentence-transformers embedding.
+document thus counts, with about equal weight. A text that fits one window gets the
+sentence-transformers embedding (to float rounding: cosine 1 - 1e-7 in tests/test_retrieval_embed.py).
 
 Batching: each window is padded to the smallest of a few fixed bucket lengths that holds it and
 run in batches of a fixed size, so there is one compiled program per bucket, and the padded
