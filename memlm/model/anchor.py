@@ -24,7 +24,7 @@ from flax import nnx
 from memlm.config import memory_layers
 from memlm.memspec import block_arrays
 from memlm.model import adapters
-from memlm.model.layers import attention, document_mask, layer_norm, rope
+from memlm.model.layers import attention, document_mask, layer_norm, rope, rope_tables
 
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "q_norm", "k_norm", "wo", "ffn_norm", "w1", "w2", "w3")
 
@@ -137,14 +137,15 @@ class Anchor(nnx.Module):
         x = self.embed[...].astype(s.dtype)[tokens]
         if cache is None:
             q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            ctx = dict(mask=document_mask(segment_ids, segment_ids, q_index, q_index), positions=positions)
+            ctx = dict(mask=document_mask(segment_ids, segment_ids, q_index, q_index))
         else:
             q_index = cache["lengths"][:, None] + jnp.arange(t, dtype=jnp.int32)
             kv_segments = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i,)))(
                 cache["segments"], segment_ids, cache["lengths"])
             kv_index = jnp.broadcast_to(jnp.arange(kv_segments.shape[1], dtype=jnp.int32), kv_segments.shape)
             mask = document_mask(segment_ids, kv_segments, q_index, kv_index) & (kv_segments != 0)[:, None, None]
-            ctx = dict(mask=mask, positions=positions, write_index=cache["lengths"])
+            ctx = dict(mask=mask, write_index=cache["lengths"])
+        ctx["rope"] = rope_tables(positions, s.head_dim, s.rope_base)
 
         params = self._layer_params()
         start, end = s.memory_layers if memory is not None and s.memory_type != "none" else (0, 0)
@@ -207,8 +208,8 @@ def layer(s: AnchorSpec, p: Mapping[str, jax.Array], x: jax.Array, mem: Mapping[
         q = layer_norm(q.reshape(b, t, -1), p["q_norm"], s.norm_eps, s.norm).reshape(q.shape)
         k = layer_norm(k.reshape(b, t, -1), p["k_norm"], s.norm_eps, s.norm).reshape(k.shape)
     q_unrotated = q
-    q = rope(q, ctx["positions"], s.rope_base)
-    k = rope(k, ctx["positions"], s.rope_base)
+    q = rope(q, ctx["rope"])
+    k = rope(k, ctx["rope"])
     new_cache = None
     if cache is not None:
         write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (i, 0, 0)))

@@ -18,17 +18,20 @@ def layer_norm(x: jax.Array, gain: jax.Array, eps: float, kind: str) -> jax.Arra
     return (y * gain.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotary embedding on ``x [B, T, H, dh]`` at integer ``positions [B, T]`` (half-split layout)."""
-    dh = x.shape[-1]
-    inv = 1.0 / (base ** (jnp.arange(0, dh // 2, dtype=jnp.float32) * 2.0 / dh))
-    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, dh/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., : dh // 2], x32[..., dh // 2 :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin ``[B, T, 1, head_dim/2]`` for integer ``positions [B, T]``; computed once per call."""
+    inv = 1.0 / (base ** (jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary embedding of ``x [B, T, H, dh]`` (half-split layout) with :func:`rope_tables`."""
+    cos, sin = tables
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def document_mask(q_segments: jax.Array, kv_segments: jax.Array, q_positions: jax.Array,
