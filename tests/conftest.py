@@ -20,7 +20,7 @@ def facts_data(tmp_path_factory):
 
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "tiny.py"))
     cfg.tree.embedder = "hash"
-    cfg.data.update(facts_documents=1500, seq_len=256, tokenizer_vocab=1024)
+    cfg.data.update(facts_documents=1500, tokenizer_vocab=1024)
     cfg.model.vocab_size = 1024
     out = tmp_path_factory.mktemp("facts_data")
     prepare(cfg, "facts", str(out))
