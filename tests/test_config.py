@@ -53,3 +53,25 @@ def test_mesh_that_does_not_divide_the_devices():
 
 def test_memory_mode_without_memory_is_refused():
     _bad({"memory.type": "none", "train.mode": "cotrain"}, "train.mode", "cotrain")
+
+
+PRESETS = ("tiny", "paper_160m", "paper_410m", "paper_1b4", "ratio_260m", "ratio_320m", "ratio_350m", "ratio_370m",
+           "ratio_385m", "ratio_410m")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_match_their_golden_snapshots(name):
+    """A change to a preset shows up as a diff of tests/fixtures/presets/<name>.json in review.
+
+    Regenerate after an intended change with ``MEMLM_REGEN_GOLDEN=1 pytest tests/test_config.py``.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "presets" / f"{name}.json"
+    text = json.dumps(json.loads(load_config(f"experiments/{name}.py").to_json()), indent=1, sort_keys=True) + "\n"
+    if os.environ.get("MEMLM_REGEN_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.read_text() == text, f"preset {name} changed: regenerate {path} if intended"
