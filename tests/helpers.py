@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,3 +32,18 @@ def random_memory(cfg, batch: int, key: jax.Array, at_init: bool = False, scale:
         value = scale * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
         out[ba.name] = jnp.zeros(shape, jnp.float32) if at_init and ba.init == "zeros" else value
     return out
+
+
+@functools.cache
+def jit_forward(f):
+    """A jitted full forward ``(params, tokens, memory) -> logits`` of an AnchorFunctional (compiled once)."""
+    return jax.jit(lambda p, t, m: f.apply(p, t, memory=m))
+
+
+def small_model(seed: int = 0):
+    """(config, functional, params) of the small FFN-memory anchor used by the scoring tests."""
+    from memlm.model.functional import AnchorFunctional
+
+    cfg = small_config("ffn", sizes=(4, 4))
+    f = AnchorFunctional(cfg)
+    return cfg, f, f.init(jax.random.key(seed))

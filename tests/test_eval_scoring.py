@@ -1,20 +1,17 @@
 """Log-likelihood scoring: multiple choice and perplexity against direct numpy computations."""
 
-import functools
 import math
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import jit_forward, small_model
 
 from memlm.eval.choice import _rows, evaluate_choice, load_choice_items
 from memlm.eval.conditions import ConditionError, DictMemoryProvider
 from memlm.eval.perplexity import evaluate_perplexity
 from memlm.eval.probes import ProbeFileError
 from memlm.memspec import fetched_shapes
-from memlm.model.functional import AnchorFunctional
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REF_LEN = 64  # the reference forward's fixed length; causality makes right padding inert
@@ -30,16 +27,9 @@ class Chars:
         return "".join(chr(i) for i in ids)
 
 
-@functools.cache
-def _forward(f):
-    return jax.jit(lambda p, t, m: f.apply(p, t, memory=m))
-
-
 @pytest.fixture(scope="module")
 def model():
-    cfg = small_config("ffn", sizes=(4, 4))
-    f = AnchorFunctional(cfg)
-    return cfg, f, f.init(jax.random.key(0))
+    return small_model()
 
 
 def memory_table(cfg, texts, seed):
@@ -57,7 +47,7 @@ def log_softmax(logits):
 
 def reference_logprobs(f, params, seq, memory):
     """log p(seq[i+1] | seq[:i+1]) for every i, from one full forward in numpy float64."""
-    forward = _forward(f)
+    forward = jit_forward(f)
     padded = np.zeros((1, REF_LEN), np.int32)
     padded[0, : len(seq)] = seq
     m = None if memory is None else {k: v[None] for k, v in memory.items()}

@@ -1,15 +1,12 @@
 """Greedy generation with the KV cache and fetched memory equals repeated full forwards."""
 
-import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import jit_forward, small_model
 
 from memlm.memspec import fetched_shapes
-from memlm.model.functional import AnchorFunctional
 from memlm.serve.generate import bucket, generate, generate_text
 
 REF_LEN = 32  # the reference forward's fixed length (one compile); causality makes right padding inert
@@ -21,21 +18,14 @@ def numpy_memory(cfg, batch, seed):
     return {n: rng.standard_normal(shape).astype(np.float32) for n, shape in fetched_shapes(cfg, batch).items()}
 
 
-@functools.cache
-def _forward(f):
-    return jax.jit(lambda p, t, m: f.apply(p, t, memory=m))
-
-
 @pytest.fixture(scope="module")
 def model():
-    cfg = small_config("ffn", sizes=(4, 4))
-    f = AnchorFunctional(cfg)
-    return cfg, f, f.init(jax.random.key(0))
+    return small_model()
 
 
 def reference_greedy(f, params, prompt, memory_row, steps, eot_id=-1):
     """Greedy decoding by a full forward (no cache) over the whole sequence at every step."""
-    forward = _forward(f)
+    forward = jit_forward(f)
     seq, out = list(prompt), []
     for _ in range(steps):
         padded = np.zeros((1, REF_LEN), np.int32)
