@@ -143,13 +143,17 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(facts_data, tmp_path):
 
 
 def test_training_on_the_facts_corpus_lowers_the_loss_and_writes_metrics(facts_data, tmp_path):
-    p = _cli(*_train_args(facts_data, tmp_path / "run", "--config.train.steps=30", "--config.train.lr=3e-3"))
+    p = _cli(*_train_args(facts_data, tmp_path / "run", "--config.train.steps=30", "--config.train.lr=3e-3",
+                          "--config.train.log_every=5", "--config.train.checkpoint_every=7"))
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
     assert "tok/s" in out and "MFU" in out
     recs = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30]
     losses = [r["loss"] for r in recs]
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    assert losses[-1] < losses[0] - 0.5
+    # Checkpoints every 7 steps whatever the logging interval, plus the last step; the newest 3 kept.
+    assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [21, 28, 30]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in recs)
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     record = json.loads((tmp_path / "run" / "config.json").read_text())

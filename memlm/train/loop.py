@@ -239,8 +239,10 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str | Path = "data/facts", w
             state, metrics = fns.step(state, device_batch(host, fns.batch_shardings))
             step += 1
             window.add(host, fns.bank_layout is not None)
+            log_now = step % t.log_every == 0 or step == t.steps
+            save_now = step % t.checkpoint_every == 0 or step == t.steps or preempt.requested
             # Block every few steps: multi-device CPU collectives can deadlock when too many steps queue.
-            if step % t.log_every and step % 4 and step != t.steps and not preempt.requested:
+            if not (log_now or save_now or step % 4 == 0):
                 continue
             m = jax.device_get(metrics)
             loss = float(m["loss"])
@@ -248,7 +250,7 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str | Path = "data/facts", w
                 ckpt.wait()
                 raise TrainingError(f"non-finite loss ({loss}) at step {step}; stopped. The last good checkpoint "
                                     f"is step {last_good} in {workdir / 'checkpoints'}")
-            if step % t.log_every == 0 or step == t.steps:
+            if log_now:
                 scalars = {k: float(v) for k, v in m.items()}
                 scalars.update(window.summary(fl, peak * n_dev))
                 hist = None
@@ -264,7 +266,7 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str | Path = "data/facts", w
                         f"loader wait {1e3 * scalars['loader_wait_s']:.1f} ms")
                 result["last"] = scalars
                 window = _Window()
-            if step % t.checkpoint_every == 0 or step == t.steps or preempt.requested:
+            if save_now:
                 saved, meta = banks.save({"bank": state.bank, "generic": state.generic})
                 state = state.replace(bank=saved.get("bank", state.bank), generic=saved.get("generic", state.generic))
                 ckpt.save(step, anchor_items(state), {**meta, "step": step}, data_iter)
