@@ -53,7 +53,8 @@ class RunMemory:
     so scoring several conditions embeds each context once.
     """
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, data_dir: Path, manifest: dict):
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, data_dir: Path, manifest: dict,
+                 meta: dict | None = None):
         self.cfg = cfg
         self.bank = self.generic = None
         self.tree = self.embedder = None
@@ -70,10 +71,14 @@ class RunMemory:
             ecfg = ml_collections.ConfigDict(cfg.to_dict())
             ecfg.tree.embedder = tree_info["embedder"]
             self.embedder = get_embedder(ecfg)
-            self.bank = BankStore.open(workdir / "bank", BankLayout.from_config(cfg), tree_id=self.tree.id).load()
+            # The bank version the loaded checkpoint pairs with (a later, unpaired save is not used).
+            meta = meta or {}
+            self.bank = BankStore.open(workdir / "bank", BankLayout.from_config(cfg), tree_id=self.tree.id,
+                                       version=meta.get("bank_version")).load()
             available += ["fetched", "blocked"]
             if cfg.memory.generic and (workdir / "generic").exists():
-                self.generic = BankStore.open(workdir / "generic", BankLayout.generic_from_config(cfg)).load()
+                self.generic = BankStore.open(workdir / "generic", BankLayout.generic_from_config(cfg),
+                                              version=meta.get("generic_version")).load()
                 available.insert(1, "generic")
         self.available = tuple(available)
         self._gather = jax.jit(_gather)
@@ -124,10 +129,11 @@ def load_run(workdir: str | Path, data_dir: str | Path | None = None,
     manifest = read_manifest(data_dir)
     fn = AnchorFunctional(cfg)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    step, params = restore_item(workdir, "params", abstract_like(fn.shapes, jax.tree.map(lambda _: one, fn.shapes)))
+    step, params, meta = restore_item(workdir, "params",
+                                      abstract_like(fn.shapes, jax.tree.map(lambda _: one, fn.shapes)))
     tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["path"], cfg.model.vocab_multiple)
     return Run(cfg=cfg, workdir=workdir, data_dir=data_dir, fn=fn, params=params, step=step, tokenizer=tokenizer,
-               memory=RunMemory(cfg, workdir, data_dir, manifest))
+               memory=RunMemory(cfg, workdir, data_dir, manifest, meta))
 
 
 def _heldout(run: Run) -> tuple[list[np.ndarray], list[str]]:

@@ -81,8 +81,9 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def restore_item(workdir: str | Path, name: str, abstract: Any) -> tuple[int, Any]:
-    """One item (e.g. ``params``) of the newest complete checkpoint of another run."""
+def restore_item(workdir: str | Path, name: str, abstract: Any) -> tuple[int, Any, dict]:
+    """One item (e.g. ``params``) of the newest complete checkpoint of a run, with its meta
+    (the bank versions it pairs with)."""
     ckdir = Path(workdir).resolve() / "checkpoints"
     if not ckdir.exists():
         raise FileNotFoundError(f"{str(workdir)!r} has no checkpoints")
@@ -90,8 +91,9 @@ def restore_item(workdir: str | Path, name: str, abstract: Any) -> tuple[int, An
     try:
         for step in sorted(mngr.all_steps(), reverse=True):
             try:
-                out = mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)}))
-                return step, out[name]
+                out = mngr.restore(step, args=ocp.args.Composite(
+                    **{name: ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}))
+                return step, out[name], dict(out["meta"])
             except Exception as e:  # noqa: BLE001
                 print(f"memlm: checkpoint {ckdir / str(step)} unusable ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200]}); trying an older one", file=sys.stderr)

@@ -100,7 +100,8 @@ def load_anchor_params(workdir: str | Path, shapes: Any, shardings: Any) -> tupl
     if mine != theirs:
         bad = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ConfigError(f"--init-from {str(workdir)!r}: its anchor differs in {bad[:4]} (a different model config)")
-    return restore_item(workdir, "params", abstract_like(shapes, shardings))
+    step, params, _ = restore_item(workdir, "params", abstract_like(shapes, shardings))
+    return step, params
 
 
 class _Preemption:
