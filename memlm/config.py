@@ -149,10 +149,9 @@ def load_config(path: str | None = None) -> ml_collections.ConfigDict:
     """Load a preset file (``experiments/*.py`` with ``get_config()``), or the tiny default."""
     if path is None:
         path = str(Path(__file__).resolve().parent.parent / "experiments" / "tiny.py")
-        if not Path(path).exists():  # installed without the repository: fall back to the package copy
-            from memlm import presets
-
-            return presets.tiny()
+        if not Path(path).exists():
+            raise ConfigError(f"the default preset {path} is missing (memlm installed without its repository): "
+                              "pass --config experiments/tiny.py from a checkout")
     spec_arg = None
     if ":" in path and not Path(path).exists():
         path, spec_arg = path.split(":", 1)
