@@ -16,19 +16,15 @@ import math
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from memlm.memspec import block_params, fetched_rank, level_sizes
-from memlm.model.anchor import Anchor
+from memlm.model.functional import AnchorFunctional
 
 
 def anchor_param_shapes(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Shapes of the anchor's parameters, built abstractly (nothing is allocated)."""
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Anchor(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    flat = nnx.to_flat_state(state)
-    return {".".join(str(k) for k in path): tuple(v.shape) for path, v in flat}
+    shapes = AnchorFunctional(cfg).shapes
+    return {name: tuple(s.shape) for name, s in shapes.items()}
 
 
 def anchor_params(cfg: ml_collections.ConfigDict) -> int:
