@@ -47,3 +47,15 @@ def small_model(seed: int = 0):
     cfg = small_config("ffn", sizes=(4, 4))
     f = AnchorFunctional(cfg)
     return cfg, f, f.init(jax.random.key(seed))
+
+
+class CharTokenizer:
+    """A tokenizer over code points (id 0 is EOT): enough for scoring and generation tests."""
+
+    eot_id = 0
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)

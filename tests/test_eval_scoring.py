@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import jit_forward, small_model
+from helpers import CharTokenizer, jit_forward, small_model
 
 from memlm.eval.choice import _rows, evaluate_choice, load_choice_items
 from memlm.eval.conditions import ConditionError, DictMemoryProvider
@@ -17,14 +17,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 REF_LEN = 64  # the reference forward's fixed length; causality makes right padding inert
 
 
-class Chars:
-    eot_id = 0
-
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
+Chars = CharTokenizer
 
 
 @pytest.fixture(scope="module")

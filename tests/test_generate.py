@@ -4,7 +4,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import jit_forward, small_model
+from helpers import CharTokenizer, jit_forward, small_model
 
 from memlm.memspec import fetched_shapes
 from memlm.serve.generate import bucket, generate, generate_text
@@ -77,14 +77,7 @@ def test_generation_without_memory_and_with_shared_memory(model):
 def test_generate_text_round_trips_through_a_tokenizer(model):
     cfg, f, params = model
 
-    class Chars:
-        eot_id = 0
-
-        def encode(self, text):
-            return [ord(c) for c in text]
-
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
+    Chars = CharTokenizer
 
     prompts = ["hello", "a longer prompt", "x"]  # the shapes of the test above: no new compile
     ids = generate(f, params, [Chars().encode(p) for p in prompts], None, 4, eot_id=0)
