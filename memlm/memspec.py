@@ -7,6 +7,11 @@ the rank axis, giving a ``FetchedMemory``: a dict name -> ``[B, *shape(R)]`` wit
 Concatenation is exact for every type: extra SwiGLU units add up, LoRA ranks concatenate
 (B.A over stacked ranks is the sum of the per-level products) and KV slots append.
 
+Training passes the same memory in slot form (:class:`SlotMemory`): every fetched block once,
+per level, and for every sequence the slot it reads. The model gathers a sequence's rows layer by
+layer inside its scan, so no ``[B, L, d, R]`` per-sequence copy of the memory of all layers exists,
+and the gradient comes back per slot (duplicates in a batch already summed).
+
 The model consumes a FetchedMemory as an input and never imports the bank; the bank stores
 whatever arrays the spec lists, so every type trains, saves and fetches through the same code.
 """
@@ -15,12 +20,29 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import ml_collections
 
 from memlm.config import memory_layers
 
 FetchedMemory = Mapping  # dict[str, jax.Array]: name -> [B, *block_shape(R)]
+
+
+class SlotMemory(NamedTuple):
+    """Fetched memory by slot (a pytree), for a batch of B sequences split into G groups.
+
+    ``levels[i][name]``: ``[G, S_i, *shape(r_i)]``, the blocks fetched for level i, S_i slots per
+    group (a group is one data-parallel shard: its sequences only read its own slots);
+    ``index[i]``: ``[G, B // G]`` int32, the slot within its group that each sequence reads;
+    ``generic``: ``{name: [*shape(R)]}`` (one block) or None; ``use_generic``: ``[B]`` bool, the
+    sequences that read the generic memory instead of their levels (or None).
+    """
+
+    levels: tuple[dict[str, Any], ...]
+    index: tuple[Any, ...]
+    generic: dict[str, Any] | None = None
+    use_generic: Any | None = None
 
 
 @dataclasses.dataclass(frozen=True)

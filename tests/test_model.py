@@ -189,3 +189,68 @@ def test_kv_cache_decoding_equals_the_full_forward():
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-4)
     assert list(cache["lengths"]) == [12, 12]
+
+
+@pytest.mark.parametrize("kind", ["ffn", "lora_ov", "kv"])
+def test_slot_memory_equals_the_per_sequence_fetched_memory(kind):
+    """Slots gathered per layer inside the scan give the same logits and the same (slot-summed)
+    gradients as the per-sequence FetchedMemory; generic rows included."""
+    from memlm.memspec import SlotMemory, block_arrays
+
+    cfg = small_config(kind, sizes=(4, 2))
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    b, t, groups = 6, 16, 2
+    tokens = jax.random.randint(jax.random.key(1), (b, t), 0, cfg.model.vocab_size)
+    arrays = block_arrays(cfg)
+    key = jax.random.key(2)
+    n_slots = (2, 3)
+    levels, index = [], []
+    for lv, (r, s) in enumerate(zip((4, 2), n_slots, strict=True)):
+        levels.append({a.name: 0.3 * jax.random.normal(jax.random.fold_in(key, 10 * lv + i), (groups, s, *a.shape(r)))
+                       for i, a in enumerate(arrays)})
+        index.append(jax.random.randint(jax.random.fold_in(key, 99 + lv), (groups, b // groups), 0, s))
+    generic = {a.name: 0.3 * jax.random.normal(jax.random.fold_in(key, 50 + i), a.shape(6))
+               for i, a in enumerate(arrays)}
+    use_generic = jnp.array([False, True, False, False, False, True])
+
+    def per_sequence(levels, generic):
+        out = {}
+        for a in arrays:
+            parts = [np.asarray(lv[a.name])[np.arange(groups)[:, None], np.asarray(ix)].reshape(b, *a.shape(r))
+                     for lv, ix, r in zip(levels, index, (4, 2), strict=True)]
+            x = jnp.concatenate(parts, axis=a.rank_axis + 1)
+            out[a.name] = jnp.where(use_generic.reshape((-1,) + (1,) * (x.ndim - 1)), generic[a.name][None], x)
+        return out
+
+    def loss_slots(levels, generic):
+        return jnp.sum(f.apply(params, tokens, memory=SlotMemory(tuple(levels), tuple(index), generic, use_generic))
+                       ** 2) * 1e-3
+
+    def loss_dense(levels, generic):
+        mem = {}
+        for a in arrays:
+            parts = [jax.vmap(lambda s_, i_: s_[i_])(lv[a.name], ix).reshape(b, *a.shape(r))
+                     for lv, ix, r in zip(levels, index, (4, 2), strict=True)]
+            x = jnp.concatenate(parts, axis=a.rank_axis + 1)
+            mem[a.name] = jnp.where(use_generic.reshape((-1,) + (1,) * (x.ndim - 1)), generic[a.name][None], x)
+        return jnp.sum(f.apply(params, tokens, memory=mem) ** 2) * 1e-3
+
+    want = f.apply(params, tokens, memory=per_sequence(levels, generic))
+    got = f.apply(params, tokens, memory=SlotMemory(tuple(levels), tuple(index), generic, use_generic))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    g_slots = jax.grad(loss_slots, argnums=(0, 1))(levels, generic)
+    g_dense = jax.grad(loss_dense, argnums=(0, 1))(levels, generic)
+    for x, y in zip(jax.tree.leaves(g_slots), jax.tree.leaves(g_dense), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g_slots[0]))
+
+
+def test_hidden_states_projected_equal_the_logits():
+    cfg = small_config("ffn", sizes=(4, 4))
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.model.vocab_size)
+    hidden = f.apply(params, tokens, return_hidden=True)
+    assert hidden.shape == (2, 8, cfg.model.d_model)
+    np.testing.assert_allclose(f.project(params, hidden), f.apply(params, tokens), rtol=1e-6, atol=1e-6)

@@ -7,8 +7,8 @@ leading "layers" axis and run under ``jax.lax.scan`` with a configurable remat p
 compile time does not grow with depth. Parameters are float32 by default and cast to the
 compute dtype (bfloat16 by default) at use.
 
-Fetched memory is an *input* of the call (``memory``: a FetchedMemory dict, see
-``memlm.memspec``), never a parameter: the model cannot see or update the bank.
+Fetched memory is an *input* of the call (``memory``: a FetchedMemory dict or a SlotMemory,
+see ``memlm.memspec``), never a parameter: the model cannot see or update the bank.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import ml_collections
 from flax import nnx
 
 from memlm.config import memory_layers
-from memlm.memspec import block_arrays
+from memlm.memspec import SlotMemory, block_arrays
 from memlm.model import adapters
 from memlm.model.layers import attention, document_mask, layer_norm, rope, rope_tables
 
@@ -53,6 +53,7 @@ class AnchorSpec:
     memory_type: str
     memory_layers: tuple[int, int]
     lora_alpha: float
+    memory_rank_axes: tuple[tuple[str, int], ...] = ()  # (array name, rank axis of [B, *block]) per memory array
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> AnchorSpec:
@@ -64,6 +65,7 @@ class AnchorSpec:
             rope_base=m.rope_base, init_std=m.init_std, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
             remat=m.remat, attention=m.attention, memory_type=cfg.memory.type,
             memory_layers=memory_layers(cfg), lora_alpha=cfg.memory.lora_alpha,
+            memory_rank_axes=tuple((b.name, b.rank_axis) for b in block_arrays(cfg)),
         )
 
     @property
@@ -118,15 +120,19 @@ class Anchor(nnx.Module):
         tokens: jax.Array,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
-        memory: Mapping[str, jax.Array] | None = None,
+        memory: Mapping[str, jax.Array] | SlotMemory | None = None,
         cache: Mapping[str, jax.Array] | None = None,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Logits for ``tokens [B, T]``.
 
         ``segment_ids [B, T]`` (documents packed in one row; 0 is padding) restrict attention to
         the same document; ``positions [B, T]`` are the RoPE positions (reset per document).
-        ``memory`` is the FetchedMemory of the batch (or None: the anchor alone). With ``cache``
-        (see :func:`init_cache`) the call appends to a KV cache and returns ``(logits, cache)``.
+        ``memory`` is the FetchedMemory of the batch, or the same as a SlotMemory (or None: the
+        anchor alone). With ``cache`` (see :func:`init_cache`) the call appends to a KV cache and
+        returns ``(logits, cache)``. ``return_hidden`` returns the final-normed hidden states
+        ``[B, T, d]`` instead of the logits (see :meth:`project`): a loss can then compute the
+        logits chunk by chunk and never hold ``[B, T, vocab]``.
         """
         s = self.spec
         b, t = tokens.shape
@@ -154,18 +160,21 @@ class Anchor(nnx.Module):
             if z <= a:
                 continue
             seg_params = {n: p[a:z] for n, p in params.items()}
-            seg_mem = None
+            seg_mem = fixed = None
             if a == start and z == end and end > start:
-                seg_mem = {n: jnp.moveaxis(m, 1, 0) for n, m in memory.items()}
+                seg_mem = _layer_major(memory)
+                if isinstance(memory, SlotMemory):
+                    fixed = (memory.index, memory.use_generic)
             seg_cache = None if cache is None else (cache["k"][a:z], cache["v"][a:z])
-            x, kv = self._scan(x, seg_params, seg_mem, seg_cache, ctx)
+            x, kv = self._scan(x, seg_params, seg_mem, seg_cache, ctx, fixed)
             if cache is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
 
         x = layer_norm(x, self.final_norm[...], s.norm_eps, s.norm)
-        head = self.embed[...].T if s.tied_embeddings else self.head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(s.dtype), preferred_element_type=jnp.float32)
+        if return_hidden and cache is None:
+            return x
+        logits = self.project(x)
         if cache is None:
             return logits
         new_cache = dict(
@@ -174,11 +183,22 @@ class Anchor(nnx.Module):
         )
         return logits, new_cache
 
-    def _scan(self, x, params, mem, cache, ctx):
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits ``[..., vocab]`` of final-normed hidden states ``[..., d]`` (the output head)."""
+        s = self.spec
+        head = self.embed[...].T if s.tied_embeddings else self.head[...]
+        return jnp.einsum("...d,dv->...v", hidden.astype(s.dtype), head.astype(s.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _scan(self, x, params, mem, cache, ctx, fixed=None):
+        """Run layers under ``lax.scan``; ``fixed`` (a SlotMemory's index and generic flags) is
+        closed over, while its layer-major slots are scanned with the parameters."""
         s = self.spec
 
         def body(carry, xs):
             p, m, c = xs
+            if fixed is not None:
+                m = _sequence_memory(s, m, *fixed)
             return layer(s, p, carry, m, c, ctx)
 
         if cache is None and s.remat != "none":
@@ -189,6 +209,40 @@ class Anchor(nnx.Module):
             }[s.remat]
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         return jax.lax.scan(body, x, (params, mem, cache))
+
+
+def _layer_major(memory: Mapping[str, jax.Array] | SlotMemory) -> Mapping[str, jax.Array] | SlotMemory:
+    """The memory with its layer axis first, so ``lax.scan`` hands every layer its own slice.
+
+    A SlotMemory keeps its per-sequence ``index`` / ``use_generic`` outside the scan: only the
+    slot arrays (``[G, S, L, ...]``) and the generic block (``[L, ...]``) are sliced by layer.
+    """
+    if not isinstance(memory, SlotMemory):
+        return {n: jnp.moveaxis(m, 1, 0) for n, m in memory.items()}
+    levels = tuple({n: jnp.moveaxis(a, 2, 0) for n, a in lv.items()} for lv in memory.levels)
+    return (levels, memory.generic)
+
+
+def _sequence_memory(s: AnchorSpec, layer_mem, index, use_generic) -> dict[str, jax.Array]:
+    """One layer's per-sequence memory ``{name: [B, *block]}`` from its slots.
+
+    Each group (data-parallel shard) gathers from its own slots only: a batched gather whose
+    batch axis is the sharded group axis, so the partitioner keeps it local. Levels concatenate
+    along the rank axis; sequences flagged ``use_generic`` read the generic block instead.
+    """
+    levels, generic = layer_mem
+    out = {}
+    for name, axis in s.memory_rank_axes:
+        parts = []
+        for lv, ix in zip(levels, index, strict=True):
+            rows = jax.vmap(lambda slot, i: jnp.take(slot, i, axis=0))(lv[name], ix)  # [G, B/G, *block]
+            parts.append(rows.reshape(-1, *rows.shape[2:]))
+        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+        if generic is not None:
+            flag = use_generic.reshape((-1,) + (1,) * (x.ndim - 1))
+            x = jnp.where(flag, generic[name][None].astype(x.dtype), x)
+        out[name] = x
+    return out
 
 
 def layer(s: AnchorSpec, p: Mapping[str, jax.Array], x: jax.Array, mem: Mapping[str, jax.Array] | None,
