@@ -69,9 +69,16 @@ def default_config() -> ml_collections.ConfigDict:
             placement_layers=10,  # layer count for early / middle / late placement
             lora_alpha=2.0,
             init_std=0.02,
-            dtype="float32",  # bank parameter dtype; moments are always float32
+            dtype="float32",  # compute dtype of fetched blocks (what the model reads, what devices exchange)
+            master_dtype="float32",  # stored parameters the optimizer updates; moments are always float32
             generic=True,  # train a context-independent generic memory of the fetched size
-            replicate_levels=1,  # levels up to this one are replicated on every device
+        )
+    )
+
+    c.bank = ml_collections.ConfigDict(
+        dict(
+            replicate_levels=1,  # levels up to this one are replicated on every device (an explicit choice)
+            exchange_rows=0,  # rows per destination per exchange round; 0: an even share of a micro-batch
         )
     )
 
@@ -111,6 +118,8 @@ def default_config() -> ml_collections.ConfigDict:
             mode="anchor",
             steps=1000,
             batch_size=32,
+            microbatch_size=0,  # global sequences per micro-step (gradient accumulation); 0: the whole batch
+            loss_chunk=4096,  # tokens per device whose logits are held at once by the loss (never [B, T, vocab])
             seed=0,
             lr=5e-3,
             min_lr=5e-5,
@@ -271,7 +280,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_positive(cfg, "memory", ("placement_layers", "lora_alpha", "init_std"))
     if mem.placement != "all" and mem.placement_layers > m.n_layers:
         _fail("memory.placement_layers", mem.placement_layers, f"exceeds model.n_layers = {m.n_layers}")
-    _check_positive(cfg, "memory", ("replicate_levels",), strict=False)
+    _check_choice(cfg, "memory.master_dtype", DTYPES)
+    if mem.master_dtype == "bfloat16" and mem.dtype == "float32":
+        _fail("memory.master_dtype", mem.master_dtype, "a bfloat16 master cannot feed a float32 compute copy")
+    _check_positive(cfg, "bank", ("replicate_levels", "exchange_rows"), strict=False)
 
     _check_positive(cfg, "tree", ("k", "depth", "kmeans_steps", "kmeans_batch", "balance_factor", "embed_window",
                                   "embed_batch", "embed_max_tokens"))
@@ -290,7 +302,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     t = cfg.train
     _check_choice(cfg, "train.mode", TRAIN_MODES)
     _check_positive(cfg, "train", ("steps", "batch_size", "lr", "b1", "b2", "eps", "clip_norm", "memory_lr",
-                                   "checkpoint_every", "keep_checkpoints", "log_every"))
+                                   "checkpoint_every", "keep_checkpoints", "log_every", "loss_chunk"))
+    _check_positive(cfg, "train", ("microbatch_size",), strict=False)
+    if t.microbatch_size and t.batch_size % t.microbatch_size:
+        _fail("train.microbatch_size", t.microbatch_size, f"must divide train.batch_size = {t.batch_size}")
     _check_positive(cfg, "train", ("min_lr", "warmup_steps", "weight_decay", "memory_min_lr",
                                    "memory_warmup_steps", "memory_weight_decay", "eval_every"), strict=False)
     if not (0 < t.b1 < 1 and 0 < t.b2 < 1):
@@ -304,6 +319,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_positive(cfg, "eval", ("block_level", "max_new_tokens", "batch_size", "heldout_documents"))
     if cfg.eval.block_level > cfg.tree.depth:
         _fail("eval.block_level", cfg.eval.block_level, f"deeper than tree.depth = {cfg.tree.depth}")
+    if mem.type != "none" and cfg.eval.block_level > max(i + 1 for i, r in enumerate(sizes) if r):
+        # Blocking a level changes that node and its descendants: below the deepest memory level it changes nothing.
+        _fail("eval.block_level", cfg.eval.block_level, f"below the deepest level with memory "
+              f"(memory.sizes = {sizes}): blocking it would change no fetched block")
 
     for k in ("data", "fsdp", "tensor"):
         v = cfg.mesh[k]

@@ -35,7 +35,8 @@ class SlotMemory(NamedTuple):
     ``levels[i][name]``: ``[G, S_i, *shape(r_i)]``, the blocks fetched for level i, S_i slots per
     group (a group is one data-parallel shard: its sequences only read its own slots);
     ``index[i]``: ``[G, B // G]`` int32, the slot within its group that each sequence reads;
-    ``generic``: ``{name: [*shape(R)]}`` (one block) or None; ``use_generic``: ``[B]`` bool, the
+    ``generic``: ``{name: [G, *shape(R)]}`` (the one generic block, a copy per group, so its
+    gradient stays per group until the step sums it) or None; ``use_generic``: ``[B]`` bool, the
     sequences that read the generic memory instead of their levels (or None).
     """
 

@@ -59,3 +59,60 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
+
+
+def reference_step(cfg, state, batch):
+    """An independent whole-batch step on one device: per-sequence fetched memory gathered from the
+    bank, full logits, optax AdamW for the anchor and the single-device sparse row-wise AdamW for the
+    bank (``memlm.bank.optimizer.sparse_adamw``), clipped by the joint global norm."""
+    import optax
+
+    from memlm.bank import fetched_grad_sq_norm, gather, sparse_adamw
+    from memlm.model.functional import AnchorFunctional
+    from memlm.train.schedule import cosine_with_warmup
+    from memlm.train.step import anchor_optimizer, next_token_loss
+
+    t = cfg.train
+    fn = AnchorFunctional(cfg)
+    tx = anchor_optimizer(cfg, fn)
+    tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+    b = tokens.shape[0]
+    paths = jnp.asarray(batch["paths"])
+    memory = state.bank is not None
+    train_anchor = t.mode != "frozen"
+    use_generic = jnp.asarray(batch["generic"]) if state.generic is not None else jnp.zeros((b,), bool)
+    fetched = None
+    if memory:
+        fetched = gather(state.bank, paths)
+        fetched = {n: v.astype(cfg.memory.dtype).astype(jnp.float32) for n, v in fetched.items()}
+        if state.generic is not None:
+            gen = gather(state.generic, jnp.zeros((b, 1), jnp.int32))
+            fetched = {n: jnp.where(use_generic.reshape((b,) + (1,) * (v.ndim - 1)),
+                                    gen[n].astype(cfg.memory.dtype).astype(jnp.float32), v) for n, v in fetched.items()}
+
+    def loss(params, mem):
+        return next_token_loss(fn.apply(params, tokens, seg, pos, memory=mem), tokens, seg)
+
+    argnums = ((0, 1) if train_anchor else 1) if memory else 0
+    (value, _), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(state.params, fetched)
+    g_params, g_mem = (grads if train_anchor else (None, grads)) if memory else (grads, None)
+    sq = jnp.zeros(())
+    if g_params is not None:
+        sq = sq + optax.tree_utils.tree_norm(g_params, squared=True)
+    if g_mem is not None:
+        sq = sq + fetched_grad_sq_norm(state.bank.layout, paths, g_mem, ~use_generic)
+        if state.generic is not None:
+            sq = sq + fetched_grad_sq_norm(state.generic.layout, jnp.zeros((b, 1), jnp.int32), g_mem, use_generic)
+    scale = jnp.minimum(1.0, t.clip_norm / (jnp.sqrt(sq) + 1e-6))
+    params, opt_state, bank, generic = state.params, state.opt_state, state.bank, state.generic
+    if g_params is not None:
+        updates, opt_state = tx.update(jax.tree.map(lambda g: g * scale, g_params), opt_state, params)
+        params = optax.apply_updates(params, updates)
+    if g_mem is not None:
+        g_mem = jax.tree.map(lambda g: g * scale, g_mem)
+        lr = cosine_with_warmup(t.memory_lr, t.memory_min_lr, t.memory_warmup_steps, t.steps)(state.step)
+        kw = dict(lr=lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.memory_weight_decay)
+        bank = sparse_adamw(bank, paths, g_mem, ~use_generic, **kw)
+        if generic is not None:
+            generic = sparse_adamw(generic, jnp.zeros((b, 1), jnp.int32), g_mem, use_generic, **kw)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, bank=bank, generic=generic), value

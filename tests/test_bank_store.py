@@ -88,9 +88,9 @@ def test_save_and_load_are_exact_with_moments_counters_and_sharding(bank, tmp_pa
     assert reopened.version == 1
     loaded = reopened.load(mesh, replicate_levels=1, rules={"bank_nodes": ("data",), "mem_rank": ("tensor",)})
     assert_same(loaded, state)
-    assert loaded.params["level2"]["w3"].sharding.spec == P("data", None, "tensor", None)
+    assert loaded.params["level2"]["w3"].sharding.spec == P(("data", "fsdp"), None, "tensor", None)
     assert loaded.params["level1"]["w1"].sharding.spec == P(None, None, None, "tensor")
-    assert loaded.count["level2"].sharding.spec == P("data")
+    assert loaded.count["level2"].sharding.spec == P(("data", "fsdp"))
 
 
 def test_incremental_save_writes_only_dirty_blocks(bank, tmp_path):

@@ -210,8 +210,9 @@ def test_slot_memory_equals_the_per_sequence_fetched_memory(kind):
         levels.append({a.name: 0.3 * jax.random.normal(jax.random.fold_in(key, 10 * lv + i), (groups, s, *a.shape(r)))
                        for i, a in enumerate(arrays)})
         index.append(jax.random.randint(jax.random.fold_in(key, 99 + lv), (groups, b // groups), 0, s))
-    generic = {a.name: 0.3 * jax.random.normal(jax.random.fold_in(key, 50 + i), a.shape(6))
+    generic = {a.name: 0.3 * jax.random.normal(jax.random.fold_in(key, 50 + i), (groups, *a.shape(6)))
                for i, a in enumerate(arrays)}
+    group = np.arange(b) // (b // groups)
     use_generic = jnp.array([False, True, False, False, False, True])
 
     def per_sequence(levels, generic):
@@ -220,7 +221,7 @@ def test_slot_memory_equals_the_per_sequence_fetched_memory(kind):
             parts = [np.asarray(lv[a.name])[np.arange(groups)[:, None], np.asarray(ix)].reshape(b, *a.shape(r))
                      for lv, ix, r in zip(levels, index, (4, 2), strict=True)]
             x = jnp.concatenate(parts, axis=a.rank_axis + 1)
-            out[a.name] = jnp.where(use_generic.reshape((-1,) + (1,) * (x.ndim - 1)), generic[a.name][None], x)
+            out[a.name] = jnp.where(use_generic.reshape((-1,) + (1,) * (x.ndim - 1)), generic[a.name][group], x)
         return out
 
     def loss_slots(levels, generic):
@@ -233,7 +234,7 @@ def test_slot_memory_equals_the_per_sequence_fetched_memory(kind):
             parts = [jax.vmap(lambda s_, i_: s_[i_])(lv[a.name], ix).reshape(b, *a.shape(r))
                      for lv, ix, r in zip(levels, index, (4, 2), strict=True)]
             x = jnp.concatenate(parts, axis=a.rank_axis + 1)
-            mem[a.name] = jnp.where(use_generic.reshape((-1,) + (1,) * (x.ndim - 1)), generic[a.name][None], x)
+            mem[a.name] = jnp.where(use_generic.reshape((-1,) + (1,) * (x.ndim - 1)), generic[a.name][group], x)
         return jnp.sum(f.apply(params, tokens, memory=mem) ** 2) * 1e-3
 
     want = f.apply(params, tokens, memory=per_sequence(levels, generic))

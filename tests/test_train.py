@@ -46,19 +46,6 @@ def _run(cfg, mesh, steps=3):
     return losses, state
 
 
-@pytest.mark.parametrize("shape", [(4, 1, 2), (2, 4, 1)], ids=["data_x_tensor", "data_x_fsdp"])
-def test_sharded_step_gives_the_same_loss_as_one_device(shape):
-    cfg = small_config("ffn", sizes=(4, 4))
-    cfg.train.update(mode="cotrain", batch_size=8, lr=1e-2, memory_lr=1e-2, warmup_steps=0, memory_warmup_steps=0)
-    cfg.memory.replicate_levels = 0
-    ref, ref_state = _run(cfg, make_mesh((1, 1, 1)))
-    got, state = _run(cfg, make_mesh(shape))
-    np.testing.assert_allclose(got, ref, rtol=2e-5)
-    assert ref[-1] != ref[0]
-    # Adam normalises the update, so float summation-order noise shows at ~1e-5 after a step.
-    np.testing.assert_allclose(state.bank.params["level2"]["w3"], ref_state.bank.params["level2"]["w3"], atol=5e-5)
-
-
 def test_frozen_anchor_stays_bit_identical_and_only_touched_blocks_change():
     cfg = small_config("ffn", sizes=(4, 4))
     cfg.train.update(mode="frozen", batch_size=4, memory_lr=1e-2, memory_warmup_steps=0)

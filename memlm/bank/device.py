@@ -1,21 +1,28 @@
-"""Device tier of the bank: its state on device, sharded over the data-parallel mesh axes,
-and the gather that turns a batch of paths into a FetchedMemory inside the jitted step.
+"""Device tier of the bank: its state on device, split by node over the data-parallel mesh axes.
 
-The node axis of every level (logical axis ``bank_nodes``) is split over the mesh axes
-``data`` and ``fsdp`` when the node count divides; levels up to ``replicate_levels`` (and levels
-too small to split) are replicated, so their gathers need no communication. Under GSPMD a
-gather from a node-sharded level becomes a masked local gather plus an all-reduce of the
-fetched rows (never an all-gather of the bank), and the optimizer's scatter stays local.
+Placement (:func:`level_placement`). The node axis of a level (logical axis ``bank_nodes``) is
+split over the data-parallel shards, the mesh axes ``data`` x ``fsdp`` taken together: shard d
+owns the contiguous nodes ``[d * per_shard, (d + 1) * per_shard)``. A level whose node count
+does not divide the shard count is padded with zero rows up to the next multiple (never silently
+replicated); levels up to ``bank.replicate_levels`` are replicated on every device, an explicit
+choice for small shallow levels. The training step moves rows between shards explicitly
+(``memlm.bank.exchange``); :func:`gather` here is the plain gather for inference and tests.
+
+Parameters are stored in ``layout.master_dtype`` (float32 by default) and cast to the compute
+dtype ``layout.dtype`` when a block is fetched, so Adam steps smaller than a bfloat16 ulp still
+accumulate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from memlm.bank.init import init_blocks
 from memlm.bank.layout import NODE_AXIS, BankLayout
@@ -23,6 +30,42 @@ from memlm.memspec import FetchedMemory
 from memlm.sharding import logical_to_spec
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {NODE_AXIS: ("data", "fsdp")}
+DP_AXES = ("data", "fsdp")  # the data-parallel mesh axes; a bank level's node axis is split over both
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelPlacement:
+    """Where one level's rows live: ``shards`` data-parallel shards of ``per_shard`` rows each
+    (``shards == 1``: every device holds the whole level). ``padded - nodes`` zero rows pad the
+    node axis to a multiple of the shard count."""
+
+    key: str
+    nodes: int
+    padded: int
+    shards: int
+
+    @property
+    def replicated(self) -> bool:
+        return self.shards == 1
+
+    @property
+    def per_shard(self) -> int:
+        return self.padded // self.shards
+
+
+def dp_size(mesh: Mesh) -> int:
+    """The number of data-parallel shards of a (data, fsdp, tensor) mesh."""
+    return int(mesh.shape.get("data", 1)) * int(mesh.shape.get("fsdp", 1))
+
+
+def level_placement(layout: BankLayout, mesh: Mesh | None, replicate_levels: int = 1) -> dict[str, LevelPlacement]:
+    """Placement of every level of ``layout`` on ``mesh`` (None: one device)."""
+    shards = 1 if mesh is None else dp_size(mesh)
+    out = {}
+    for lv in layout.levels:
+        n = 1 if lv.level <= replicate_levels else shards
+        out[lv.key] = LevelPlacement(lv.key, lv.nodes, -(-lv.nodes // n) * n, n)
+    return out
 
 
 @struct.dataclass
@@ -52,44 +95,58 @@ def bank_shardings(layout: BankLayout, mesh: Mesh, *, replicate_levels: int = 1,
     node axis replicated.
     """
     rules = dict(DEFAULT_RULES if rules is None else rules)
+    rules.pop(NODE_AXIS, None)  # the node axis follows the level's placement
+    placement = level_placement(layout, mesh, replicate_levels)
     params, nodes = {}, {}
     for lv in layout.levels:
-        lv_rules = dict(rules)
-        if lv.level <= replicate_levels:
-            lv_rules[NODE_AXIS] = ()
-        params[lv.key] = {a.name: NamedSharding(mesh, logical_to_spec(layout.logical_axes(a), layout.array_shape(lv, a),
-                                                                       mesh, lv_rules)) for a in layout.arrays}
-        nodes[lv.key] = NamedSharding(mesh, logical_to_spec((NODE_AXIS,), (lv.nodes,), mesh, lv_rules))
+        pl = placement[lv.key]
+        node_spec = None if pl.replicated else DP_AXES
+        params[lv.key] = {}
+        for a in layout.arrays:
+            block = logical_to_spec(a.logical_axes, a.shape(lv.rank), mesh, rules)
+            params[lv.key][a.name] = NamedSharding(mesh, P(node_spec, *block))
+        nodes[lv.key] = NamedSharding(mesh, P(node_spec))
     return BankState(params=params, mu=params, nu=params, count=nodes, dirty=nodes, layout=layout)
 
 
-def _init(layout: BankLayout, seed: int) -> BankState:
+def _init(layout: BankLayout, seed: int, placement: Mapping[str, LevelPlacement]) -> BankState:
     params, mu, count, dirty = {}, {}, {}, {}
     for lv in layout.levels:
-        ids = jnp.arange(lv.nodes, dtype=jnp.int32)
-        params[lv.key] = {a.name: init_blocks(layout, seed, lv, a, ids) for a in layout.arrays}
-        mu[lv.key] = {a.name: jnp.zeros(layout.array_shape(lv, a), jnp.float32) for a in layout.arrays}
-        count[lv.key] = jnp.zeros((lv.nodes,), jnp.int32)
-        dirty[lv.key] = jnp.zeros((lv.nodes,), jnp.bool_)
+        rows = placement[lv.key].padded
+        ids = jnp.arange(rows, dtype=jnp.int32)
+        real = ids < lv.nodes
+        params[lv.key] = {}
+        for a in layout.arrays:
+            block = init_blocks(layout, seed, lv, a, ids)
+            params[lv.key][a.name] = jnp.where(real.reshape((-1,) + (1,) * (block.ndim - 1)), block, 0)
+        mu[lv.key] = {a.name: jnp.zeros((rows, *a.shape(lv.rank)), jnp.float32) for a in layout.arrays}
+        count[lv.key] = jnp.zeros((rows,), jnp.int32)
+        dirty[lv.key] = jnp.zeros((rows,), jnp.bool_)
     nu = jax.tree.map(jnp.zeros_like, mu)
     return BankState(params=params, mu=mu, nu=nu, count=count, dirty=dirty, layout=layout)
 
 
 def init_state(layout: BankLayout, seed: int, mesh: Mesh | None = None, *, replicate_levels: int = 1,
                rules: Mapping[str, Sequence[str]] | None = None) -> BankState:
-    """A freshly initialised bank, created by a jitted init straight into its shards.
+    """A freshly initialised bank, created by a jitted init straight into its shards (padding rows zero).
 
     Values equal the store's lazy init (``BankStore.create``) bit for bit on the same backend; to
     resume training exactly on an accelerator, start from ``BankStore.load`` instead, which
     computes the init on the host like every later read of an untrained block.
     """
+    placement = level_placement(layout, mesh, replicate_levels)
     shardings = None if mesh is None else bank_shardings(layout, mesh, replicate_levels=replicate_levels, rules=rules)
-    return jax.jit(lambda: _init(layout, seed), out_shardings=shardings)()
+    return jax.jit(lambda: _init(layout, seed, placement), out_shardings=shardings)()
+
+
+def abstract_bank(layout: BankLayout, mesh: Mesh | None, replicate_levels: int = 1) -> BankState:
+    """The shapes and dtypes of a bank's state on ``mesh`` (padded node axes), allocating nothing."""
+    return jax.eval_shape(lambda: _init(layout, 0, level_placement(layout, mesh, replicate_levels)))
 
 
 def gather(state: BankState, paths: jax.Array) -> FetchedMemory:
     """FetchedMemory ``{name: [B, *shape(R)]}`` for paths ``[B, depth]`` (int32), levels
-    concatenated along the rank axis in level order. Keeps the bank dtype; usable inside jit."""
+    concatenated along the rank axis in level order. Keeps the stored dtype; usable inside jit."""
     layout = state.layout
     out = {}
     for a in layout.arrays:

@@ -39,11 +39,11 @@ def node_block(key: jax.Array, array: BlockArray, r: int, init_std: float) -> ja
 
 
 def init_blocks(layout: BankLayout, seed: int, lv: LevelLayout, array: BlockArray, nodes: jax.Array) -> jax.Array:
-    """Initial blocks ``[len(nodes), *shape(r_l)]`` in the bank dtype for the given node indices (jittable)."""
+    """Initial blocks ``[len(nodes), *shape(r_l)]`` in the master dtype for the given node indices (jittable)."""
     base = jax.random.fold_in(jax.random.key(seed), int(layout.generic))
     base = jax.random.fold_in(jax.random.fold_in(base, lv.level), layout.arrays.index(array))
     blocks = jax.vmap(lambda n: node_block(jax.random.fold_in(base, n), array, lv.rank, layout.init_std))(nodes)
-    return blocks.astype(layout.dtype)
+    return blocks.astype(layout.master_dtype)
 
 
 def bucket(n: int) -> int:
@@ -64,10 +64,10 @@ def init_rows(layout: BankLayout, seed: int, level: int, name: str, nodes: np.nd
     most 512 nodes (row counts padded to a few bucket sizes, so that few shapes get compiled)."""
     nodes = np.asarray(nodes, np.int32)
     lv, a = layout.level(level), layout.array(name)
-    out = np.zeros((nodes.shape[0], *a.shape(lv.rank)), dtype=jnp.dtype(layout.dtype))
+    out = np.zeros((nodes.shape[0], *a.shape(lv.rank)), dtype=jnp.dtype(layout.master_dtype))
     if a.init == "zeros":
         return out
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's CPU (jax.devices("cpu")[0] is process 0's)
     for start in range(0, nodes.shape[0], 512):
         part = nodes[start:start + 512]
         idx = np.zeros(bucket(part.shape[0]), np.int32)

@@ -50,11 +50,12 @@ class BankLayout:
     sizes: tuple[int, ...]  # r_l for every level 1..depth, zeros included
     levels: tuple[LevelLayout, ...]  # only the levels with r_l > 0, in level order
     arrays: tuple[BlockArray, ...]
-    dtype: str  # parameter dtype (moments are always float32)
+    dtype: str  # compute dtype: what a fetched block is in (what the model reads and devices exchange)
     init_std: float
     n_layers: int
     d_model: int
     memory_layers: tuple[int, int]
+    master_dtype: str = "float32"  # stored parameters, updated by the optimizer (moments are always float32)
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> BankLayout:
@@ -83,6 +84,7 @@ class BankLayout:
             memory_type=cfg.memory.type, generic=generic, k=cfg.tree.k, depth=depth, sizes=tuple(sizes),
             levels=levels, arrays=arrays, dtype=cfg.memory.dtype, init_std=float(cfg.memory.init_std),
             n_layers=cfg.model.n_layers, d_model=cfg.model.d_model, memory_layers=tuple(memory_layers(cfg)),
+            master_dtype=cfg.memory.master_dtype,
         )
 
     # ---- sizes ---------------------------------------------------------------------------------
@@ -120,7 +122,13 @@ class BankLayout:
 
     @property
     def itemsize(self) -> int:
+        """Bytes of one fetched (compute-dtype) parameter."""
         return _ITEMSIZE[self.dtype]
+
+    @property
+    def master_itemsize(self) -> int:
+        """Bytes of one stored (master) parameter."""
+        return _ITEMSIZE[self.master_dtype]
 
     def block_params(self, lv: LevelLayout) -> int:
         """Parameters of one block of level ``lv`` (s_l)."""
@@ -134,8 +142,13 @@ class BankLayout:
         return sum(lv.nodes * self.block_params(lv) for lv in self.levels)
 
     def bytes(self) -> int:
-        """Parameter bytes of the whole bank (the fp32 moments add 8 bytes per parameter)."""
+        """Bytes of the whole bank in the compute dtype (what an inference copy holds)."""
         return self.params() * self.itemsize
+
+    def state_bytes(self) -> int:
+        """Bytes of the training state: master parameters, two float32 moments, a 4-byte counter per node."""
+        nodes = sum(lv.nodes for lv in self.levels)
+        return self.params() * (self.master_itemsize + 8) + 4 * nodes
 
     def fetched_params(self) -> int:
         """Parameters one sequence fetches: sum_l s_l."""
@@ -154,6 +167,7 @@ class BankLayout:
             "d_model": self.d_model,
             "memory_layers": list(self.memory_layers),
             "dtype": self.dtype,
+            "master_dtype": self.master_dtype,
             "arrays": {lv.key: {a.name: list(self.array_shape(lv, a)) for a in self.arrays} for lv in self.levels},
         }
 

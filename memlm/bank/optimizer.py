@@ -66,6 +66,24 @@ def fetched_grad_sq_norm(layout: BankLayout, paths: jax.Array, grads: FetchedMem
     return total
 
 
+def adamw_rows(p: jax.Array, m: jax.Array, v: jax.Array, g: jax.Array, count: jax.Array, *, lr: jax.Array,
+               b1: float, b2: float, eps: float, weight_decay: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """AdamW on gathered rows (the semantics of the module docstring, step 3), in float32.
+
+    ``p`` (any float dtype), ``m``, ``v``, ``g``: ``[n, *block]``; ``count``: ``[n]``, each row's
+    step counter *after* this update (its bias correction). Returns float32 (p, m, v); the
+    caller casts ``p`` to the stored dtype.
+    """
+    shape = (-1,) + (1,) * (g.ndim - 1)
+    cf = count.astype(jnp.float32).reshape(shape)
+    g = g.astype(jnp.float32)
+    m = b1 * m + (1.0 - b1) * g
+    v = b2 * v + (1.0 - b2) * jnp.square(g)
+    p = p.astype(jnp.float32)
+    step = (m / (1.0 - b1**cf)) / (jnp.sqrt(v / (1.0 - b2**cf)) + eps) + weight_decay * p
+    return p - lr * step, m, v
+
+
 def sparse_adamw(state: BankState, paths: jax.Array, grads: FetchedMemory, touched: jax.Array, *,
                  lr: float | jax.Array, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                  weight_decay: float | jax.Array = 0.0) -> BankState:
@@ -89,18 +107,13 @@ def sparse_adamw(state: BankState, paths: jax.Array, grads: FetchedMemory, touch
         c = state.count[key][rows] + 1
         count[key] = state.count[key].at[uniq].set(c, mode="drop", indices_are_sorted=True)
         dirty[key] = state.dirty[key].at[uniq].set(True, mode="drop", indices_are_sorted=True)
-        cf = c.astype(jnp.float32)
-        bc1, bc2 = 1.0 - b1**cf, 1.0 - b2**cf
         params[key], mu[key], nu[key] = {}, {}, {}
         for a in layout.arrays:
             g = _node_sums(per_level[key][a.name], touched, inverse, uniq.shape[0])
-            shape = (-1,) + (1,) * (g.ndim - 1)
             p_arr, m_arr, v_arr = state.params[key][a.name], state.mu[key][a.name], state.nu[key][a.name]
-            m = b1 * m_arr[rows] + (1.0 - b1) * g
-            v = b2 * v_arr[rows] + (1.0 - b2) * jnp.square(g)
-            p = p_arr[rows].astype(jnp.float32)
-            step = (m / bc1.reshape(shape)) / (jnp.sqrt(v / bc2.reshape(shape)) + eps) + wd * p
-            p = (p - lr * step).astype(p_arr.dtype)
+            p, m, v = adamw_rows(p_arr[rows], m_arr[rows], v_arr[rows], g, c, lr=lr, b1=b1, b2=b2, eps=eps,
+                                 weight_decay=wd)
+            p = p.astype(p_arr.dtype)
             params[key][a.name] = p_arr.at[uniq].set(p, mode="drop", indices_are_sorted=True)
             mu[key][a.name] = m_arr.at[uniq].set(m, mode="drop", indices_are_sorted=True)
             nu[key][a.name] = v_arr.at[uniq].set(v, mode="drop", indices_are_sorted=True)

@@ -59,7 +59,7 @@ import tensorstore as ts
 from jax.sharding import Mesh
 
 from memlm.bank import tsio
-from memlm.bank.device import BankState, bank_shardings, clear_dirty
+from memlm.bank.device import BankState, bank_shardings, clear_dirty, level_placement
 from memlm.bank.init import bucket, init_rows
 from memlm.bank.layout import BankLayout, LevelLayout
 
@@ -97,7 +97,7 @@ class _Field:
         return layout.array(self.array).shape(lv.rank) if self.array else ()
 
     def dtype(self, layout: BankLayout) -> str:
-        dtypes = {"params": layout.dtype, "mu": "float32", "nu": "float32", "count": "int32", "written": "uint8"}
+        dtypes = {"params": layout.master_dtype, "mu": "float32", "nu": "float32", "count": "int32", "written": "uint8"}
         return dtypes[self.kind]
 
 
@@ -424,46 +424,71 @@ class BankStore:
 
     # ---- load to device ------------------------------------------------------------------------
     def load(self, mesh: Mesh | None = None, *, replicate_levels: int = 1,
-             rules: Mapping[str, Sequence[str]] | None = None) -> BankState:
-        """This version on device with the bank's sharding (``bank_shardings``), streamed: each
-        device shard is filled chunk by chunk of nodes (at most ``batch_bytes`` of host memory
-        per chunk), never through one host array of a whole level."""
+             rules: Mapping[str, Sequence[str]] | None = None, inference: bool = False) -> BankState:
+        """This version on device with the bank's placement (``bank_shardings``: node axis padded to
+        the shard count), streamed: each device shard is filled chunk by chunk of nodes (at most
+        ``batch_bytes`` of host memory per chunk), never through one host array of a whole level.
+
+        ``inference=True`` loads the parameters only, cast to the compute dtype (moments and
+        counters are left as empty ``[0]`` arrays): what evaluation and generation need.
+        """
         if mesh is None:
-            mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+            mesh = Mesh(np.array(jax.local_devices()[:1]), ("data",))
         sh = bank_shardings(self.layout, mesh, replicate_levels=replicate_levels, rules=rules)
+        placement = level_placement(self.layout, mesh, replicate_levels)
         params, mu, nu, count, dirty = {}, {}, {}, {}, {}
         for lv in self.layout.levels:
-            key = lv.key
+            key, rows = lv.key, placement[lv.key].padded
+            kinds = ("params",) if inference else KINDS
             trees = {"params": params, "mu": mu, "nu": nu}
-            for kind in KINDS:
-                trees[kind][key] = {a.name: self._load_field(lv, _Field(a.name, kind), sh.params[key][a.name])
-                                    for a in self.layout.arrays}
-            count[key] = self._load_field(lv, _Field(None, "count"), sh.count[key])
-            dirty[key] = jax.device_put(np.zeros(lv.nodes, bool), sh.dirty[key])
+            for kind in kinds:
+                cast = self.layout.dtype if inference else None
+                trees[kind][key] = {a.name: self._load_field(lv, _Field(a.name, kind), sh.params[key][a.name], rows,
+                                                             cast) for a in self.layout.arrays}
+            if inference:
+                empty = jnp.zeros((0,), jnp.float32)
+                mu[key] = {a.name: empty for a in self.layout.arrays}
+                nu[key] = {a.name: empty for a in self.layout.arrays}
+                count[key] = jnp.zeros((0,), jnp.int32)
+                dirty[key] = jnp.zeros((0,), jnp.bool_)
+                continue
+            count[key] = self._load_field(lv, _Field(None, "count"), sh.count[key], rows)
+            dirty[key] = jax.device_put(np.zeros(rows, bool), sh.dirty[key])
         return BankState(params=params, mu=mu, nu=nu, count=count, dirty=dirty, layout=self.layout)
 
-    def _load_field(self, lv: LevelLayout, field: _Field, sharding: jax.sharding.Sharding) -> jax.Array:
-        shape = (lv.nodes, *field.row_shape(self.layout, lv))
+    def _load_field(self, lv: LevelLayout, field: _Field, sharding: jax.sharding.Sharding, rows: int,
+                    cast: str | None = None) -> jax.Array:
+        """One field as a global array of ``rows`` (>= nodes; padding rows are zero) in ``sharding``,
+        each addressable shard read from the store chunk by chunk."""
+        dtype = cast or field.dtype(self.layout)
+        shape = (rows, *field.row_shape(self.layout, lv))
         by_rows: dict[tuple[int, int], list] = collections.defaultdict(list)
         for device, index in sharding.addressable_devices_indices_map(shape).items():
-            start, stop, _ = index[0].indices(lv.nodes)
+            start, stop, _ = index[0].indices(rows)
             by_rows[(start, stop)].append((device, index[1:]))
-        chunk = max(1, self.batch_bytes // max(1, math.prod(shape[1:]) * np.dtype(
-            jnp.dtype(field.dtype(self.layout))).itemsize))
+        chunk = max(1, self.batch_bytes // max(1, math.prod(shape[1:]) * np.dtype(jnp.dtype(dtype)).itemsize))
+
+        def read(a: int, b: int) -> np.ndarray:
+            out = np.zeros((b - a, *shape[1:]), jnp.dtype(dtype))
+            real = min(b, lv.nodes)
+            if real > a:
+                out[:real - a] = self._plan_rows(lv, field, np.arange(a, real))()
+            return out
+
         buffers = {}
         for (start, stop), targets in by_rows.items():
             if stop - start <= chunk:
-                rows = self._plan_rows(lv, field, np.arange(start, stop))()
+                block = read(start, stop)
                 for device, rest in targets:
-                    buffers[device] = jax.device_put(rows[(slice(None), *rest)], device)
+                    buffers[device] = jax.device_put(block[(slice(None), *rest)], device)
                 continue
             for device, rest in targets:
                 local = (stop - start, *(len(range(*s.indices(n))) for s, n in zip(rest, shape[1:], strict=True)))
-                buffers[device] = jnp.zeros(local, field.dtype(self.layout), device=device)
+                buffers[device] = jnp.zeros(local, dtype, device=device)
             for a in range(start, stop, chunk):
-                rows = self._plan_rows(lv, field, np.arange(a, min(a + chunk, stop)))()
+                block = read(a, min(a + chunk, stop))
                 for device, rest in targets:
-                    part = jax.device_put(rows[(slice(None), *rest)], device)
+                    part = jax.device_put(block[(slice(None), *rest)], device)
                     buffers[device] = _set_rows(buffers[device], part, np.int32(a - start))
         arrays = [buffers[d] for d in sharding.addressable_devices_indices_map(shape)]
         return jax.make_array_from_single_device_arrays(shape, sharding, arrays)

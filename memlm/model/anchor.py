@@ -25,6 +25,22 @@ from memlm.config import memory_layers
 from memlm.memspec import SlotMemory, block_arrays
 from memlm.model import adapters
 from memlm.model.layers import attention, document_mask, layer_norm, rope, rope_tables
+from memlm.sharding import constrain
+
+RESIDUAL = ("batch", "seq", None)  # logical axes of the residual stream [B, T, d]
+# Logical axes of one layer's parameters (the stacked "layers" axis dropped).
+LAYER_AXES = {"attn_norm": ("norm",), "wq": ("embed", "heads", "head_dim"), "wk": ("embed", "kv_heads", "head_dim"),
+              "wv": ("embed", "kv_heads", "head_dim"), "q_norm": ("norm",), "k_norm": ("norm",),
+              "wo": ("heads", "head_dim", "embed"), "ffn_norm": ("norm",), "w1": ("embed", "mlp"),
+              "w2": ("embed", "mlp"), "w3": ("mlp", "embed")}
+
+
+def gathered(w: jax.Array, axes: tuple[str, ...] | None) -> jax.Array:
+    """A weight as it is used: its ``embed`` axis (split over ``fsdp`` at rest) whole, the tensor-parallel
+    axes still split. Called after the cast to the compute dtype, so FSDP gathers move compute-dtype bytes."""
+    if axes is None:
+        return w
+    return constrain(w, tuple(None if a == "embed" else a for a in axes))
 
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "q_norm", "k_norm", "wo", "ffn_norm", "w1", "w2", "w3")
 
@@ -140,7 +156,7 @@ class Anchor(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.embed[...].astype(s.dtype)[tokens]
+        x = constrain(gathered(self.embed[...].astype(s.dtype), ("vocab", "embed"))[tokens], RESIDUAL)
         if cache is None:
             q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             ctx = dict(mask=document_mask(segment_ids, segment_ids, q_index, q_index))
@@ -171,7 +187,7 @@ class Anchor(nnx.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
 
-        x = layer_norm(x, self.final_norm[...], s.norm_eps, s.norm)
+        x = constrain(layer_norm(x, self.final_norm[...], s.norm_eps, s.norm), RESIDUAL)
         if return_hidden and cache is None:
             return x
         logits = self.project(x)
@@ -187,8 +203,8 @@ class Anchor(nnx.Module):
         """float32 logits ``[..., vocab]`` of final-normed hidden states ``[..., d]`` (the output head)."""
         s = self.spec
         head = self.embed[...].T if s.tied_embeddings else self.head[...]
-        return jnp.einsum("...d,dv->...v", hidden.astype(s.dtype), head.astype(s.dtype),
-                          preferred_element_type=jnp.float32)
+        head = gathered(head.astype(s.dtype), ("embed", "vocab"))
+        return jnp.einsum("...d,dv->...v", hidden.astype(s.dtype), head, preferred_element_type=jnp.float32)
 
     def _scan(self, x, params, mem, cache, ctx, fixed=None):
         """Run layers under ``lax.scan``; ``fixed`` (a SlotMemory's index and generic flags) is
@@ -220,7 +236,8 @@ def _layer_major(memory: Mapping[str, jax.Array] | SlotMemory) -> Mapping[str, j
     if not isinstance(memory, SlotMemory):
         return {n: jnp.moveaxis(m, 1, 0) for n, m in memory.items()}
     levels = tuple({n: jnp.moveaxis(a, 2, 0) for n, a in lv.items()} for lv in memory.levels)
-    return (levels, memory.generic)
+    generic = None if memory.generic is None else {n: jnp.moveaxis(a, 1, 0) for n, a in memory.generic.items()}
+    return (levels, generic)
 
 
 def _sequence_memory(s: AnchorSpec, layer_mem, index, use_generic) -> dict[str, jax.Array]:
@@ -239,8 +256,10 @@ def _sequence_memory(s: AnchorSpec, layer_mem, index, use_generic) -> dict[str, 
             parts.append(rows.reshape(-1, *rows.shape[2:]))
         x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
         if generic is not None:
-            flag = use_generic.reshape((-1,) + (1,) * (x.ndim - 1))
-            x = jnp.where(flag, generic[name][None].astype(x.dtype), x)
+            g = generic[name]  # [G, *block]: each group reads its own copy
+            grouped = x.reshape(g.shape[0], -1, *x.shape[1:])
+            flag = use_generic.reshape(grouped.shape[:2] + (1,) * (x.ndim - 1))
+            x = jnp.where(flag, g[:, None].astype(x.dtype), grouped).reshape(x.shape)
         out[name] = x
     return out
 
@@ -249,7 +268,7 @@ def layer(s: AnchorSpec, p: Mapping[str, jax.Array], x: jax.Array, mem: Mapping[
           cache: tuple[jax.Array, jax.Array] | None, ctx: Mapping[str, jax.Array]):
     """One pre-norm block: ``x + attn(norm(x))`` then ``+ ffn(norm(x))``, memory adapters included."""
     dt = s.dtype
-    w = {n: v.astype(dt) for n, v in p.items()}
+    w = {n: gathered(v.astype(dt), LAYER_AXES.get(n)) for n, v in p.items()}
     mem = None if mem is None else {n: v.astype(dt) for n, v in mem.items()}
     b, t, _ = x.shape
     h = layer_norm(x, p["attn_norm"], s.norm_eps, s.norm)
@@ -280,7 +299,7 @@ def layer(s: AnchorSpec, p: Mapping[str, jax.Array], x: jax.Array, mem: Mapping[
     x = x + o.astype(x.dtype)
     h = layer_norm(x, p["ffn_norm"], s.norm_eps, s.norm)
     x = x + adapters.ffn(s, mem, h, w["w1"], w["w2"], w["w3"]).astype(x.dtype)
-    return x, new_cache
+    return constrain(x, RESIDUAL), new_cache
 
 
 def init_cache(spec: AnchorSpec, batch: int, max_len: int, dtype: str | None = None) -> dict[str, jax.Array]:

@@ -30,7 +30,7 @@ class RunBanks:
         self.stores: dict[str, BankStore] = {}
 
     def _replicate(self, name: str) -> int:
-        return self.cfg.memory.replicate_levels if name == "bank" else 1
+        return self.cfg.bank.replicate_levels if name == "bank" else 1
 
     def _tree_id(self, name: str) -> str:
         return self.tree_id if name == "bank" else ""

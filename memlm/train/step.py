@@ -1,4 +1,4 @@
-"""The training step: gather fetched memory, forward, loss, gradients, clipping, updates.
+"""The training step: micro-batches, the explicit bank exchange, a chunked loss, clipping, updates.
 
 One jitted function with explicit shardings and donated state serves every mode:
 
@@ -7,20 +7,33 @@ One jitted function with explicit shardings and donated state serves every mode:
 - ``cotrain``: anchor and memory together, from a pretrained anchor.
 - ``scratch``: anchor and memory together, from random init.
 
-Memory sequences fetch the blocks on their path; a sequence flagged ``generic`` (probability
-1/(k+1), drawn by the loader) uses the generic memory instead and does not touch the bank.
-Gradients are taken w.r.t. the fetched per-sequence arrays, never w.r.t. the bank; the bank's
-row-wise AdamW segment-sums them per node and updates only touched nodes.
+A step takes the global batch (``train.batch_size`` sequences) and scans it in micro-batches of
+``train.microbatch_size`` sequences. Each micro-step:
 
-Clipping (global norm, ``train.clip_norm``): the norm is taken over the anchor gradient plus
-the per-node *summed* bank and generic gradients (the gradient the bank as a parameter would
-have), so it equals the dense-bank global norm; anchor and memory gradients are scaled by one
-common factor.
+1. fetches, per level, the blocks its sequences' paths name: every data-parallel shard dedups its
+   node ids and gets the rows from the shards that own them (``memlm.bank.exchange``: explicit
+   ``all_to_all`` rounds inside ``shard_map``; GSPMD is never asked to gather from the bank);
+2. runs the anchor on a :class:`~memlm.memspec.SlotMemory` (each block once, gathered per layer
+   inside the layer scan) and a chunked cross-entropy (never ``[B, T, vocab]`` logits), and takes
+   the gradient of the *summed* NLL w.r.t. the anchor and the fetched slots (never the bank);
+3. adds the anchor gradient into a float32 accumulator in the parameters' shardings and pushes
+   the slot gradients back to their owners, which accumulate them per node in float32.
+
+After the last micro-step the gradients are divided by the batch's token count, so an accumulated
+step equals the whole-batch step. A sequence flagged ``generic`` (probability 1/(k+1), drawn by
+the loader) reads the generic memory instead of its path and touches no bank node.
+
+Clipping (global norm, ``train.clip_norm``): the norm is taken over the anchor gradient plus the
+per-node *summed* bank and generic gradients (the gradient the bank as a parameter would have),
+so it equals the dense-bank global norm; anchor and memory gradients are scaled by one factor.
+Each owner then applies the row-wise AdamW (``memlm.bank.optimizer``) to the nodes of its own
+rows that the batch touched, with per-node step counters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +45,23 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from memlm.bank.device import BankState, bank_shardings, gather, init_state
+from memlm.bank import exchange
+from memlm.bank.device import (
+    DP_AXES,
+    BankState,
+    LevelPlacement,
+    abstract_bank,
+    bank_shardings,
+    dp_size,
+    init_state,
+    level_placement,
+)
 from memlm.bank.layout import BankLayout
-from memlm.bank.optimizer import fetched_grad_sq_norm, sparse_adamw
+from memlm.bank.optimizer import adamw_rows
+from memlm.config import ConfigError
+from memlm.memspec import SlotMemory
 from memlm.model.functional import AnchorFunctional
+from memlm.train.loss import chunk_length, chunked_nll
 from memlm.train.schedule import cosine_with_warmup
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "paths", "generic")
@@ -56,12 +82,9 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array
     Returns (mean loss, number of predicted tokens). Padding (segment 0) and document boundaries
     are excluded; the EOT that ends a document belongs to it and is predicted.
     """
-    seg = segment_ids
-    mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    n = jnp.sum(mask)
-    return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(n, 1), n
+    nll, n = per_sequence_nll(logits, tokens, segment_ids)
+    n = jnp.sum(n)
+    return jnp.sum(nll) / jnp.maximum(n, 1), n
 
 
 def per_sequence_nll(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -77,15 +100,59 @@ def uses_memory(cfg: ml_collections.ConfigDict) -> bool:
     return cfg.train.mode != "anchor" and cfg.memory.type != "none"
 
 
-def _decay_mask(params: dict) -> dict:
-    """Weight decay on matrices only (norm gains are not decayed)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(axes: dict) -> dict:
+    """Weight decay on matrices only: every parameter but the norm gains (logical axis ``norm``,
+    stacked ``[layers, d]`` included) and biases."""
+    return jax.tree.map(lambda ax: "norm" not in ax and "bias" not in ax, axes,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
-def anchor_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def anchor_optimizer(cfg: ml_collections.ConfigDict,
+                     fn: AnchorFunctional | None = None) -> optax.GradientTransformation:
     t = cfg.train
+    fn = fn or AnchorFunctional(cfg)
     lr = cosine_with_warmup(t.lr, t.min_lr, t.warmup_steps, t.steps)
-    return optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=_decay_mask)
+    return optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask(fn.axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The static shapes of one config's step on one mesh (what ``memlm compile`` reports too)."""
+
+    batch: int  # global sequences per step
+    microbatch: int  # global sequences per micro-step
+    shards: int  # data-parallel shards
+    loss_chunk: int  # positions per loss chunk
+    levels: dict[str, LevelPlacement]  # the bank's placement (empty without memory)
+    slots: dict[str, int]  # per level: slots one shard fetches per micro-step
+    owned: dict[str, int]  # per level: rows of one owner's per-step gradient accumulator
+    capacity: dict[str, int]  # per level: rows per destination per exchange round
+
+    @property
+    def micro_steps(self) -> int:
+        return self.batch // self.microbatch
+
+
+def plan_step(cfg: ml_collections.ConfigDict, mesh: Mesh, bank_layout: BankLayout | None) -> StepPlan:
+    """Micro-batch, slot and accumulator sizes for ``cfg`` on ``mesh``; fails naming the bad key."""
+    t = cfg.train
+    shards = dp_size(mesh)
+    batch, micro = t.batch_size, t.microbatch_size or t.batch_size
+    if batch % micro:
+        raise ConfigError(f"config key 'train.microbatch_size' = {micro}: must divide train.batch_size = {batch}")
+    if micro % shards:
+        raise ConfigError(f"config key 'train.microbatch_size' = {micro}: not divisible by the data-parallel size "
+                          f"{shards} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+    per_device = micro // shards
+    chunk = chunk_length(cfg.data.seq_len, per_device, t.loss_chunk)
+    levels = level_placement(bank_layout, mesh, cfg.bank.replicate_levels) if bank_layout is not None else {}
+    slots, owned, capacity = {}, {}, {}
+    for key, pl in levels.items():
+        slots[key] = min(per_device, pl.nodes + 1)
+        owned[key] = min(batch, pl.nodes if pl.replicated else pl.per_shard)
+        auto = max(1, math.ceil(slots[key] / pl.shards))
+        capacity[key] = min(slots[key], cfg.bank.exchange_rows or auto)
+    return StepPlan(batch, micro, shards, chunk, levels, slots, owned, capacity)
 
 
 @dataclasses.dataclass
@@ -99,113 +166,307 @@ class StepFns:
     fn: AnchorFunctional
     bank_layout: BankLayout | None
     generic_layout: BankLayout | None
+    plan: StepPlan
+    abstract_state: Callable[[], TrainState]
+
+
+def _shard_map(mesh: Mesh, f: Callable, in_specs, out_specs) -> Callable:
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
     """Jitted ``init(seed) -> TrainState`` and ``step(state, batch) -> (state, metrics)`` for ``cfg``."""
     t = cfg.train
     fn = AnchorFunctional(cfg)
-    tx = anchor_optimizer(cfg)
+    tx = anchor_optimizer(cfg, fn)
     memory = uses_memory(cfg)
     bank_layout = BankLayout.from_config(cfg) if memory else None
     generic_layout = BankLayout.generic_from_config(cfg) if memory and cfg.memory.generic else None
     train_anchor = t.mode != "frozen"
+    anchor_lr = cosine_with_warmup(t.lr, t.min_lr, t.warmup_steps, t.steps)
     mem_lr = cosine_with_warmup(t.memory_lr, t.memory_min_lr, t.memory_warmup_steps, t.steps)
+    plan = plan_step(cfg, mesh, bank_layout)
+    gen_plan = level_placement(generic_layout, mesh, replicate_levels=1) if generic_layout else {}
+    replicate = cfg.bank.replicate_levels
 
     replicated = NamedSharding(mesh, P())
     param_sh = fn.shardings(mesh)
     opt_abstract = jax.eval_shape(tx.init, fn.shapes)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh,
                                    transform_non_params=lambda _: replicated)
-    bank_sh = bank_shardings(bank_layout, mesh, replicate_levels=cfg.memory.replicate_levels) if memory else None
+    bank_sh = bank_shardings(bank_layout, mesh, replicate_levels=replicate) if memory else None
     gen_sh = bank_shardings(generic_layout, mesh, replicate_levels=1) if generic_layout else None
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, bank=bank_sh, generic=gen_sh)
-    data = ("data", "fsdp")
-    batch_sh = {k: NamedSharding(mesh, P(data, None) if k != "generic" else P(data)) for k in BATCH_KEYS}
+    batch_sh = {k: NamedSharding(mesh, P(DP_AXES, None) if k != "generic" else P(DP_AXES)) for k in BATCH_KEYS}
 
     def init(seed: int, with_banks: bool = True) -> TrainState:
         """Fresh state; ``with_banks=False`` leaves the banks to the caller (e.g. a bank store)."""
         key = jax.random.key(seed)
         params = fn.init(key, mesh)
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-        bank = init_state(bank_layout, seed + 1, mesh, replicate_levels=cfg.memory.replicate_levels) \
-            if memory and with_banks else None
+        bank = init_state(bank_layout, seed + 1, mesh, replicate_levels=replicate) if memory and with_banks else None
         generic = init_state(generic_layout, seed + 2, mesh) if generic_layout and with_banks else None
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
         return TrainState(step=step, params=params, opt_state=opt_state, bank=bank, generic=generic)
 
+    def abstract_state() -> TrainState:
+        """The state as ShapeDtypeStructs in their shardings (nothing allocated: for AOT compiles)."""
+        shapes = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=fn.shapes, opt_state=opt_abstract,
+            bank=abstract_bank(bank_layout, mesh, replicate) if memory else None,
+            generic=abstract_bank(generic_layout, mesh, 1) if generic_layout else None)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+
+    keys = list(plan.levels)
+    lvs = {lv.key: lv for lv in bank_layout.levels} if memory else {}
+    dp = P(DP_AXES)
+
+    # ---- shard_map pieces: every function below sees one data-parallel shard's values ----------
+    def split_micro(batch: dict) -> dict:
+        """[B, ...] -> [micro_steps, microbatch, ...]: micro-step j takes rows j*m..(j+1)*m of every shard."""
+        def local(*xs):
+            return tuple(x.reshape(plan.micro_steps, -1, *x.shape[1:]) for x in xs)
+
+        names = list(batch)
+        specs = tuple(P(DP_AXES) for _ in names)
+        out = _shard_map(mesh, local, specs, tuple(P(None, DP_AXES) for _ in names))(*[batch[n] for n in names])
+        return dict(zip(names, out, strict=True))
+
+    def level_ids(paths: jax.Array, use_generic: jax.Array) -> dict[str, jax.Array]:
+        """Per level, each sequence's node (-1 for sequences that read the generic memory)."""
+        return {k: jnp.where(use_generic, -1, paths[:, lvs[k].level - 1]).astype(jnp.int32) for k in keys}
+
+    def owners_plan(paths: jax.Array, use_generic: jax.Array) -> tuple[dict, jax.Array]:
+        """Per level, the nodes each owner's accumulator covers this step; whether any row is generic."""
+        def local(paths, use_generic):
+            me = jax.lax.axis_index(DP_AXES)
+            out = {}
+            for k, ids in level_ids(paths, use_generic).items():
+                all_ids = jax.lax.all_gather(ids, DP_AXES, tiled=True)
+                out[k] = exchange.owned_touched(all_ids, plan.levels[k], me, plan.owned[k])[None]
+            any_generic = jax.lax.psum(jnp.sum(use_generic.astype(jnp.int32)), DP_AXES) > 0
+            return out, any_generic
+
+        return _shard_map(mesh, local, (dp, dp), ({k: dp for k in keys}, P()))(paths, use_generic)
+
+    def fetch_micro(bank_params: dict, gen_params: dict | None, paths: jax.Array, use_generic: jax.Array):
+        """Slots of one micro-batch: per level ``[shards, slots, *block]`` (float32 from compute-dtype
+        rows), the per-sequence slot index, the requested ids, the generic block per shard."""
+        dtype = bank_layout.dtype
+
+        def local(bank_params, gen_params, paths, use_generic):
+            me = jax.lax.axis_index(DP_AXES)
+            slots, index, uniq, remote = {}, {}, {}, jnp.zeros((), jnp.int32)
+            for k, ids in level_ids(paths, use_generic).items():
+                u, inv = exchange.unique_ids(ids, plan.slots[k])
+                rt = exchange.route(u, plan.levels[k], me, plan.capacity[k], DP_AXES)
+                rows = exchange.fetch(bank_params[k], u, rt, plan.levels[k], me, plan.capacity[k], DP_AXES, dtype)
+                slots[k] = {n: r.astype(jnp.float32)[None] for n, r in rows.items()}
+                index[k], uniq[k] = inv[None], u[None]
+                remote = remote + rt.remote_count
+            gen = None
+            if gen_params is not None:
+                gen = {n: a[0].astype(dtype).astype(jnp.float32)[None] for n, a in gen_params["level1"].items()}
+            return slots, index, uniq, gen, jax.lax.psum(remote, DP_AXES)
+
+        bank_specs = {k: {a.name: _level_spec(plan.levels[k]) for a in bank_layout.arrays} for k in keys}
+        gen_spec = {"level1": {a.name: P() for a in generic_layout.arrays}} if generic_layout else None
+        out_specs = ({k: {a.name: dp for a in bank_layout.arrays} for k in keys}, {k: dp for k in keys},
+                     {k: dp for k in keys}, {a.name: dp for a in bank_layout.arrays} if generic_layout else None, P())
+        return _shard_map(mesh, local, (bank_specs, gen_spec, dp, dp), out_specs)(bank_params, gen_params, paths,
+                                                                              use_generic)
+
+    def push_micro(acc: dict, acc_ids: dict, uniq: dict, grads: dict) -> dict:
+        """Send one micro-step's slot gradients to their owners' accumulators."""
+        def local(acc, acc_ids, uniq, grads):
+            me = jax.lax.axis_index(DP_AXES)
+            out = {}
+            for k in keys:
+                pl, cap = plan.levels[k], plan.capacity[k]
+                rt = exchange.route(uniq[k][0], pl, me, cap, DP_AXES)
+                got = exchange.push({n: a[0] for n, a in acc[k].items()}, acc_ids[k][0], uniq[k][0],
+                                    {n: g[0] for n, g in grads[k].items()}, rt, pl, cap, DP_AXES)
+                out[k] = {n: a[None] for n, a in got.items()}
+            return out
+
+        tree = {k: {a.name: dp for a in bank_layout.arrays} for k in keys}
+        ids = {k: dp for k in keys}
+        return _shard_map(mesh, local, (tree, ids, ids, tree), tree)(acc, acc_ids, uniq, grads)
+
+    def finish_bank(acc: dict, gen_acc: dict | None) -> tuple[dict, dict | None, jax.Array]:
+        """All-reduce the replicated levels' (and the generic memory's) shares; the squared norm of
+        the per-node gradients (each node counted once)."""
+        def local(acc, gen_acc):
+            sq = jnp.zeros((), jnp.float32)
+            out = {}
+            for k in keys:
+                if plan.levels[k].replicated:
+                    out[k] = {n: jax.lax.psum(a, DP_AXES) for n, a in acc[k].items()}
+                    sq = sq + sum(jnp.sum(jnp.square(a)) for a in out[k].values())
+                else:
+                    out[k] = acc[k]
+                    sq = sq + jax.lax.psum(sum(jnp.sum(jnp.square(a)) for a in acc[k].values()), DP_AXES)
+            gen_sq = jnp.zeros((), jnp.float32)
+            if gen_acc is not None:
+                gen_acc = {n: jax.lax.psum(a, DP_AXES) for n, a in gen_acc.items()}
+                gen_sq = sum(jnp.sum(jnp.square(a)) for a in gen_acc.values())
+            return out, gen_acc, sq, gen_sq
+
+        tree = {k: {a.name: dp for a in bank_layout.arrays} for k in keys}
+        gtree = {a.name: dp for a in bank_layout.arrays} if gen_acc is not None else None
+        return _shard_map(mesh, local, (tree, gtree), (tree, gtree, P(), P()))(acc, gen_acc)
+
+    def update_bank(state: BankState, acc: dict, acc_ids: dict, placement: dict, factor: jax.Array,
+                    hp: dict) -> BankState:
+        """Each owner's row-wise AdamW on the touched nodes of its own rows (gradient = acc * factor)."""
+        level_keys = list(placement)
+
+        def local(params, mu, nu, count, dirty, acc, acc_ids, factor, lr):
+            me = jax.lax.axis_index(DP_AXES)
+            new = ({}, {}, {}, {}, {})
+            for k in level_keys:
+                pl = placement[k]
+                ids = acc_ids[k][0]
+                valid = ids >= 0
+                base = 0 if pl.replicated else me * pl.per_shard
+                rows = jnp.where(valid, ids - base, 0)
+                at = jnp.where(valid, ids - base, pl.per_shard)  # out of bounds: dropped
+                c = count[k][rows] + 1
+                new[3][k] = count[k].at[at].set(c, mode="drop")
+                new[4][k] = dirty[k].at[at].set(True, mode="drop")
+                for d in new[:3]:
+                    d[k] = {}
+                for n in params[k]:
+                    p, m, v = adamw_rows(params[k][n][rows], mu[k][n][rows], nu[k][n][rows], acc[k][n][0] * factor, c,
+                                         lr=lr, **hp)
+                    new[0][k][n] = params[k][n].at[at].set(p.astype(params[k][n].dtype), mode="drop")
+                    new[1][k][n] = mu[k][n].at[at].set(m, mode="drop")
+                    new[2][k][n] = nu[k][n].at[at].set(v, mode="drop")
+            return new
+
+        lay = state.layout
+        arr = {k: {a.name: _level_spec(placement[k]) for a in lay.arrays} for k in level_keys}
+        node = {k: _node_spec(placement[k]) for k in level_keys}
+        tree = {k: {a.name: dp for a in lay.arrays} for k in level_keys}
+        ids = {k: dp for k in level_keys}
+        lr = hp.pop("lr")
+        out = _shard_map(mesh, local, (arr, arr, arr, node, node, tree, ids, P(), P()), (arr, arr, arr, node, node))(
+            state.params, state.mu, state.nu, state.count, state.dirty, acc, acc_ids, factor, lr)
+        return state.replace(params=out[0], mu=out[1], nu=out[2], count=out[3], dirty=out[4])
+
+    # ---- the step --------------------------------------------------------------------------------
+    def loss_terms(params, mb, mem):
+        hidden = fn.apply(params, mb["tokens"], mb["segment_ids"], mb["positions"], memory=mem, return_hidden=True)
+        return chunked_nll(lambda h: fn.project(params, h), hidden, mb["tokens"], mb["segment_ids"], plan.loss_chunk)
+
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
-        b = tokens.shape[0]
+        # Logical-axis constraints inside the model and the loss resolve against this mesh.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         metrics = {}
-        if not memory:
-            def loss_anchor(params):
-                logits = fn.apply(params, tokens, seg, pos)
-                return next_token_loss(logits, tokens, seg)
-
-            (loss, n_tok), g_params = jax.value_and_grad(loss_anchor, has_aux=True)(state.params)
-            g_mem = None
+        micro = split_micro(batch)
+        zeros_like_params = jax.tree.map(lambda s, sh: jax.lax.with_sharding_constraint(
+            jnp.zeros(s.shape, jnp.float32), sh), fn.shapes, param_sh)
+        if memory:
+            acc_ids, any_generic = owners_plan(batch["paths"], batch["generic"])
+            acc0 = {k: {a.name: jnp.zeros((plan.shards, plan.owned[k], *a.shape(lvs[k].rank)), jnp.float32)
+                        for a in bank_layout.arrays} for k in keys}
+            gen0 = {a.name: jnp.zeros((plan.shards, *a.shape(generic_layout.fetched_rank)), jnp.float32)
+                    for a in generic_layout.arrays} if generic_layout else None
         else:
-            paths = batch["paths"]
-            use_generic = batch["generic"] if generic_layout is not None else jnp.zeros((b,), jnp.bool_)
-            fetched = gather(state.bank, paths)
-            if generic_layout is not None:
-                gen = gather(state.generic, jnp.zeros((b, 1), jnp.int32))
-                fetched = {n: jnp.where(use_generic.reshape((b,) + (1,) * (v.ndim - 1)), gen[n], v)
-                           for n, v in fetched.items()}
+            acc_ids, any_generic, acc0, gen0 = {}, None, {}, None
+        carry0 = dict(anchor=zeros_like_params if train_anchor else None, bank=acc0, generic=gen0,
+                      nll=jnp.zeros((), jnp.float32), tokens=jnp.zeros((), jnp.int32),
+                      remote=jnp.zeros((), jnp.int32))
 
-            def loss_memory(params, mem):
-                logits = fn.apply(params, tokens, seg, pos, memory=mem)
-                return next_token_loss(logits, tokens, seg)
+        def body(carry, mb):
+            carry = dict(carry)
+            if not memory:
+                (nll, n), g = jax.value_and_grad(lambda p: loss_terms(p, mb, None), has_aux=True)(state.params)
+                carry["anchor"] = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), carry["anchor"], g)
+            else:
+                gen_params = state.generic.params if generic_layout else None
+                slots, index, uniq, gen, remote = fetch_micro(state.bank.params, gen_params, mb["paths"],
+                                                              mb["generic"])
 
-            argnums = (0, 1) if train_anchor else 1
-            (loss, n_tok), grads = jax.value_and_grad(loss_memory, argnums=argnums, has_aux=True)(
-                state.params, fetched)
-            g_params, g_mem = grads if train_anchor else (None, grads)
+                def loss_memory(params, slots, gen):
+                    mem = SlotMemory(levels=tuple(slots[k] for k in keys), index=tuple(index[k] for k in keys),
+                                     generic=gen, use_generic=mb["generic"] if gen is not None else None)
+                    return loss_terms(params, mb, mem)
 
+                argnums = (0, 1, 2) if train_anchor else (1, 2)
+                (nll, n), grads = jax.value_and_grad(loss_memory, argnums=argnums, has_aux=True)(
+                    state.params, slots, gen)
+                if train_anchor:
+                    g_params, g_slots, g_gen = grads
+                    carry["anchor"] = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), carry["anchor"], g_params)
+                else:
+                    g_slots, g_gen = grads
+                carry["bank"] = push_micro(carry["bank"], acc_ids, uniq, g_slots)
+                if g_gen is not None:
+                    carry["generic"] = jax.tree.map(jnp.add, carry["generic"], g_gen)
+                carry["remote"] = carry["remote"] + remote
+            carry["nll"] = carry["nll"] + nll
+            carry["tokens"] = carry["tokens"] + n.astype(jnp.int32)
+            return carry, None
+
+        carry, _ = jax.lax.scan(body, carry0, micro)
+        n_tok = carry["tokens"]
+        inv = 1.0 / jnp.maximum(n_tok, 1).astype(jnp.float32)
         sq = jnp.zeros((), jnp.float32)
-        if g_params is not None:
-            anchor_sq = optax.tree_utils.tree_norm(g_params, squared=True)
+        if train_anchor:
+            anchor_sq = optax.tree_utils.tree_norm(carry["anchor"], squared=True) * inv**2
             metrics["grad_norm_anchor"] = jnp.sqrt(anchor_sq)
             sq = sq + anchor_sq
-        if g_mem is not None:
-            bank_sq = fetched_grad_sq_norm(bank_layout, paths, g_mem, ~use_generic)
-            metrics["grad_norm_bank"] = jnp.sqrt(bank_sq)
-            sq = sq + bank_sq
+        if memory:
+            bank_acc, gen_acc, bank_sq, gen_sq = finish_bank(carry["bank"], carry["generic"])
+            metrics["grad_norm_bank"] = jnp.sqrt(bank_sq) * inv
+            sq = sq + bank_sq * inv**2
             if generic_layout is not None:
-                gen_sq = fetched_grad_sq_norm(generic_layout, jnp.zeros((b, 1), jnp.int32), g_mem, use_generic)
-                metrics["grad_norm_generic"] = jnp.sqrt(gen_sq)
-                sq = sq + gen_sq
+                metrics["grad_norm_generic"] = jnp.sqrt(gen_sq) * inv
+                sq = sq + gen_sq * inv**2
         norm = jnp.sqrt(sq)
         scale = jnp.minimum(1.0, t.clip_norm / (norm + 1e-6))
         metrics["grad_norm"] = norm
 
         params, opt_state = state.params, state.opt_state
-        if g_params is not None:
-            g_params = jax.tree.map(lambda g: g * scale, g_params)
-            updates, opt_state = tx.update(g_params, opt_state, params)
+        if train_anchor:
+            g = jax.tree.map(lambda a: a * (inv * scale), carry["anchor"])
+            updates, opt_state = tx.update(g, opt_state, params)
             params = optax.apply_updates(params, updates)
+            metrics["lr_anchor"] = anchor_lr(state.step)
         bank, generic = state.bank, state.generic
-        if g_mem is not None:
-            g_mem = jax.tree.map(lambda g: g * scale.astype(g.dtype), g_mem)
+        if memory:
             lr = mem_lr(state.step)
-            kw = dict(lr=lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.memory_weight_decay)
-            bank = sparse_adamw(bank, paths, g_mem, ~use_generic, **kw)
+            hp = dict(b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=jnp.asarray(t.memory_weight_decay, jnp.float32))
+            bank = update_bank(bank, bank_acc, acc_ids, plan.levels, inv * scale, dict(hp, lr=lr))
             if generic_layout is not None:
-                generic = sparse_adamw(generic, jnp.zeros((b, 1), jnp.int32), g_mem, use_generic, **kw)
+                gen_ids = {"level1": jnp.broadcast_to(jnp.where(any_generic, 0, -1).astype(jnp.int32),
+                                                      (plan.shards, 1))}
+                gacc = {"level1": {n: a[:, None] for n, a in gen_acc.items()}}
+                generic = update_bank(generic, gacc, gen_ids, gen_plan, inv * scale, dict(hp, lr=lr))
             metrics["lr_memory"] = lr
-            metrics["generic_fraction"] = jnp.mean(use_generic.astype(jnp.float32))
-        metrics["loss"] = loss
+            metrics["generic_fraction"] = jnp.mean(batch["generic"].astype(jnp.float32))
+            metrics["bank/remote_rows"] = carry["remote"]
+        metrics["loss"] = carry["nll"] * inv
         metrics["tokens"] = n_tok
-        if g_params is not None:
-            metrics["lr_anchor"] = cosine_with_warmup(t.lr, t.min_lr, t.warmup_steps, t.steps)(state.step)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank, generic=generic)
         return new, metrics
 
     step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
     return StepFns(init=init, step=step, state_shardings=state_sh, batch_shardings=batch_sh, fn=fn,
-                   bank_layout=bank_layout, generic_layout=generic_layout)
+                   bank_layout=bank_layout, generic_layout=generic_layout, plan=plan, abstract_state=abstract_state)
+
+
+def _level_spec(pl: LevelPlacement) -> P:
+    return P() if pl.replicated else P(DP_AXES)
+
+
+def _node_spec(pl: LevelPlacement) -> P:
+    return P() if pl.replicated else P(DP_AXES)
 
 
 def device_batch(batch: dict, shardings: dict) -> dict:
