@@ -16,4 +16,5 @@ def get_config():
                    lr=1e-4, min_lr=1e-5, weight_decay=1e-3, memory_lr=1e-4, memory_min_lr=1e-5,
                    memory_warmup_steps=10_000, memory_weight_decay=1e-3, checkpoint_every=1000)
     c.memory.dtype = "bfloat16"
+    c.train.microbatch_size = 64  # 16 micro-steps: fits a v5p:2x2x1 at 46 GB a chip (bench/RESULTS.md)
     return c

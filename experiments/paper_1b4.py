@@ -17,4 +17,8 @@ def get_config():
     c.train.update(mode="cotrain", batch_size=2048, steps=2**40 // (2048 * 2048), warmup_steps=10_000,
                    lr=1e-4, min_lr=1e-5, weight_decay=1e-3, memory_lr=1e-4, memory_min_lr=1e-5,
                    memory_warmup_steps=10_000, memory_weight_decay=1e-3, checkpoint_every=1000)
+    # Fits a v5p:2x2x2 at 68 GB a chip (bench/RESULTS.md): FSDP anchor, every bank level split by node.
+    c.train.microbatch_size = 16
+    c.mesh.update(data=1, fsdp=-1)
+    c.bank.replicate_levels = 0
     return c

@@ -14,4 +14,8 @@ def get_config():
     c.train.update(mode="cotrain", batch_size=1024, steps=2**40 // (1024 * 2048), warmup_steps=10_000,
                    lr=1e-4, min_lr=1e-5, weight_decay=1e-3, memory_lr=1e-4, memory_min_lr=1e-5,
                    memory_warmup_steps=10_000, memory_weight_decay=1e-3, checkpoint_every=1000)
+    # Fits a v5p:2x2x1 at 91 GB a chip (bench/RESULTS.md): FSDP anchor, every bank level split by node.
+    c.train.microbatch_size = 32
+    c.mesh.update(data=1, fsdp=-1)
+    c.bank.replicate_levels = 0
     return c

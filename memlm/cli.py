@@ -8,6 +8,7 @@ facts corpus). Configs are preset files under ``experiments/`` overridden with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -91,6 +92,26 @@ def _cmd_info(args, cfg) -> None:
     console.print(s)
 
 
+def _cmd_compile(args, cfg) -> None:
+    from memlm.train.compile import CompileError, compile_report, misfit_line
+
+    report = compile_report(cfg, args.topology, capacity=args.capacity)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        pd = report["per_device"]
+        gb = lambda x: "-" if x is None else f"{x / 1e9:.2f} GB"  # noqa: E731
+        print(f"memlm compile: {report['config']} on {report['topology']} ({report['devices']}), mesh "
+              f"{report['mesh']}, batch {report['global_batch']} in {report['micro_steps']} micro-steps of "
+              f"{report['microbatch']}")
+        print(f"  per device: arguments {gb(pd['arguments'])}, temporaries {gb(pd['temporaries'])}, outputs "
+              f"{gb(pd['outputs'])}, total {gb(pd['total'])} of {gb(pd['capacity'])}")
+        for c in report["collectives"][:12]:
+            print(f"  {c['op']:<20} {c['bytes'] / 2**20:>12.2f} MiB  x{c['count']}")
+    if not report["fits"]:
+        raise CompileError(misfit_line(report))
+
+
 def _cmd_prepare(args, cfg) -> None:
     from memlm.data.prepare import prepare
 
@@ -133,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("info", "parameter, bank and FLOP accounting of a config")
     sp.add_argument("--json", action="store_true")
+    sp = add("compile", "compile the train step ahead of time for a topology: per-device memory and collectives")
+    sp.add_argument("--topology", required=True, help="cpu:N or a TPU topology such as v5p:2x2x1")
+    sp.add_argument("--capacity", type=float, default=None, help="bytes per device (default: known HBM, 80e9 for cpu)")
+    sp.add_argument("--json", action="store_true")
     sp = add("prepare", "tokenize, embed, cluster, route and pack a corpus")
     sp.add_argument("--corpus", default="facts", help="a .jsonl / parquet file, a folder of .txt, or 'facts'")
     sp.add_argument("--out", default=DEFAULT_DATA)
@@ -158,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compile":  # devices are fixed when jax is imported: set them up first
+        from memlm.train.compile import prepare_environment
+
+        topo = next((a.split("=", 1)[1] for a in argv if a.startswith("--topology=")), None)
+        if topo is None and "--topology" in argv[:-1]:
+            topo = argv[argv.index("--topology") + 1]
+        if topo:
+            with contextlib.suppress(ValueError):  # a bad topology is reported below, as one line
+                prepare_environment(topo)
     try:
         rest, overrides = _split_config_overrides(argv)
         args = build_parser().parse_args(rest)

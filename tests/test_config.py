@@ -75,3 +75,12 @@ def test_presets_match_their_golden_snapshots(name):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     assert path.read_text() == text, f"preset {name} changed: regenerate {path} if intended"
+
+
+def test_blocking_below_the_deepest_memory_level_is_refused():
+    cfg = load_config("experiments/paper_160m.py")  # sizes (256, 64, 16, 0): level 4 holds no memory
+    cfg.eval.block_level = 4
+    with pytest.raises(ConfigError, match="eval.block_level.*deepest level with memory"):
+        validate(cfg)
+    cfg.eval.block_level = 3
+    validate(cfg)

@@ -202,3 +202,53 @@ def test_a_bfloat16_bank_with_a_float32_master_keeps_small_adam_steps():
     assert error(kept) < 0.05, error(kept)
     assert error(lost) > 0.3, error(lost)  # the old behaviour: most entries never move
     assert (lost == 0).mean() > 0.5 and (kept == 0).mean() < 0.01
+
+
+def test_chunked_loss_equals_the_full_log_softmax_in_value_and_gradient():
+    from memlm.model.functional import AnchorFunctional
+    from memlm.train.loss import chunked_nll
+    from memlm.train.step import next_token_loss
+
+    cfg = small_config("none")
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    batch = make_batch(config("anchor", 4), 4)
+    tokens, seg = jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"])
+
+    def full(p):
+        loss, n = next_token_loss(f.apply(p, tokens, seg), tokens, seg)
+        return loss * n, n
+
+    def chunked(p):
+        return chunked_nll(lambda h: f.project(p, h), f.apply(p, tokens, seg, return_hidden=True), tokens, seg, 4)
+
+    (want, n_want), g_want = jax.value_and_grad(full, has_aux=True)(params)
+    (got, n_got), g_got = jax.value_and_grad(chunked, has_aux=True)(params)
+    assert int(n_got) == int(n_want) == 4 * (32 - 2) - 3
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+
+
+def test_weight_decay_spares_every_norm_gain_and_decays_every_matrix():
+    import optax
+
+    from memlm.model.functional import AnchorFunctional
+    from memlm.train.step import anchor_optimizer
+
+    cfg = small_config("ffn")
+    cfg.train.update(weight_decay=0.5, lr=0.1, min_lr=0.1, warmup_steps=0)
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    tx = anchor_optimizer(cfg, f)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    norms = [n for n in params if "norm" in n]
+    assert {"attn_norm", "ffn_norm", "q_norm", "k_norm", "final_norm"} <= set(norms)
+    assert params["attn_norm"].ndim == 2  # stacked [layers, d]: the shape alone would have been decayed
+    for name in params:
+        if name in norms:
+            np.testing.assert_array_equal(new[name], params[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(new[name], params[name] * (1 - 0.05), rtol=1e-6, err_msg=name)

@@ -30,6 +30,8 @@ before calling ``sparse_adamw`` (the segment sum is linear).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -118,3 +120,44 @@ def sparse_adamw(state: BankState, paths: jax.Array, grads: FetchedMemory, touch
             mu[key][a.name] = m_arr.at[uniq].set(m, mode="drop", indices_are_sorted=True)
             nu[key][a.name] = v_arr.at[uniq].set(v, mode="drop", indices_are_sorted=True)
     return state.replace(params=params, mu=mu, nu=nu, count=count, dirty=dirty)
+
+
+UPDATE_CHUNK_BYTES = 1 << 28  # float32 bytes of gradient rows updated at once: bounds the update's temporaries
+
+
+def update_owned_rows(params: dict[str, jax.Array], mu: dict[str, jax.Array], nu: dict[str, jax.Array],
+                      count: jax.Array, dirty: jax.Array, grads: dict[str, jax.Array], ids: jax.Array, base: jax.Array,
+                      *, factor: jax.Array, lr: jax.Array, b1: float, b2: float, eps: float,
+                      weight_decay: jax.Array) -> tuple[dict, dict, dict, jax.Array, jax.Array]:
+    """Row-wise AdamW, on one shard, of the rows ``ids - base`` (``ids``: sorted node ids, ``-1`` =
+    padding) with gradients ``grads * factor`` (``{name: [len(ids), *block]}``).
+
+    The rows are updated a chunk at a time in a loop whose carry is the (donated) shard itself, so
+    the update holds one chunk of gathered rows, not a copy of every touched row.
+    """
+    n = ids.shape[0]
+    per_row = max(1, sum(int(math.prod(g.shape[1:])) for g in grads.values()) * 4)
+    target = max(1, UPDATE_CHUNK_BYTES // per_row)
+    chunk = max(c for c in range(1, min(n, target) + 1) if n % c == 0)
+    rows_in_shard = count.shape[0]
+
+    def body(i, carry):
+        p_all, m_all, v_all, c_all, d_all = carry
+        sel = jax.lax.dynamic_slice_in_dim(ids, i * chunk, chunk)
+        valid = sel >= 0
+        rows = jnp.where(valid, sel - base, 0)
+        at = jnp.where(valid, sel - base, rows_in_shard)  # out of bounds: dropped
+        c = c_all[rows] + 1
+        c_all = c_all.at[at].set(c, mode="drop")
+        d_all = d_all.at[at].set(True, mode="drop")
+        p_new, m_new, v_new = {}, {}, {}
+        for name in p_all:
+            g = jax.lax.dynamic_slice_in_dim(grads[name], i * chunk, chunk) * factor
+            p, m, v = adamw_rows(p_all[name][rows], m_all[name][rows], v_all[name][rows], g, c, lr=lr, b1=b1, b2=b2,
+                                 eps=eps, weight_decay=weight_decay)
+            p_new[name] = p_all[name].at[at].set(p.astype(p_all[name].dtype), mode="drop")
+            m_new[name] = m_all[name].at[at].set(m, mode="drop")
+            v_new[name] = v_all[name].at[at].set(v, mode="drop")
+        return p_new, m_new, v_new, c_all, d_all
+
+    return jax.lax.fori_loop(0, n // chunk, body, (params, mu, nu, count, dirty))

@@ -74,11 +74,11 @@ class RunMemory:
             # The bank version the loaded checkpoint pairs with (a later, unpaired save is not used).
             meta = meta or {}
             self.bank = BankStore.open(workdir / "bank", BankLayout.from_config(cfg), tree_id=self.tree.id,
-                                       version=meta.get("bank_version")).load()
+                                       version=meta.get("bank_version")).load(inference=True)
             available += ["fetched", "blocked"]
             if cfg.memory.generic and (workdir / "generic").exists():
                 self.generic = BankStore.open(workdir / "generic", BankLayout.generic_from_config(cfg),
-                                              version=meta.get("generic_version")).load()
+                                              version=meta.get("generic_version")).load(inference=True)
                 available.insert(1, "generic")
         self.available = tuple(available)
         self._gather = jax.jit(_gather)

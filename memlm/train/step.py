@@ -57,7 +57,7 @@ from memlm.bank.device import (
     level_placement,
 )
 from memlm.bank.layout import BankLayout
-from memlm.bank.optimizer import adamw_rows
+from memlm.bank.optimizer import update_owned_rows
 from memlm.config import ConfigError
 from memlm.memspec import SlotMemory
 from memlm.model.functional import AnchorFunctional
@@ -326,22 +326,12 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
             new = ({}, {}, {}, {}, {})
             for k in level_keys:
                 pl = placement[k]
-                ids = acc_ids[k][0]
-                valid = ids >= 0
                 base = 0 if pl.replicated else me * pl.per_shard
-                rows = jnp.where(valid, ids - base, 0)
-                at = jnp.where(valid, ids - base, pl.per_shard)  # out of bounds: dropped
-                c = count[k][rows] + 1
-                new[3][k] = count[k].at[at].set(c, mode="drop")
-                new[4][k] = dirty[k].at[at].set(True, mode="drop")
-                for d in new[:3]:
-                    d[k] = {}
-                for n in params[k]:
-                    p, m, v = adamw_rows(params[k][n][rows], mu[k][n][rows], nu[k][n][rows], acc[k][n][0] * factor, c,
-                                         lr=lr, **hp)
-                    new[0][k][n] = params[k][n].at[at].set(p.astype(params[k][n].dtype), mode="drop")
-                    new[1][k][n] = mu[k][n].at[at].set(m, mode="drop")
-                    new[2][k][n] = nu[k][n].at[at].set(v, mode="drop")
+                grads = {n: a[0] for n, a in acc[k].items()}
+                out = update_owned_rows(params[k], mu[k], nu[k], count[k], dirty[k], grads, acc_ids[k][0], base,
+                                        factor=factor, lr=lr, **hp)
+                for d, x in zip(new, out, strict=True):
+                    d[k] = x
             return new
 
         lay = state.layout
