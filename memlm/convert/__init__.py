@@ -1,7 +1,7 @@
 """Checkpoint conversion between Hugging Face and memlm, and export of a run's memory bank.
 
 - ``memlm convert --from-hf HF_DIR --out RUN_DIR``: an HF folder (Llama 3.x, Qwen2 / Qwen2.5,
-  Qwen3, Gemma 3 text) becomes an ordinary memlm run directory (:mod:`memlm.convert.run`).
+  Qwen3, Gemma 3 text, Gemma 2) becomes an ordinary memlm run directory (:mod:`memlm.convert.run`).
 - ``memlm convert --to-hf RUN_DIR --out HF_DIR``: the run's anchor as an HF folder.
 - ``memlm export RUN_DIR --out DIR``: the bank and generic memory as plain zarr3 arrays plus
   a metadata JSON (:mod:`memlm.convert.export`).
@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memlm.convert import gemma3, llama, qwen2, qwen3
+from memlm.convert import gemma2, gemma3, llama, qwen2, qwen3
 from memlm.convert.hf_config import ConvertError, Family
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma3.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma2.FAMILY)
 
 
 def family_named(name: str) -> Family:

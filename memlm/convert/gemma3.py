@@ -1,7 +1,8 @@
 """Gemma 3 (text): RMSNorm with (1 + w) gains, four norms per block (pre / post attention, pre /
 post FFN), per-head QK-norm, embeddings scaled by sqrt(d), GeGLU (tanh GELU), local sliding-window
-layers with their own RoPE base between global ones, a query pre-attention scalar, and optional
-attention / final-logit soft-capping (Gemma 2's; off in Gemma 3)."""
+layers with their own RoPE base between global ones, a query pre-attention scalar and an optional
+final-logit soft-cap. (Its config also carries ``attn_logit_softcapping``, which the reference
+Gemma 3 model does not apply; memlm reads it the same way: no attention soft-cap.)"""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ TENSORS = (
 )
 
 FIXED = dict(norm="rmsnorm", norm_offset=True, qk_norm="head", qkv_bias=False, embed_scale=True,
-             post_norms=True)
+             post_norms=True, attn_softcap=0.0)
 
 
 def _layer_types(hf: Mapping[str, Any], n: int) -> list[str]:
@@ -75,7 +76,6 @@ def read_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     out.update(local_layers=local, sliding_window=int(hf.get("sliding_window") or 0) if local else 0,
                rope_local_base=float(local_rope["rope_theta"]) if local else 0.0,
                query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-               attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
                final_softcap=float(hf.get("final_logit_softcapping") or 0.0))
     if local and not out["sliding_window"]:
         raise ConvertError("gemma3 config: sliding_attention layers but no 'sliding_window'")
@@ -96,7 +96,6 @@ def write_config(m: Mapping[str, Any]) -> dict[str, Any]:
         "sliding_window": int(m["sliding_window"]) if local else None,
         "rope_local_base_freq": float(m["rope_local_base"] or theta),
         "query_pre_attn_scalar": _number(m["query_pre_attn_scalar"] or m["head_dim"]),
-        "attn_logit_softcapping": float(m["attn_softcap"]) if m["attn_softcap"] else None,
         "final_logit_softcapping": float(m["final_softcap"]) if m["final_softcap"] else None,
     }
     out = decoder_config(m, FAMILY, extra)

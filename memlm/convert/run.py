@@ -63,6 +63,11 @@ def _model_keys(m: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(m[k]) if isinstance(m.get(k), list | tuple) else m.get(k) for k in ARCH_KEYS}
 
 
+def _arch_of_hf(family: Family, hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture keys an HF config converts to (defaults for the keys the family leaves alone)."""
+    return _model_keys({**default_config().model.to_dict(), **family.read_config(hf)})
+
+
 def _vocab_multiple(vocab: int) -> int:
     return next(m for m in (64, 32, 16, 8, 4, 2, 1) if vocab % m == 0)
 
@@ -319,7 +324,7 @@ def to_hf(run_dir: str | os.PathLike, out: str | os.PathLike, family: str | None
     specs = [(n, shape(n), dtype(n)) for n in names]
     tmp = _fresh_dir(out)
     try:
-        arch_same = origin_hf is not None and same_family and _model_keys(fam.read_config(origin_hf)) == _model_keys(m)
+        arch_same = origin_hf is not None and same_family and _arch_of_hf(fam, origin_hf) == _model_keys(m)
         skip = {RECORD, "manifest.json", "config.json"}
         if origin is not None:
             for f in sorted(origin.iterdir()):
