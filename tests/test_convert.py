@@ -1,0 +1,251 @@
+"""Hugging Face conversion against the real library's outputs (fixtures made by make_convert_fixtures.py).
+
+Every family's tiny random-weight checkpoint was run by ``transformers`` (eager attention, float32):
+memlm's converted model must give the same next-token distributions (per-token KL < 1e-4), the same
+20 greedy tokens through the KV-cache decoder, the same prompt token ids, the HF end-of-sequence
+token as its EOT, and a bit-exact HF checkpoint back. Turning one architecture option off must
+break the match (the comparison can fail).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memlm.cli import main
+from memlm.convert import ConvertError, family_of_hf
+from memlm.convert.run import from_hf, to_hf
+from memlm.convert.safetensors import Checkpoint, write_checkpoint
+from memlm.eval.run import load_run
+from memlm.model.functional import AnchorFunctional
+from memlm.serve.generate import generate
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "convert"
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2")
+EOS = {"llama": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "gemma3": "<eos>", "gemma2": "<eos>"}
+# One option per family whose removal must break the match (what the family's map and config carry).
+ABLATIONS = {
+    "llama": {"rope_scaling": "none"},
+    "qwen2": {"local_layers": ()},
+    "qwen3": {"qk_norm_scope": "head", "rope_scaling": "none"},
+    "gemma3": {"embed_scale": False, "rope_local_base": 0.0, "final_softcap": 0.0, "query_pre_attn_scalar": 0.0},
+    "gemma2": {"attn_softcap": 0.0},
+}
+
+
+def kl(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Per-token KL(reference || memlm) of next-token distributions."""
+    p = jax.nn.log_softmax(jnp.asarray(ref_logits, jnp.float32), -1)
+    q = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), -1)
+    return np.asarray(jnp.sum(jnp.exp(p) * (p - q), -1))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """family -> (run directory, loaded run, reference arrays); converted once per module."""
+    root = tmp_path_factory.mktemp("converted")
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            out = root / family
+            from_hf(FIX / family, out, overrides={"model.compute_dtype": "float32"}, quiet=True)
+            cache[family] = (out, load_run(out), dict(np.load(FIX / family / "reference.npz")))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(converted, family):
+    _, run, ref = converted(family)
+    forward = jax.jit(lambda f, p, t: f.apply(p, t), static_argnums=0)
+    tokens = jnp.asarray(ref["tokens"], jnp.int32)
+    per_token = kl(ref["logits"], forward(run.fn, run.params, tokens))
+    assert per_token.shape == ref["tokens"].shape
+    assert per_token.max() < 1e-4, (family, float(per_token.max()))
+    # Without one of the family's options the same weights give other distributions.
+    broken = AnchorFunctional(dataclasses.replace(run.fn.spec, **ABLATIONS[family]))
+    assert kl(ref["logits"], forward(broken, run.params, tokens)).max() > 1e-2  # 100x the tolerance
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_and_tokenizer_match_transformers(converted, family):
+    _, run, ref = converted(family)
+    assert run.tokenizer.eot == EOS[family]  # the HF folder's eos, not the first known end-of-text name
+    ids = [[int(i) for i in row if i >= 0] for row in ref["prompt_ids"]]
+    assert [run.tokenizer.encode(str(t)).tolist() for t in ref["prompts"]] == ids
+    out = generate(run.fn, run.params, ids, None, 20, eot_id=-1)  # both prompts in one right-padded batch
+    assert out == ref["generated"].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_to_memlm_to_hf_is_bit_exact(converted, family, tmp_path):
+    run_dir, _, _ = converted(family)
+    to_hf(run_dir, tmp_path / "hf", max_shard_bytes=20_000, quiet=True)
+    a, b = Checkpoint(FIX / family), Checkpoint(tmp_path / "hf")
+    assert a.names() == b.names()
+    for n in a.names():
+        assert (a.dtype(n), a.shape(n)) == (b.dtype(n), b.shape(n)), n
+        assert a.get(n).tobytes() == b.get(n).tobytes(), n
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (FIX / family / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1  # sharded, with the index
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == a.names()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_written_config_carries_the_original_fields(converted, family, tmp_path):
+    """A run without its original config.json (e.g. trained from scratch) gets one from the family
+    mapping: it reads back to the same architecture and keeps the original's architecture fields."""
+    from memlm.convert import family_named
+
+    run_dir, run, _ = converted(family)
+    fam = family_named(family)
+    original = json.loads((FIX / family / "config.json").read_text())
+    m = {**run.cfg.model.to_dict()}
+    written = fam.write_config(m)
+    assert fam.read_config(written) == fam.read_config(original)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
+                "sliding_window", "query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping"):
+        if key in original and original[key] is not None:
+            assert written[key] == original[key], key
+
+
+def test_hub_configs_parameter_counts_equal_transformers():
+    """Config.json files in the Hub's older format: memlm counts the parameters transformers builds."""
+    from memlm.convert.run import converted_config
+    from memlm.model.accounting import anchor_params
+
+    hub = json.loads((FIX / "hub_configs.json").read_text())
+    for name, entry in hub.items():
+        fam = family_of_hf(entry["config"])
+        keys = fam.read_config(entry["config"])
+        cfg = converted_config(fam, keys, {"x": "BF16"}, entry["config"], None)
+        assert anchor_params(cfg) == entry["params"], name
+        if entry["layer_types"]:
+            local = [i for i, t in enumerate(entry["layer_types"]) if t == "sliding_attention"]
+            assert list(keys["local_layers"]) == local, name
+
+
+def test_safetensors_writer_is_read_by_the_safetensors_library(tmp_path):
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.normal(size=(3, i + 1)).astype(np.float32) for i in range(6)}
+    tensors["ids"] = np.arange(5, dtype=np.int64)
+    specs = [(n, v.shape, v.dtype) for n, v in tensors.items()]
+    files = write_checkpoint(tmp_path, specs, tensors.__getitem__, max_shard_bytes=64)
+    assert len(files) > 1
+    back = {}
+    for f in files:
+        back.update(load_file(tmp_path / f))
+    assert sorted(back) == sorted(tensors)
+    for n, v in tensors.items():
+        np.testing.assert_array_equal(back[n], v)
+        np.testing.assert_array_equal(Checkpoint(tmp_path).get(n), v)
+
+
+def _cli(capsys, *argv):
+    rc = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def test_bad_inputs_fail_with_one_line(converted, tmp_path, capsys):
+    run_dir, run, _ = converted("llama")
+    # an architecture option cannot be overridden on conversion
+    rc, err = _cli(capsys, "convert", "--from-hf", str(FIX / "llama"), "--out", str(tmp_path / "a"),
+                   "--config.model.n_layers=2")
+    assert rc == 2 and "model.n_layers" in err and "fixed by the checkpoint" in err and len(err.splitlines()) == 1
+    # an existing, non-empty --out is never overwritten
+    rc, err = _cli(capsys, "convert", "--from-hf", str(FIX / "llama"), "--out", str(run_dir))
+    assert rc == 2 and "not empty" in err
+    # a checkpoint missing a tensor, or carrying an unknown one
+    for drop, add in (("model.norm.weight", None), (None, "model.extra.weight")):
+        bad = tmp_path / f"bad_{drop or add}"
+        shutil.copytree(FIX / "qwen3", bad)
+        ck = Checkpoint(bad)
+        t = {n: np.array(ck.get(n)) for n in ck.names() if n != drop}
+        if add:
+            t[add] = np.zeros(2, np.float32)
+        (bad / "model.safetensors").unlink()
+        write_checkpoint(bad, [(n, v.shape, v.dtype) for n, v in t.items()], t.__getitem__)
+        rc, err = _cli(capsys, "convert", "--from-hf", str(bad), "--out", str(tmp_path / f"o_{drop or add}"))
+        assert rc == 2 and repr(drop or add) in err, err
+    # an unknown family
+    weird = tmp_path / "weird"
+    shutil.copytree(FIX / "qwen3", weird)
+    cfg = json.loads((weird / "config.json").read_text())
+    (weird / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    rc, err = _cli(capsys, "convert", "--from-hf", str(weird), "--out", str(tmp_path / "w"))
+    assert rc == 2 and "'mamba'" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_openlm_anchor_has_no_hf_equivalent(tmp_path, capsys):
+    """memlm's own block (gain-only LayerNorm, full-width QK-norm) fails export naming both."""
+    from helpers import small_config
+
+    from memlm.convert.run import write_run
+
+    cfg = small_config("none", sizes=(0,))
+    params = jax.device_get(AnchorFunctional(cfg).init(jax.random.key(0)))
+    write_run(tmp_path / "run", cfg, params, [], {"family": None}, {}, "test")
+    rc, err = _cli(capsys, "convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "model.norm = 'layernorm'" in err and "model.qk_norm_scope = 'full'" in err
+    assert "no Hugging Face equivalent" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_gelu_ffn_memory_equals_a_widened_gelu_ffn():
+    """FFN-memory units use the anchor's own activation: a GeGLU anchor's memory is a wider GeGLU FFN."""
+    from helpers import random_memory, small_config
+
+    cfg = small_config("ffn", sizes=(4, 4), norm="rmsnorm", qk_norm=False, ffn_activation="gelu_tanh")
+    f = AnchorFunctional(cfg)
+    params = f.init(jax.random.key(0))
+    mem = random_memory(cfg, 2, jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.model.vocab_size)
+    wide_cfg = small_config("none", sizes=(0,), norm="rmsnorm", qk_norm=False, ffn_activation="gelu_tanh",
+                            d_ff=cfg.model.d_ff + 8)
+    wide = dict(params)
+    # one shared memory row for both sequences (the first sequence's), widened into the FFN
+    mem = {n: jnp.broadcast_to(v[:1], v.shape) for n, v in mem.items()}
+    wide["w1"] = jnp.concatenate([params["w1"], mem["w1"][0]], -1)
+    wide["w2"] = jnp.concatenate([params["w2"], mem["w2"][0]], -1)
+    wide["w3"] = jnp.concatenate([params["w3"], mem["w3"][0]], -2)
+    got = jax.jit(lambda p, t, m: f.apply(p, t, memory=m))(params, tokens, mem)
+    g = AnchorFunctional(wide_cfg)
+    want = jax.jit(lambda p, t: g.apply(p, t))(wide, tokens)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_config_errors_name_the_key():
+    from helpers import small_config
+
+    from memlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.local_layers"):
+        small_config("none", sizes=(0,), local_layers=(0,))  # no sliding_window
+    with pytest.raises(ConfigError, match="model.local_layers"):
+        small_config("none", sizes=(0,), local_layers=(5,), sliding_window=4)
+    with pytest.raises(ConfigError, match="model.ffn_activation"):
+        small_config("none", sizes=(0,), ffn_activation="relu")
+    with pytest.raises(ConfigError, match="model.rope_scaling"):
+        small_config("none", sizes=(0,), rope_scaling="yarn")
+    with pytest.raises(ConvertError, match="rope_type = 'yarn'"):
+        from memlm.convert import llama
+
+        llama.read_config({**json.loads((FIX / "llama" / "config.json").read_text()),
+                           "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
