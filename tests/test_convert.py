@@ -250,3 +250,13 @@ def test_config_errors_name_the_key():
 
         llama.read_config({**json.loads((FIX / "llama" / "config.json").read_text()),
                            "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
+
+
+def test_sliding_window_attention_flops_count_the_keys_each_query_sees():
+    from memlm.model.accounting import attention_flops
+
+    seq, window, heads, dh = 32, 4, 2, 8
+    keys = sum(min(i, window - 1) + 0.5 for i in range(seq)) / seq  # the diagonal counts half, as S / 2 does
+    want = 6 * seq * heads * dh + round(2 * 12 * keys * heads * dh)
+    assert attention_flops(3, seq, heads, dh, (0, 1), window) == want
+    assert attention_flops(3, seq, heads, dh, (0, 1), seq) == attention_flops(3, seq, heads, dh) == 6 * 3 * seq * 16
