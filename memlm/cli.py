@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("generate", "greedy generation with fetched memory")
     sp.add_argument("--workdir", default=DEFAULT_RUN)
     sp.add_argument("--prompt", required=True)
-    sp.add_argument("--condition", default="fetched")
+    sp.add_argument("--condition", default=None, help="none, generic, fetched or blocked (default: fetched when "
+                    "the run has a bank, else none)")
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp = add("convert", "Hugging Face checkpoint <-> memlm run directory")
     sp.add_argument("--from-hf", default=None, metavar="HF_DIR", help="an HF folder (config.json, safetensors, "

@@ -66,6 +66,24 @@ def posthoc(tmp_path_factory):
     return root, conv, data, run
 
 
+def test_generate_on_the_converted_run_equals_transformers(posthoc, capsys):
+    """``memlm generate`` on a converted run: the HF tokenizer, the anchor alone, transformers' greedy tokens."""
+    from memlm.data.tokenizer import Tokenizer
+
+    _, conv, _, _ = posthoc
+    ref = np.load(FIX / "llama" / "reference.npz")
+    prompt = str(ref["prompts"][0])
+    capsys.readouterr()
+    _run("generate", "--workdir", conv, "--prompt", prompt, "--max-new-tokens", "20")
+    out = capsys.readouterr().out.splitlines()
+    tok = Tokenizer.from_file(conv / "hf" / "tokenizer.json", 1)
+    want = ref["generated"][0].tolist()
+    if tok.eot_id in want:  # the command stops at the end-of-sequence token
+        want = want[: want.index(tok.eot_id)]
+    assert out[0] == prompt + tok.decode(want)
+    assert "none memory" in out[1]
+
+
 def test_prepare_uses_the_converted_tokenizer_and_its_eos(posthoc):
     root, conv, data, _ = posthoc
     manifest = json.loads((data / "manifest.json").read_text())
