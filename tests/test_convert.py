@@ -260,3 +260,23 @@ def test_sliding_window_attention_flops_count_the_keys_each_query_sees():
     want = 6 * seq * heads * dh + round(2 * 12 * keys * heads * dh)
     assert attention_flops(3, seq, heads, dh, (0, 1), window) == want
     assert attention_flops(3, seq, heads, dh, (0, 1), seq) == attention_flops(3, seq, heads, dh) == 6 * 3 * seq * 16
+
+
+def test_float16_checkpoint_with_a_stored_tied_head_round_trips(tmp_path):
+    """float16 tensors become float32 parameters (exactly) and go back to float16; a tied checkpoint that
+    also stores ``lm_head.weight`` gets it back."""
+    src = tmp_path / "src"
+    shutil.copytree(FIX / "qwen2", src)
+    ck = Checkpoint(src)
+    t = {n: np.asarray(ck.get(n)).astype(np.float16) for n in ck.names()}
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+    (src / "model.safetensors").unlink()
+    write_checkpoint(src, [(n, v.shape, v.dtype) for n, v in t.items()], t.__getitem__, max_shard_bytes=30_000)
+    from_hf(src, tmp_path / "run", quiet=True)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert (cfg["model"]["param_dtype"], cfg["model"]["compute_dtype"]) == ("float32", "bfloat16")
+    to_hf(tmp_path / "run", tmp_path / "back", quiet=True)
+    back = Checkpoint(tmp_path / "back")
+    assert back.names() == sorted(t)
+    for n, v in t.items():
+        assert back.dtype(n) == np.float16 and back.get(n).tobytes() == v.tobytes(), n
