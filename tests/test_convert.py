@@ -280,3 +280,54 @@ def test_float16_checkpoint_with_a_stored_tied_head_round_trips(tmp_path):
     assert back.names() == sorted(t)
     for n, v in t.items():
         assert back.dtype(n) == np.float16 and back.get(n).tobytes() == v.tobytes(), n
+
+
+def test_every_family_option_at_once_scan_equals_a_layer_loop_and_the_cache():
+    """All options on, memory on the middle layer only: the scanned anchor (per-layer local flags sliced
+    per memory segment) equals a Python loop over ``layer`` with each layer's own mask and RoPE tables,
+    KV-cache decoding equals the full forward, and gradients flow under full remat."""
+    from helpers import random_memory, small_config
+
+    from memlm.model.anchor import init_cache, layer
+    from memlm.model.layers import document_mask, rope_tables_from, window_mask
+
+    opts = dict(norm="rmsnorm", norm_offset=True, qk_norm=True, qk_norm_scope="head", qkv_bias=True,
+                embed_scale=True, ffn_activation="gelu_tanh", post_norms=True, sliding_window=3, local_layers=(0, 2),
+                rope_local_base=500.0, rope_scaling="llama3", rope_scaling_factor=4.0, rope_original_max_len=16,
+                query_pre_attn_scalar=12.0, attn_softcap=2.0, final_softcap=3.0, n_kv_heads=2, remat="full")
+    cfg = small_config("ffn", sizes=(4, 4), **opts)
+    cfg.memory.update(placement="middle", placement_layers=1)
+    f = AnchorFunctional(cfg)
+    s = f.spec
+    rng = np.random.default_rng(0)
+    params = {k: jnp.asarray(0.4 * rng.standard_normal(v.shape), v.dtype) for k, v in f.shapes.items()}
+    mem = random_memory(cfg, 2, jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.model.vocab_size)
+    full = jax.jit(lambda p, t, m: f.apply(p, t, memory=m))(params, tokens, mem)
+
+    # the reference: one layer at a time, each with its own context
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    seg = jnp.ones((2, 12), jnp.int32)
+    mask = document_mask(seg, seg, pos, pos)
+    ctx_global = dict(mask=mask, rope=rope_tables_from(pos, s.inv_freq()))
+    ctx_local = dict(mask=window_mask(mask, pos, pos, 3), rope=rope_tables_from(pos, s.inv_freq(local=True)))
+    x = params["embed"][tokens] * jnp.sqrt(jnp.float32(cfg.model.d_model))
+    for i in range(cfg.model.n_layers):
+        p = {n: v[i] for n, v in params.items() if v.ndim >= 2 and n not in ("embed", "head")}
+        m = {n: v[:, 0] for n, v in mem.items()} if i == 1 else None  # one memory layer: index 0 of its axis
+        x, _ = layer(s, p, x, m, None, ctx_local if i in (0, 2) else ctx_global)
+    ref = jnp.tanh(s.normalize(x, params["final_norm"]) @ params["head"] / 3.0) * 3.0
+    np.testing.assert_allclose(full, ref, rtol=2e-5, atol=2e-5)
+
+    cache = init_cache(s, 2, 16, dtype="float32")
+    step = jax.jit(lambda p, t, q, m, c: f.apply(p, t, positions=q, memory=m, cache=c))
+    logits, cache = step(params, tokens[:, :7], pos[:, :7], mem, cache)
+    outs = [logits]
+    for i in range(7, 12):
+        logits, cache = step(params, tokens[:, i:i + 1], pos[:, i:i + 1], mem, cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-4)
+
+    grads = jax.jit(jax.grad(lambda p, m: jnp.sum(f.apply(p, tokens, memory=m) ** 2), argnums=(0, 1)))(params, mem)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads[1]["w3"]).max()) > 0 and float(jnp.abs(grads[0]["bq"]).max()) > 0
