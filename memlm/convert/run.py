@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,12 +41,14 @@ from memlm.convert.hf_config import ARCH_KEYS, ConvertError, Family
 from memlm.convert.mapping import active, hf_shape, to_memlm
 from memlm.convert.safetensors import (
     DEFAULT_MAX_SHARD_BYTES,
+    DTYPES,
     Checkpoint,
     SafetensorsError,
     dtype_code,
     iter_weight_files,
     write_checkpoint,
 )
+from memlm.data.tokenizer import Tokenizer
 from memlm.model.anchor import AnchorSpec
 
 HF_SUBDIR = "hf"
@@ -119,12 +122,11 @@ def _check_names(ckpt: Checkpoint, expected: list[str], spec: AnchorSpec, family
 
 
 def _tokenizer_manifest(tokenizer_path: Path, vocab_multiple: int, model_vocab: int) -> dict:
-    from memlm.data.tokenizer import Tokenizer
-
     tok = Tokenizer.from_file(tokenizer_path, vocab_multiple)
-    if tok.raw_vocab_size > model_vocab:
-        raise ConvertError(f"{tokenizer_path}: the tokenizer has {tok.raw_vocab_size} tokens, more than the model's "
-                           f"vocab_size = {model_vocab}")
+    if tok.raw_vocab_size > model_vocab:  # extra added tokens (plain text never produces them: memlm encodes
+        # with special-token parsing off); training data from this tokenizer is checked again by `memlm train`
+        print(f"memlm convert: warning: {tokenizer_path} has {tok.raw_vocab_size} tokens, more than the model's "
+              f"vocab_size = {model_vocab}", file=sys.stderr)
     return {"version": 1, "kind": "tokenizer", "corpus": None,
             "tokenizer": {"path": tokenizer_path.name, "id": tok.id, "eot_id": tok.eot_id, "eot": tok.eot,
                           "tokenizer_vocab": tok.raw_vocab_size, "vocab_size": min(tok.vocab_size, model_vocab)},
@@ -304,7 +306,6 @@ def to_hf(run_dir: str | os.PathLike, out: str | os.PathLike, family: str | None
     names = [n for n in original if n in where] + [n for n in where if n not in original]
     if spec.tied_embeddings and TIED_HEAD in original:
         names.append(TIED_HEAD)  # the checkpoint stored the tied head: so does the export
-    from memlm.convert.safetensors import DTYPES
 
     def source(name: str) -> tuple[Any, int | None]:
         return where["model.embed_tokens.weight" if name == TIED_HEAD and name not in where else name]
@@ -332,8 +333,6 @@ def to_hf(run_dir: str | os.PathLike, out: str | os.PathLike, family: str | None
                     shutil.copy2(f, tmp / f.name)
         else:
             for src, name in _tokenizer_files(record):
-                from memlm.data.tokenizer import Tokenizer
-
                 Tokenizer.from_file(src, cfg.model.vocab_multiple).save(tmp / name)
         if arch_same:
             shutil.copy2(origin / "config.json", tmp / "config.json")
@@ -344,8 +343,6 @@ def to_hf(run_dir: str | os.PathLike, out: str | os.PathLike, family: str | None
                 if origin_hf is not None and k in origin_hf:
                     hf[k] = origin_hf[k]
             if "eos_token_id" not in hf and (tmp / "tokenizer.json").is_file():
-                from memlm.data.tokenizer import Tokenizer
-
                 hf["eos_token_id"] = Tokenizer.from_file(tmp / "tokenizer.json", 1).eot_id
             (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         files = write_checkpoint(tmp, specs, tensor, max_shard_bytes)
