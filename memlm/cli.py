@@ -1,4 +1,4 @@
-"""The ``memlm`` command line: prepare, train, eval, generate, info, demo.
+"""The ``memlm`` command line: prepare, train, eval, generate, info, convert, export, demo.
 
 Every verb works with no flags on the embedded default (the tiny preset and the generated
 facts corpus). Configs are preset files under ``experiments/`` overridden with
@@ -137,6 +137,28 @@ def _cmd_generate(args, cfg) -> None:
     generate_cli(args.workdir, args.prompt, condition=args.condition, max_new_tokens=args.max_new_tokens)
 
 
+def _cmd_convert(args, cfg) -> None:
+    from memlm.convert.run import from_hf, to_hf
+    from memlm.convert.safetensors import parse_size
+
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise UsageError("give one of --from-hf HF_DIR or --to-hf RUN_DIR (with --out)")
+    if args.from_hf:
+        if args.family:
+            raise UsageError("--family applies to --to-hf (the HF folder's config.json names its family)")
+        from_hf(args.from_hf, args.out, overrides=args.overrides)
+    else:
+        if args.overrides:
+            raise UsageError("--config.* overrides apply to --from-hf (the run's own config is exported)")
+        to_hf(args.to_hf, args.out, family=args.family, max_shard_bytes=parse_size(args.max_shard_size))
+
+
+def _cmd_export(args, cfg) -> None:
+    from memlm.convert.export import export_bank
+
+    export_bank(args.run_dir, args.out)
+
+
 def _cmd_demo(args, cfg) -> None:
     from memlm.eval.demo import run_demo
 
@@ -173,8 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("generate", "greedy generation with fetched memory")
     sp.add_argument("--workdir", default=DEFAULT_RUN)
     sp.add_argument("--prompt", required=True)
-    sp.add_argument("--condition", default="fetched")
+    sp.add_argument("--condition", default=None, help="none, generic, fetched or blocked (default: fetched when "
+                    "the run has a bank, else none)")
     sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp = add("convert", "Hugging Face checkpoint <-> memlm run directory")
+    sp.add_argument("--from-hf", default=None, metavar="HF_DIR", help="an HF folder (config.json, safetensors, "
+                    "tokenizer.json) to convert into the run directory --out")
+    sp.add_argument("--to-hf", default=None, metavar="RUN_DIR",
+                    help="a run whose anchor to write as the HF folder --out")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--family", default=None, help="--to-hf: llama, qwen2, qwen3, gemma3 or gemma2 (default: the "
+                    "family the run was converted from, else the first that expresses the anchor)")
+    sp.add_argument("--max-shard-size", default="5GB", help="--to-hf: largest safetensors file (e.g. 5GB, 500MB)")
+    sp = add("export", "a run's bank and generic memory as zarr3 arrays plus metadata")
+    sp.add_argument("run_dir", metavar="RUN_DIR")
+    sp.add_argument("--out", required=True)
     sp = add("demo", "the whole pipeline on the embedded default")
     sp.add_argument("--workdir", default="runs/demo")
     sp.add_argument("--data", default=DEFAULT_DATA)

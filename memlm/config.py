@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ import ml_collections
 MEMORY_TYPES = ("none", "ffn", "lora_qk", "lora_ov", "lora_ffn", "kv")
 MEMORY_PLACEMENTS = ("all", "early", "middle", "late")
 NORMS = ("layernorm", "rmsnorm")
+QK_NORM_SCOPES = ("full", "head")
+FFN_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 TRAIN_MODES = ("anchor", "frozen", "cotrain", "scratch")
@@ -58,6 +62,24 @@ def default_config() -> ml_collections.ConfigDict:
             compute_dtype="bfloat16",
             remat="full",
             attention="auto",
+            # Architecture options of other model families (the defaults are memlm's own OpenLM block):
+            norm_offset=False,  # norm gains stored as offsets from one, applied as (1 + w) (Gemma)
+            qk_norm_scope="full",  # QK-norm over the full q / k width, or "head": per head over head_dim
+            qkv_bias=False,  # biases on the query / key / value projections (Qwen2)
+            embed_scale=False,  # multiply the token embeddings by sqrt(d_model) (Gemma)
+            ffn_activation="silu",  # gate activation: silu (SwiGLU), gelu_tanh (GeGLU, Gemma), gelu
+            post_norms=False,  # norms on the attention and FFN outputs before the residual add (Gemma 3)
+            sliding_window=0,  # window of the local layers (tokens, the query included); 0: none
+            local_layers=(),  # indices of the sliding-window (local) layers; the others attend globally
+            rope_local_base=0.0,  # RoPE base of the local layers (unscaled); 0: the global tables
+            rope_scaling="none",  # none, linear or llama3 (Llama 3.1 frequency-dependent scaling)
+            rope_scaling_factor=1.0,
+            rope_low_freq_factor=1.0,  # llama3 scaling only
+            rope_high_freq_factor=4.0,  # llama3 scaling only
+            rope_original_max_len=8192,  # llama3 scaling only: the pre-scaling context length
+            query_pre_attn_scalar=0.0,  # attention scores scaled by its -1/2 power; 0: head_dim (1/sqrt(dh))
+            attn_softcap=0.0,  # soft-cap of the attention scores, cap * tanh(s / cap); 0: none
+            final_softcap=0.0,  # soft-cap of the output logits; 0: none
         )
     )
 
@@ -155,7 +177,21 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_config(path: str | None = None) -> ml_collections.ConfigDict:
-    """Load a preset file (``experiments/*.py`` with ``get_config()``), or the tiny default."""
+    """Load a preset file (``experiments/*.py`` with ``get_config()``), or the tiny default.
+
+    A ``.json`` file (a run's ``config.json``, or a bare config as JSON) or a run directory loads
+    the config that run used: ``--config CONVERTED_RUN`` gives a config that matches a converted
+    model's architecture, to override (memory, tree, train) for post-hoc memory training.
+    """
+    if path is not None and (path.endswith(".json") or Path(path).is_dir()):
+        file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} does not exist")
+        try:
+            obj = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {str(file)!r} is not valid JSON ({e})") from None
+        return config_from_json(obj, str(file))
     if path is None:
         path = str(Path(__file__).resolve().parent.parent / "experiments" / "tiny.py")
         if not Path(path).exists():
@@ -173,6 +209,39 @@ def load_config(path: str | None = None) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config()")
     return module.get_config(spec_arg) if spec_arg is not None else module.get_config()
+
+
+def config_from_json(obj: dict, source: str = "config") -> ml_collections.ConfigDict:
+    """A config from its JSON form (``{"config": {...}, ...}`` as a run records it, or the bare dict).
+
+    Keys the JSON lacks keep their defaults (a run written before a key existed); JSON lists
+    become tuples where the schema has a tuple; unknown keys fail naming the key and the file.
+    """
+    data = obj.get("config", obj) if isinstance(obj, dict) else obj
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: not a memlm config (expected a JSON object)")
+    cfg = default_config()
+    for section, value in data.items():
+        if section not in cfg:
+            raise ConfigError(f"{source}: unknown config section {section!r}")
+        if not isinstance(cfg[section], ml_collections.ConfigDict):
+            cfg[section] = value
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: config section {section!r} must be an object, got {value!r}")
+        for k, v in value.items():
+            if k not in cfg[section]:
+                raise ConfigError(f"{source}: unknown config key {section}.{k}")
+            current = cfg[section][k]
+            if isinstance(current, tuple) and isinstance(v, list):
+                v = tuple(v)
+            elif isinstance(current, float) and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            try:
+                cfg[section][k] = v
+            except TypeError as e:
+                raise ConfigError(f"{source}: config key {section}.{k} = {v!r}: {e}") from None
+    return cfg
 
 
 def _parse_value(text: str, current: Any) -> Any:
@@ -257,6 +326,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if m.vocab_size % m.vocab_multiple:
         _fail("model.vocab_size", m.vocab_size, f"must be a multiple of model.vocab_multiple = {m.vocab_multiple}")
     _check_choice(cfg, "model.norm", NORMS)
+    _validate_architecture(cfg)
     _check_choice(cfg, "model.remat", REMAT_POLICIES)
     _check_choice(cfg, "model.attention", ATTENTION_IMPLS)
     _check_choice(cfg, "model.param_dtype", DTYPES)
@@ -335,6 +405,42 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if m.n_heads % cfg.mesh.tensor or kv % cfg.mesh.tensor:
             _fail("mesh.tensor", cfg.mesh.tensor, f"must divide the head counts ({m.n_heads}, {kv})")
     return cfg
+
+
+def _validate_architecture(cfg: ml_collections.ConfigDict) -> None:
+    """The family options of the model section (norm offsets, biases, sliding windows, RoPE scaling...)."""
+    m, d = cfg.model, default_config().model
+    get = lambda k: m.get(k, d[k])  # noqa: E731 - run directories written before a key existed use its default
+    for k in ("norm_offset", "qkv_bias", "embed_scale", "post_norms"):
+        if not isinstance(get(k), bool):
+            _fail(f"model.{k}", get(k), "must be true or false")
+    for k, choices in (("qk_norm_scope", QK_NORM_SCOPES), ("ffn_activation", FFN_ACTIVATIONS),
+                       ("rope_scaling", ROPE_SCALINGS)):
+        if get(k) not in choices:
+            _fail(f"model.{k}", get(k), f"unknown value; choose one of {', '.join(choices)}")
+    for k in ("sliding_window", "rope_local_base", "query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+        v = get(k)
+        if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+            _fail(f"model.{k}", v, "must be a number >= 0 (0: off)")
+    for k in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+        v = get(k)
+        if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
+            _fail(f"model.{k}", v, "must be positive")
+    if get("rope_scaling") == "llama3" and get("rope_high_freq_factor") <= get("rope_low_freq_factor"):
+        _fail("model.rope_high_freq_factor", get("rope_high_freq_factor"),
+              f"must exceed model.rope_low_freq_factor = {get('rope_low_freq_factor')} for llama3 RoPE scaling")
+    local = get("local_layers")
+    if not isinstance(local, tuple | list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in local):
+        _fail("model.local_layers", local, "must be a tuple of layer indices")
+    bad = [i for i in local if not 0 <= i < m.n_layers]
+    if bad:
+        _fail("model.local_layers", tuple(local), f"layer {bad[0]} is outside 0..{m.n_layers - 1}")
+    if len(set(local)) != len(local):
+        _fail("model.local_layers", tuple(local), "lists a layer twice")
+    if local and not get("sliding_window"):
+        _fail("model.local_layers", tuple(local), "local layers need model.sliding_window > 0")
+    if not isinstance(get("sliding_window"), int):
+        _fail("model.sliding_window", get("sliding_window"), "must be an integer number of tokens")
 
 
 def memory_levels(cfg: ml_collections.ConfigDict) -> list[int]:

@@ -2,8 +2,10 @@
 
 FLOPs per token follow the usual 6N rule for training (2N forward, 4N backward) over every
 matrix the token passes through, the output head included (also when tied); norms are not
-counted. Causal attention adds ``2 * 2 * S * h * d_h`` per layer forward (QK^T and PV), halved
-for the causal mask, so ``6 * L * S * h * d_h`` per token for training. Memory FLOPs are kept
+counted, nor are biases. Causal attention adds ``2 * 2 * S * h * d_h`` per layer forward (QK^T
+and PV), halved for the causal mask, so ``6 * L * S * h * d_h`` per token for training; counting the
+diagonal as half a key, as ``S / 2`` does, a local (sliding-window) layer of window W < S attends
+to ``((W - 1)^2 / 2 + (S - W + 1)(W - 1/2)) / S`` keys on average (``S / 2`` at W = S). Memory FLOPs are kept
 separate: every fetched parameter is used once per token in one multiply-add, so a fetched
 memory of M parameters costs ``6 M`` per token in training and ``2 M`` in inference (this holds
 for FFN, LoRA and KV memories alike).
@@ -32,16 +34,26 @@ def anchor_params(cfg: ml_collections.ConfigDict) -> int:
     return sum(math.prod(s) for s in anchor_param_shapes(cfg).values())
 
 
+def attention_flops(n_layers: int, seq: int, heads: int, head_dim: int, local_layers: tuple[int, ...] = (),
+                    window: int = 0) -> int:
+    """Training FLOPs per token of the attention scores and mixing (causal; local layers windowed)."""
+    n_local = len(local_layers) if 0 < window < seq else 0
+    keys = ((window - 1) ** 2 / 2 + (seq - window + 1) * (window - 0.5)) / seq  # mean keys per query
+    return 6 * (n_layers - n_local) * seq * heads * head_dim + round(12 * n_local * keys * heads * head_dim)
+
+
 def accounting(cfg: ml_collections.ConfigDict, seq_len: int | None = None) -> dict:
     """Anchor, per-level block, fetched and bank sizes, and FLOPs per token, for ``cfg``."""
     m = cfg.model
     shapes = anchor_param_shapes(cfg)
     total = sum(math.prod(s) for s in shapes.values())
     norms = sum(math.prod(s) for n, s in shapes.items() if "norm" in n)
+    biases = sum(math.prod(s) for n, s in shapes.items() if n in ("bq", "bk", "bv"))
     embed = m.vocab_size * m.d_model
-    matmul = total - norms - (embed if not m.tied_embeddings else 0)  # the head is a matmul either way
+    matmul = total - norms - biases - (embed if not m.tied_embeddings else 0)  # the head is a matmul either way
     seq = seq_len or cfg.data.seq_len
-    attn_train = 6 * m.n_layers * seq * m.n_heads * m.head_dim
+    attn_train = attention_flops(m.n_layers, seq, m.n_heads, m.head_dim, tuple(m.get("local_layers", ())),
+                                 int(m.get("sliding_window", 0)))
     k = cfg.tree.k
     bytes_per = np.dtype(jax.numpy.dtype(cfg.memory.dtype)).itemsize
     levels = []

@@ -5,8 +5,9 @@ Each function receives the layer's slice of the fetched memory (``mem[name]`` is
 not touch that site. Every type is zero at initialisation (FFN ``w3``, LoRA ``*_b`` and KV
 ``values`` start at zero), so the augmented model equals the anchor at step 0.
 
-- ``ffn``   (the paper's method): ``r`` extra SwiGLU hidden units per layer,
-  ``FFN'(u) = FFN(u) + M3 (silu(M1 u) * (M2 u))``: exactly a widened FFN.
+- ``ffn``   (the paper's method): ``r`` extra gated hidden units per layer,
+  ``FFN'(u) = FFN(u) + M3 (act(M1 u) * (M2 u))``: exactly a widened FFN. ``act`` is the anchor's
+  own FFN activation (SiLU for SwiGLU, tanh-GELU for a GeGLU anchor such as Gemma).
 - ``lora_qk`` / ``lora_ov`` / ``lora_ffn``: ``W <- W + alpha * B A`` on the named projections.
   The scale is ``alpha`` (not ``alpha / r``): levels are concatenated along the rank axis and
   must share one scale; the paper found alpha = 2 best and does not say whether it divides by r.
@@ -22,7 +23,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from memlm.model.layers import swiglu
+from memlm.model.layers import activation, gated_ffn
 
 
 def _lora(x: jax.Array, a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
@@ -62,16 +63,18 @@ def output(s, mem: Mapping[str, jax.Array], a: jax.Array, o: jax.Array) -> jax.A
 
 def ffn(s, mem: Mapping[str, jax.Array] | None, h: jax.Array, w1: jax.Array, w2: jax.Array,
         w3: jax.Array) -> jax.Array:
-    """The SwiGLU FFN with FFN-memory units or LoRA-FFN applied."""
+    """The gated FFN (SwiGLU or GeGLU) with FFN-memory units or LoRA-FFN applied."""
+    kind = s.ffn_activation
     if mem is None or s.memory_type not in ("ffn", "lora_ffn"):
-        return swiglu(h, w1, w2, w3)
+        return gated_ffn(h, w1, w2, w3, kind)
+    fn = activation(kind)
     if s.memory_type == "ffn":
-        y = swiglu(h, w1, w2, w3)
+        y = gated_ffn(h, w1, w2, w3, kind)
         g = jnp.einsum("btd,bdr->btr", h, mem["w1"])
         u = jnp.einsum("btd,bdr->btr", h, mem["w2"])
-        return y + jnp.einsum("btr,brd->btd", jax.nn.silu(g) * u, mem["w3"])
+        return y + jnp.einsum("btr,brd->btd", fn(g) * u, mem["w3"])
     alpha = s.lora_alpha
     g = h @ w1 + _lora(h, mem["w1_a"], mem["w1_b"], alpha)
     u = h @ w2 + _lora(h, mem["w2_a"], mem["w2_b"], alpha)
-    act = jax.nn.silu(g) * u
+    act = fn(g) * u
     return act @ w3 + _lora(act, mem["w3_a"], mem["w3_b"], alpha)

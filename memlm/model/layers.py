@@ -1,28 +1,67 @@
 """Building blocks of the anchor, as pure functions of arrays: norms, RoPE, attention with
-document masks, SwiGLU. The anchor module owns the parameters; these functions own the math,
-so the scanned layer, the KV-cache decoder and the tests all run the same code.
+document masks and sliding windows, gated FFNs. The anchor module owns the parameters; these
+functions own the math, so the scanned layer, the KV-cache decoder and the tests all run the same code.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
-def layer_norm(x: jax.Array, gain: jax.Array, eps: float, kind: str) -> jax.Array:
-    """Gain-only LayerNorm (OpenLM ``gain_only_lp_layer_norm``: no bias) or RMSNorm, in float32."""
+
+def layer_norm(x: jax.Array, gain: jax.Array, eps: float, kind: str, offset: bool = False) -> jax.Array:
+    """Gain-only LayerNorm (OpenLM ``gain_only_lp_layer_norm``: no bias) or RMSNorm, in float32.
+
+    ``offset``: the gain is stored as an offset from one and applied as ``(1 + gain)`` (Gemma).
+    """
     x32 = x.astype(jnp.float32)
     if kind == "layernorm":
         x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * gain.astype(jnp.float32)).astype(x.dtype)
+    g = gain.astype(jnp.float32)
+    return (y * (1.0 + g if offset else g)).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, base: float, scaling: str = "none", factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 8192) -> jax.Array:
+    """Inverse frequencies ``[head_dim/2]`` (float32) of RoPE with ``base`` and an optional scaling.
+
+    ``linear`` divides every frequency by ``factor`` (position interpolation); ``llama3`` divides
+    the low frequencies (wavelength above ``original_max_len / low_freq_factor``) by ``factor``,
+    keeps the high ones (wavelength below ``original_max_len / high_freq_factor``) and
+    interpolates smoothly in between (Llama 3.1).
+    """
+    inv = 1.0 / (base ** (jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim))
+    if scaling == "none":
+        return inv
+    if scaling == "linear":
+        return inv / factor
+    if scaling != "llama3":
+        raise ValueError(f"unknown RoPE scaling {scaling!r}")
+    low_wavelen = original_max_len / low_freq_factor
+    high_wavelen = original_max_len / high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables_from(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin ``[B, T, 1, head_dim/2]`` for integer ``positions [B, T]`` and inverse frequencies."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
 
 def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
     """cos and sin ``[B, T, 1, head_dim/2]`` for integer ``positions [B, T]``; computed once per call."""
-    inv = 1.0 / (base ** (jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv
-    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    return rope_tables_from(positions, rope_frequencies(head_dim, base))
 
 
 def rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -46,32 +85,64 @@ def document_mask(q_segments: jax.Array, kv_segments: jax.Array, q_positions: ja
     return (same & causal)[:, None]
 
 
-def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Explicit masked attention: ``q [B,T,H,dh]``, ``k, v [B,S,K,dh]`` (K divides H: grouped queries)."""
+def window_mask(mask: jax.Array, q_positions: jax.Array, kv_positions: jax.Array, window: int) -> jax.Array:
+    """``mask`` restricted to a sliding window: a query sees the ``window`` most recent indices (itself included)."""
+    near = q_positions[:, :, None] - kv_positions[:, None, :] < window
+    return mask & near[:, None]
+
+
+def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
+                  softcap: float = 0.0) -> jax.Array:
+    """Explicit masked attention: ``q [B,T,H,dh]``, ``k, v [B,S,K,dh]`` (K divides H: grouped queries).
+
+    Scores are ``q.k / sqrt(dh)`` (or ``q.k * scale``), soft-capped to ``softcap * tanh(s / softcap)``
+    when ``softcap`` is set (Gemma 2), then masked and softmaxed in float32.
+    """
     b, t, h, dh = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(dh) if scale is None else scores * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, dh)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str, scale: float | None = None,
+              softcap: float = 0.0) -> jax.Array:
     """Document-masked causal attention.
 
     ``impl``: "cudnn" routes through ``jax.nn.dot_product_attention`` (cuDNN flash attention on
     GPU, mask as an explicit boolean argument); "xla" is the explicit fallback above; "auto"
-    takes cuDNN on GPU and XLA elsewhere. Both compute the same function (tested).
+    takes cuDNN on GPU and XLA elsewhere. Both compute the same function (tested). Soft-capped
+    scores always take the XLA path (cuDNN has no soft-capping).
     """
     if impl == "auto":
         impl = "cudnn" if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-    if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-    return attention_xla(q, k, v, mask)
+    if impl == "cudnn" and not softcap:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    return attention_xla(q, k, v, mask, scale, softcap)
+
+
+def activation(name: str):
+    """The FFN gate activation: ``silu`` (SwiGLU), ``gelu_tanh`` (GeGLU, Gemma) or exact ``gelu``."""
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"unknown FFN activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def gated_ffn(h: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array, act: str = "silu") -> jax.Array:
+    """``w3 (act(w1 h) * (w2 h))``: w1 is the gate, w2 the up projection, w3 the down projection."""
+    return (activation(act)(h @ w1) * (h @ w2)) @ w3
 
 
 def swiglu(h: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array) -> jax.Array:
     """``w3 (silu(w1 h) * (w2 h))``: w1 is the gate, w2 the up projection, w3 the down projection."""
-    return (jax.nn.silu(h @ w1) * (h @ w2)) @ w3
+    return gated_ffn(h, w1, w2, w3, "silu")

@@ -166,11 +166,16 @@ def generate_text(fn: Any, params: Any, tokenizer: TextTokenizer, prompts: Seque
     return [tokenizer.decode(o) for o in out]
 
 
-def generate_cli(workdir: str, prompt: str, condition: str = "fetched", max_new_tokens: int = 32) -> str:
-    """The ``memlm generate`` verb: route the prompt, fetch its memory, decode greedily, print."""
+def generate_cli(workdir: str, prompt: str, condition: str | None = "fetched", max_new_tokens: int = 32) -> str:
+    """The ``memlm generate`` verb: route the prompt, fetch its memory, decode greedily, print.
+
+    ``condition=None``: fetched memory when the run has a bank, else the anchor alone (a converted
+    or anchor-only run)."""
     from memlm.eval.run import load_run
 
     run = load_run(workdir)
+    if condition is None:
+        condition = "fetched" if "fetched" in run.conditions else "none"
     if condition not in run.conditions:
         from memlm.eval.conditions import ConditionError
 

@@ -60,6 +60,7 @@ from memlm.bank.layout import BankLayout
 from memlm.bank.optimizer import update_owned_rows
 from memlm.config import ConfigError
 from memlm.memspec import SlotMemory
+from memlm.model.anchor import BIASES
 from memlm.model.functional import AnchorFunctional
 from memlm.train.loss import chunk_length, chunked_nll
 from memlm.train.schedule import cosine_with_warmup
@@ -102,9 +103,8 @@ def uses_memory(cfg: ml_collections.ConfigDict) -> bool:
 
 def decay_mask(axes: dict) -> dict:
     """Weight decay on matrices only: every parameter but the norm gains (logical axis ``norm``,
-    stacked ``[layers, d]`` included) and biases."""
-    return jax.tree.map(lambda ax: "norm" not in ax and "bias" not in ax, axes,
-                        is_leaf=lambda x: isinstance(x, tuple))
+    stacked ``[layers, d]`` included) and the q/k/v biases."""
+    return {name: "norm" not in ax and name not in BIASES for name, ax in axes.items()}
 
 
 def anchor_optimizer(cfg: ml_collections.ConfigDict,
