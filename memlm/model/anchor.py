@@ -335,7 +335,8 @@ def _layer_major(memory: Mapping[str, jax.Array] | SlotMemory) -> Mapping[str, j
     if not isinstance(memory, SlotMemory):
         return {n: jnp.moveaxis(m, 1, 0) for n, m in memory.items()}
     levels = tuple({n: jnp.moveaxis(a, 2, 0) for n, a in lv.items()} for lv in memory.levels)
-    return (levels, memory.generic)
+    generic = None if memory.generic is None else {n: jnp.moveaxis(a, 1, 0) for n, a in memory.generic.items()}
+    return (levels, generic)
 
 
 def _sequence_memory(s: AnchorSpec, layer_mem, index, use_generic) -> dict[str, jax.Array]:
@@ -354,8 +355,10 @@ def _sequence_memory(s: AnchorSpec, layer_mem, index, use_generic) -> dict[str, 
             parts.append(rows.reshape(-1, *rows.shape[2:]))
         x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
         if generic is not None:
-            flag = use_generic.reshape((-1,) + (1,) * (x.ndim - 1))
-            x = jnp.where(flag, generic[name][None].astype(x.dtype), x)
+            g = generic[name]  # [G, *block]: each group reads its own copy
+            grouped = x.reshape(g.shape[0], -1, *x.shape[1:])
+            flag = use_generic.reshape(grouped.shape[:2] + (1,) * (x.ndim - 1))
+            x = jnp.where(flag, g[:, None].astype(x.dtype), grouped).reshape(x.shape)
         out[name] = x
     return out
 
