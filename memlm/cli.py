@@ -121,7 +121,19 @@ def _cmd_prepare(args, cfg) -> None:
 def _cmd_train(args, cfg) -> None:
     from memlm.train.loop import train
 
-    train(cfg, data_dir=args.data, workdir=args.workdir, init_from=args.init_from)
+    distributed = None
+    if args.coordinator or args.num_processes is not None or args.process_id is not None:
+        distributed = dict(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    if args.local_device_ids:
+        distributed = dict(distributed or {}, local_device_ids=[int(x) for x in args.local_device_ids.split(",")])
+    train(cfg, data_dir=args.data, workdir=args.workdir, init_from=args.init_from,
+          allow_config_change=args.allow_config_change, distributed=distributed)
+
+
+def _cmd_merge(args, cfg) -> None:
+    from memlm.train.merge import merge_runs
+
+    merge_runs(args.runs, args.out)
 
 
 def _cmd_eval(args, cfg) -> None:
@@ -160,7 +172,7 @@ def _cmd_export(args, cfg) -> None:
 
 
 def _cmd_demo(args, cfg) -> None:
-    from memlm.eval.demo import run_demo
+    from memlm.demo import run_demo
 
     run_demo(workdir=args.workdir, data_dir=args.data, config=args.config)
 
@@ -187,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default=DEFAULT_DATA)
     sp.add_argument("--workdir", default=DEFAULT_RUN)
     sp.add_argument("--init-from", default=None, help="start from another run's anchor")
+    sp.add_argument("--allow-config-change", action="store_true",
+                    help="resume with a different train section (e.g. more steps: the cosine is re-shaped)")
+    sp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (several processes)")
+    sp.add_argument("--num-processes", type=int, default=None)
+    sp.add_argument("--process-id", type=int, default=None)
+    sp.add_argument("--local-device-ids", default=None, help="comma list of this process's local devices")
+    sp = add("merge", "merge per-subtree frozen-anchor runs into one bank")
+    sp.add_argument("runs", nargs="+", help="the subtree runs (train.subtree=i each)")
+    sp.add_argument("--out", required=True, help="the merged run directory")
     sp = add("eval", "perplexity and long-tail probes under memory conditions")
     sp.add_argument("--workdir", default=DEFAULT_RUN)
     sp.add_argument("--data", default=None)

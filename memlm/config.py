@@ -36,6 +36,10 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key and the value."""
 
 
+class ConditionError(ValueError):
+    """An unknown memory condition, one a run does not have, or memory of the wrong shape."""
+
+
 def default_config() -> ml_collections.ConfigDict:
     """The full schema with defaults (the paper's 160M anchor shapes, memory off)."""
     c = ml_collections.ConfigDict()
@@ -141,6 +145,7 @@ def default_config() -> ml_collections.ConfigDict:
             steps=1000,
             batch_size=32,
             microbatch_size=0,  # global sequences per micro-step (gradient accumulation); 0: the whole batch
+            subtree=-1,  # >= 0: train only level-1 subtree i's blocks on its sequences (frozen per-subtree jobs)
             loss_chunk=4096,  # tokens per device whose logits are held at once by the loss (never [B, T, vocab])
             seed=0,
             lr=5e-3,
@@ -374,6 +379,17 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_positive(cfg, "train", ("steps", "batch_size", "lr", "b1", "b2", "eps", "clip_norm", "memory_lr",
                                    "checkpoint_every", "keep_checkpoints", "log_every", "loss_chunk"))
     _check_positive(cfg, "train", ("microbatch_size",), strict=False)
+    if t.subtree >= 0:
+        if t.mode != "frozen":
+            _fail("train.subtree", t.subtree, "per-subtree jobs train the bank of a frozen anchor: "
+                  "set train.mode=frozen")
+        if t.subtree >= cfg.tree.k:
+            _fail("train.subtree", t.subtree, f"the tree has level-1 nodes 0..{cfg.tree.k - 1}")
+        if mem.generic:
+            _fail("train.subtree", t.subtree, "the generic memory is shared by all subtrees and cannot be merged: "
+                  "set memory.generic=false for per-subtree jobs")
+    elif t.subtree != -1:
+        _fail("train.subtree", t.subtree, "must be -1 (all subtrees) or a level-1 node")
     if t.microbatch_size and t.batch_size % t.microbatch_size:
         _fail("train.microbatch_size", t.microbatch_size, f"must divide train.batch_size = {t.batch_size}")
     _check_positive(cfg, "train", ("min_lr", "warmup_steps", "weight_decay", "memory_min_lr",

@@ -1,5 +1,7 @@
 """The grain loader: determinism, resumption, host split, epochs, generic flag."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,17 +13,23 @@ SEQ_LEN, DEPTH, N = 16, 2, 40
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """40 sequences in 3 shards; sequence i starts with token i+1 and has path (i % 4, i)."""
+    """40 sequences in 3 shards, in leaf order as prepare writes them (k = 4, depth 2: 16 leaves);
+    sequence i starts with token i+1 and has path (leaf(i) // 4, leaf(i))."""
     d = tmp_path_factory.mktemp("loader")
     with ShardWriter(d / "shards", per_shard=15) as w:
         for i in range(N):
             n = 4 + i % 9
             toks = np.concatenate([[i + 1], np.arange(n - 1) + 100])
-            w.write(encode_sequence(toks, np.array([n - 2, 2]), np.array([i % 4, i]), i, SEQ_LEN))
+            w.write(encode_sequence(toks, np.array([n - 2, 2]), np.array([leaf(i) // 4, leaf(i)]), leaf(i), SEQ_LEN))
         shards = w.close()
+    counts = np.bincount([leaf(i) for i in range(N)], minlength=16).tolist()
     write_json(d / "manifest.json", {"shards": [f"shards/{s}" for s in shards], "sequences": N, "seq_len": SEQ_LEN,
-                                     "depth": DEPTH, "k": 4})
+                                     "depth": DEPTH, "k": 4, "leaf_histogram": {"sequences": counts}})
     return d
+
+
+def leaf(i):
+    return i * 16 // N
 
 
 def ids(batch):
@@ -35,7 +43,7 @@ def test_batches_have_the_documented_shapes_and_dtypes(data_dir):
     assert all(b[k].dtype == np.int32 for k in ("tokens", "segment_ids", "positions", "paths"))
     assert b["generic"].dtype == np.bool_
     for row, i in enumerate(ids(b)):
-        assert b["paths"][row].tolist() == [i % 4, i]
+        assert b["paths"][row].tolist() == [leaf(i) // 4, leaf(i)]
         n = 4 + i % 9
         assert b["segment_ids"][row].tolist() == [1] * (n - 2) + [2, 2] + [0] * (SEQ_LEN - n)
 
@@ -61,36 +69,43 @@ def test_batch_is_a_pure_function_of_seed_and_step(data_dir):
             assert all(np.array_equal(x[k], y[k]) for k in x)
 
 
-def test_resumed_iterator_yields_exactly_the_uninterrupted_batches(data_dir):
+def test_iterating_from_a_step_yields_exactly_the_uninterrupted_batches(data_dir):
+    """Resuming needs only the step: no iterator state is saved (a run restarts on any process count)."""
     loader = Loader(data_dir, batch_size=8, seed=1, generic_prob=0.3)
     it = iter(loader)
     for _ in range(4):
         next(it)
-    state = it.get_state()
     expected = [next(it) for _ in range(8)]  # crosses an epoch boundary
-    resumed = iter(Loader(data_dir, batch_size=8, seed=1, generic_prob=0.3))
-    resumed.set_state(state)
+    resumed = Loader(data_dir, batch_size=8, seed=1, generic_prob=0.3).iterate(4)
     for want in expected:
         got = next(resumed)
         assert all(np.array_equal(want[k], got[k]) for k in want)
 
 
-def test_iterator_state_checkpoints_with_orbax(data_dir, tmp_path):
-    import grain
-    import orbax.checkpoint as ocp
+def test_a_global_batch_is_sorted_by_leaf_and_split_in_contiguous_leaf_ranges(data_dir):
+    """Co-location: process h (and within it device d) gets a contiguous range of leaves, so its
+    sequences fetch the bank rows its devices own."""
+    hosts = [Loader(data_dir, batch_size=16, seed=2, generic_prob=0.0, process_index=h, process_count=4)
+             for h in range(4)]
+    for step in range(3):
+        leaves = [h.batch_at(step)["paths"][:, -1] for h in hosts]
+        flat = np.concatenate(leaves)
+        assert np.all(np.diff(flat) >= 0), flat
+    index, _ = hosts[0].global_rows(0)
+    assert sorted(index.tolist()) == sorted(Loader(data_dir, batch_size=16, seed=2, generic_prob=0.0)
+                                            .global_rows(0)[0].tolist())
 
-    loader = Loader(data_dir, batch_size=4, seed=2, generic_prob=0.3)
-    it = iter(loader)
-    for _ in range(3):
-        next(it)
-    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-        mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-        mngr.wait_until_finished()
-        want = [next(it) for _ in range(3)]
-        fresh = iter(loader)
-        mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-    got = [next(fresh) for _ in range(3)]
-    assert all(np.array_equal(w[k], g[k]) for w, g in zip(want, got, strict=True) for k in w)
+
+def test_a_subtree_loader_reads_only_that_level1_subtree(data_dir):
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    k, depth = manifest["k"], manifest["depth"]
+    for sub in (0, k - 1):
+        loader = Loader(data_dir, batch_size=8, seed=0, generic_prob=0.0, subtree=sub)
+        counts = np.asarray(manifest["leaf_histogram"]["sequences"])
+        per = k ** (depth - 1)
+        assert loader.count == counts[sub * per:(sub + 1) * per].sum()
+        for step in range(3):
+            assert (loader.batch_at(step)["paths"][:, 0] == sub).all()
 
 
 def test_hosts_split_each_global_batch_disjointly_and_completely(data_dir):
@@ -101,9 +116,9 @@ def test_hosts_split_each_global_batch_disjointly_and_completely(data_dir):
         glob = single.batch_at(step)
         parts = [h.batch_at(step) for h in hosts]
         assert all(p["tokens"].shape[0] == 2 for p in parts)
-        for h, part in enumerate(parts):  # host h holds global rows h, h+4
+        for h, part in enumerate(parts):  # host h holds the h-th contiguous quarter of the leaf-sorted batch
             for k in glob:
-                assert np.array_equal(part[k], glob[k][h::4]), (step, h, k)
+                assert np.array_equal(part[k], glob[k][2 * h:2 * h + 2]), (step, h, k)
         assert sorted(i for p in parts for i in ids(p)) == sorted(ids(glob))
 
 
@@ -117,7 +132,9 @@ def test_generic_flag_is_drawn_with_the_asked_probability_per_global_sample():
 def test_generic_flag_follows_the_draw_and_is_off_at_probability_zero(data_dir):
     loader = Loader(data_dir, batch_size=8, seed=9, generic_prob=0.5)
     flags = np.concatenate([loader.batch_at(s)["generic"] for s in range(5)])
-    assert flags.tolist() == [generic_draw(9, i) < 0.5 for i in range(40)]
+    positions = np.concatenate([loader.global_rows(s)[1] for s in range(5)])  # rows are sorted by leaf
+    assert sorted(positions.tolist()) == list(range(40))
+    assert flags.tolist() == [generic_draw(9, int(p)) < 0.5 for p in positions]
     off = Loader(data_dir, batch_size=8, seed=9, generic_prob=0.0)
     assert not any(off.batch_at(s)["generic"].any() for s in range(5))
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from memlm.config import load_config
-from memlm.eval.demo import demo_configs
+from memlm.demo import demo_configs
 from memlm.model.accounting import accounting
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64)

@@ -8,22 +8,28 @@ Layout of a bank location (any tensorstore kvstore; a local directory by default
     main/level{l}/{array}/mu|nu   [k**l, *block]  float32        one inner chunk per node
     main/level{l}/count           [k**l] int32    per-node AdamW step
     main/level{l}/written         [k**l] uint8    1 once the node's block has been written
-    before/v{N}/level{l}/...      before-images of the nodes version N changed (+ ``nodes``)
-    after/v{N}/level{l}/...       after-images of those nodes, kept only until N is applied
+    before/v{N}/level{l}/p{i}/... before-images of the nodes process i wrote in version N (+ ``nodes``)
+    after/v{N}/level{l}/p{i}/...  after-images of those nodes, kept only until N is applied
 
 Lazy init. A node whose ``written`` flag is 0 has never been trained: its parameters are its
 initial block, recomputed on read from (seed, level, array, node) (``bank.init``), and its
 moments and counter are zero. Creating a bank therefore writes only metadata, and a 65k-leaf
 bank costs nothing on disk until its nodes are trained.
 
-Saving version N (only the nodes whose dirty flag is set; single writer):
+Saving version N (only the nodes whose dirty flag is set). Every process of a run calls
+:meth:`save` at the same step; each writes only the rows it *owns*: a node is owned by the
+process of the first device (in the sharding's device order) that holds it, so a row that
+several devices hold (a replicated level, a tensor-parallel peer) is written once.
 
-1. delta: write N's before-images (read from ``main``, which holds the latest version) and
-   after-images (from the device) in full under ``before/vN`` and ``after/vN``;
-2. commit: one atomic write of ``manifest.json`` appends N with state ``complete``;
-3. apply: write the after-images into ``main``, shard by shard;
-4. finish: mark N ``applied`` in the manifest, drop versions beyond the last ``keep``, delete
-   ``after/vN`` and the before-images nobody can need any more.
+1. parts: every process writes the before-images (read from ``main``, which holds the latest
+   version) and after-images (from its own devices) of its nodes under ``before/vN/.../p{i}``
+   and ``after/vN/.../p{i}``; barrier;
+2. commit: process 0 writes ``manifest.json`` (one atomic write) appending N with state
+   ``complete`` and every part's row count; barrier: N exists only now, and as a whole;
+3. apply: the after-images go into ``main``; every zarr shard (one key) is rewritten by one
+   process (shard index modulo the process count), so no two processes write the same key;
+4. finish (after a barrier): process 0 marks N ``applied``, drops versions beyond the last
+   ``keep`` and deletes the deltas nobody can need any more.
 
 A crash before 2 leaves a delta the manifest does not name: it is ignored and deleted on the
 next writable open, and version N-1 is read. A crash after 2 leaves a complete delta that may
@@ -31,11 +37,14 @@ be partly (or wholly) applied: the next open replays the after-images (idempoten
 write is all-or-nothing, so no reader sees a torn block, and ``main`` is never read for a node
 that a pending delta covers without going through that delta: never a silent mix.
 
-Writers and readers. One writer process at a time. Saves pull the dirty rows with
-``device_get``, which needs every shard addressable: multi-host saves (each process writing
-the rows of its own shards, process 0 the manifest) are not implemented yet; loading is
-per-device and works on any host. Read-only handles may be open meanwhile but should not read
-while a save or rollback is being applied.
+A crash of any process before 2 leaves parts the manifest does not name: they are ignored and
+deleted, and version N-1 is read. A crash after 2 leaves a complete version, replayed on open.
+
+Writers and readers. One run (its processes together) writes at a time. A writable open is
+done by the leader (process 0, ``leader=True``), which finishes or rolls back what a crash left
+and collects garbage, and then by the other processes (``leader=False``), which only read.
+Loading reads, per process, only the rows of the devices it holds. Read-only handles may be
+open meanwhile but should not read while a save or rollback is being applied.
 
 Older versions: ``open(version=M)`` reads ``main`` overlaid with, for every node changed after
 M, its before-image from the first later version that changed it; a writable open of M rolls
@@ -64,7 +73,7 @@ from memlm.bank.init import bucket, init_rows
 from memlm.bank.layout import BankLayout, LevelLayout
 
 FORMAT = "memlm-bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-process delta parts and the float32 master
 META_KEY = "bank.json"
 MANIFEST_KEY = "manifest.json"
 KINDS = ("params", "mu", "nu")
@@ -120,12 +129,48 @@ def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take(x, idx, axis=0)
 
 
-def _device_rows(x: jax.Array, nodes: np.ndarray) -> np.ndarray:
-    """Host copy of rows ``nodes`` of a device array (index count padded to a bucket size)."""
-    n = nodes.shape[0]
-    idx = np.full(bucket(n), nodes[-1] if n else 0, np.int32)
-    idx[:n] = nodes
-    return np.asarray(jax.device_get(_take_rows(x, jnp.asarray(idx))))[:n]
+def _barrier(name: str) -> None:
+    """All processes reach this point before any goes on (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"memlm-bank-{name}")
+
+
+def _allgather(values: np.ndarray) -> np.ndarray:
+    """``[processes, *values.shape]``: every process's ``values``."""
+    if jax.process_count() == 1:
+        return values[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def owned_ranges(x: jax.Array) -> list[tuple[int, int, jax.Device]]:
+    """The node ranges ``[start, stop)`` of ``x`` (node axis first) this process writes, each with
+    a local device holding it: a range is owned by the process of the first device holding it."""
+    n = x.shape[0]
+    first: dict[tuple[int, int], jax.Device] = {}
+    for device, index in sorted(x.sharding.devices_indices_map(x.shape).items(), key=lambda kv: kv[0].id):
+        start, stop, _ = index[0].indices(n)
+        first.setdefault((start, stop), device)
+    me = jax.process_index()
+    return [(a, b, d) for (a, b), d in sorted(first.items()) if d.process_index == me]
+
+
+def _local_rows(x: jax.Array, nodes: np.ndarray) -> np.ndarray:
+    """Host copy of rows ``nodes`` (all in this process's owned ranges, sorted) of a sharded array."""
+    out = np.empty((nodes.size, *x.shape[1:]), x.dtype)
+    shards = {s.device: s for s in x.addressable_shards}
+    for start, stop, device in owned_ranges(x):
+        lo, hi = np.searchsorted(nodes, [start, stop])
+        if hi == lo:
+            continue
+        data = shards[device].data
+        idx = np.full(bucket(hi - lo), nodes[hi - 1] - start, np.int32)
+        idx[:hi - lo] = nodes[lo:hi] - start
+        out[lo:hi] = np.asarray(_take_rows(data, jnp.asarray(idx)))[:hi - lo]
+    return out
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -218,12 +263,14 @@ class BankStore:
 
     @classmethod
     def open(cls, location: str | os.PathLike | dict, layout: BankLayout, *, tree_id: str | None = None,
-             version: int | None = None, writable: bool = False, batch_bytes: int = 256 << 20) -> BankStore:
+             version: int | None = None, writable: bool = False, batch_bytes: int = 256 << 20,
+             leader: bool = True) -> BankStore:
         """Open the bank at ``location`` at ``version`` (default: the last complete one).
 
         The stored metadata is checked against ``layout`` (and ``tree_id`` when given); a
-        mismatch raises BankMismatchError naming the field. A writable open first finishes or
-        discards an interrupted save and rolls ``main`` back to ``version`` if it is older.
+        mismatch raises BankMismatchError naming the field. A writable open by the ``leader``
+        first finishes or discards an interrupted save and rolls ``main`` back to ``version`` if
+        it is older; the other processes of a run open writable with ``leader=False`` after it.
         """
         spec = tsio.kvstore_spec(location)
         kv = ts.KvStore.open(spec).result()
@@ -245,15 +292,19 @@ class BankStore:
         store._manifest = tsio.read_json(kv, MANIFEST_KEY)
         if store._manifest is None:
             raise BankStoreError(f"{where}: {MANIFEST_KEY} is missing")
-        if writable:
+        lead = writable and leader
+        if lead:
             store._recover()
         target = store.latest if version is None else int(version)
         if target not in store.versions:
             raise BankStoreError(f"{where}: version {target} is not restorable; kept versions: {store.versions}")
-        if writable and target != store.latest:
+        if lead and target != store.latest:
             store._rollback(target)
-        if writable:
+        if lead:
             store._collect_garbage()
+        elif writable and (target != store.latest or store._manifest["versions"][-1]["state"] != "applied"):
+            raise BankStoreError(f"{where}: version {target} is not the bank's applied latest; the leader opens "
+                                 "the bank first")
         store._build_view(target)
         return store
 
@@ -312,10 +363,19 @@ class BankStore:
     def _max_rows(self, lv: LevelLayout) -> int:
         return max(1, self.batch_bytes // _row_bytes(self.layout, lv))
 
+    def _parts(self, version: int, lv: LevelLayout) -> list[tuple[str, np.ndarray]]:
+        """``[(part suffix "p{i}/", its nodes)]`` of a committed version's delta at a level."""
+        out = []
+        for i, n in enumerate(self._entry(version).get("parts", {}).get(lv.key, [])):
+            if n:
+                part = f"p{i}/"
+                nodes = self._array(f"before/{_vkey(version)}/{lv.key}/{part}", "nodes").read().result()
+                out.append((part, nodes.astype(np.int64)))
+        return out
+
     def _delta_nodes(self, version: int, lv: LevelLayout) -> np.ndarray:
-        if not self._entry(version)["dirty"].get(lv.key):
-            return np.zeros((0,), np.int64)
-        return self._array(f"before/{_vkey(version)}/{lv.key}/", "nodes").read().result().astype(np.int64)
+        parts = self._parts(version, lv)
+        return np.sort(np.concatenate([n for _, n in parts])) if parts else np.zeros((0,), np.int64)
 
     # ---- the view: what this handle reads ------------------------------------------------------
     def _build_view(self, target: int) -> None:
@@ -336,18 +396,16 @@ class BankStore:
             if unapplied:
                 sources = [(target, "after")]
             for version, kind in sources:
-                nodes = self._delta_nodes(version, lv)
-                if nodes.size == 0:
-                    continue
-                fresh = np.flatnonzero(~seen[nodes])
-                seen[nodes] = True
-                group = f"{kind}/{_vkey(version)}/{lv.key}/"
-                groups.append(group)
-                ov_nodes.append(nodes[fresh])
-                ov_src.append(np.full(fresh.size, len(groups) - 1, np.int32))
-                ov_row.append(fresh)
-                count[nodes[fresh]] = self._array(group, "count")[fresh].read().result()
-                written[nodes[fresh]] = self._array(group, "written")[fresh].read().result()
+                for part, nodes in self._parts(version, lv):
+                    fresh = np.flatnonzero(~seen[nodes])
+                    seen[nodes] = True
+                    group = f"{kind}/{_vkey(version)}/{lv.key}/{part}"
+                    groups.append(group)
+                    ov_nodes.append(nodes[fresh])
+                    ov_src.append(np.full(fresh.size, len(groups) - 1, np.int32))
+                    ov_row.append(fresh)
+                    count[nodes[fresh]] = self._array(group, "count")[fresh].read().result()
+                    written[nodes[fresh]] = self._array(group, "written")[fresh].read().result()
             if ov_nodes:
                 nodes = np.concatenate(ov_nodes)
                 order = np.argsort(nodes)
@@ -417,6 +475,38 @@ class BankStore:
             idx = np.array([node], np.int64)
             plans.append({a.name: self._plan_rows(lv, _Field(a.name, "params"), idx) for a in self.layout.arrays})
         return [{name: plan()[0] for name, plan in p.items()} for p in plans]
+
+    def written_nodes(self, level: int) -> np.ndarray:
+        """The nodes of a level that were ever trained at this version (the rest read as their init)."""
+        return np.flatnonzero(self._written[self.layout.level(level).key]).astype(np.int64)
+
+    def read_fields(self, level: int, nodes: np.ndarray) -> dict[str, np.ndarray]:
+        """Every stored field (parameters, moments, counter, written flag) of sorted ``nodes``."""
+        lv = self.layout.level(level)
+        nodes = np.asarray(nodes, np.int64)
+        return {f.path: self._plan_rows(lv, f, nodes)() for f in _fields(self.layout)}
+
+    def save_rows(self, rows: Mapping[int, tuple[np.ndarray, Callable[[np.ndarray], Mapping[str, np.ndarray]]]]) -> int:
+        """A new version from host rows, in one process: ``{level: (sorted nodes, fields_of(nodes))}``
+        with ``fields_of`` returning every field as :meth:`read_fields` does (e.g. merging banks)."""
+        if not self.writable or jax.process_count() > 1:
+            raise BankStoreError(f"{self._where}: save_rows needs a writable handle in a single process")
+        version = int(self._manifest["next_version"])
+        parts = {}
+        for level, (nodes, fn) in rows.items():
+            lv = self.layout.level(level)
+            if len(nodes):
+                self._write_delta(version, lv, np.asarray(nodes, np.int64), fn, part="p0/")
+                parts[lv.key] = [len(nodes)]
+        self._manifest["versions"].append({"version": version, "state": "complete",
+                                           "dirty": {k: v[0] for k, v in parts.items()}, "parts": parts})
+        self._manifest["next_version"] = version + 1
+        self._write_manifest()
+        for lv in self.layout.levels:
+            self._apply_version(version, lv, None)
+        self._mark_applied(version)
+        self.version = version
+        return version
 
     def counts(self, level: int) -> np.ndarray:
         """Per-node update counters of a level at this version."""
@@ -497,10 +587,10 @@ class BankStore:
     def save(self, state: BankState) -> tuple[int, BankState]:
         """Write the blocks dirty since the last save as a new version (module docstring, steps 1-4).
 
-        Returns the new version number (record it with the anchor checkpoint) and the state with
-        its dirty flags cleared. Nodes never updated are not written: they read back as their
-        init, which equals the state's values when it came from :meth:`load` (or from
-        ``init_state`` on the same backend).
+        Every process of the run calls this with its view of the same global state. Returns the
+        new version number (record it with the anchor checkpoint) and the state with its dirty
+        flags cleared. Nodes never updated are not written: they read back as their init, which
+        equals the state's values when it came from :meth:`load` (or ``init_state``).
         """
         if not self.writable:
             raise BankStoreError(f"{self._where}: opened read-only; open it with writable=True to save")
@@ -511,39 +601,93 @@ class BankStore:
         if state.layout.metadata() != self.layout.metadata():
             raise BankMismatchError("layout", f"{self._where}: the state's layout {state.layout.metadata()} differs "
                                     f"from the bank's {self.layout.metadata()}")
+        me, procs = jax.process_index(), jax.process_count()
         version = int(self._manifest["next_version"])
-        dirty = {}
+        mine = {}
         for lv in self.layout.levels:
-            nodes = np.flatnonzero(np.asarray(jax.device_get(state.dirty[lv.key])))
-            if nodes.size:
-                dirty[lv.key] = nodes
+            dirty = state.dirty[lv.key]
+            owned = [np.arange(a, min(b, lv.nodes)) for a, b, _ in owned_ranges(dirty)]
+            owned = np.concatenate(owned) if owned else np.zeros(0, np.int64)
+            flags = _local_rows(dirty, owned) if owned.size else np.zeros(0, bool)
+            mine[lv.key] = owned[flags.astype(bool)]
         for lv in self.layout.levels:
-            if lv.key in dirty:
-                self._write_delta(version, lv, dirty[lv.key], state)
+            if mine[lv.key].size:
+                self._write_delta(version, lv, mine[lv.key], lambda sel, lv=lv: self._state_rows(state, lv, sel),
+                                  part=f"p{me}/")
         self._phase("delta-written")
-        self._manifest["versions"].append({"version": version, "state": "complete",
-                                           "dirty": {k: int(v.size) for k, v in dirty.items()}})
-        self._manifest["next_version"] = version + 1
-        self._write_manifest()
+        counts = _allgather(np.array([mine[lv.key].size for lv in self.layout.levels], np.int64))
+        _barrier(f"v{version}-parts")
+        parts = {lv.key: [int(c) for c in counts[:, i]] for i, lv in enumerate(self.layout.levels)
+                 if counts[:, i].any()}
+        entry = {"version": version, "state": "complete", "dirty": {k: sum(v) for k, v in parts.items()},
+                 "parts": parts}
+        if me == 0:
+            self._manifest["versions"].append(entry)
+            self._manifest["next_version"] = version + 1
+            self._write_manifest()
+        _barrier(f"v{version}-commit")
+        if me != 0:
+            self._manifest = tsio.read_json(self._kv, MANIFEST_KEY)
         self._phase("committed")
         for lv in self.layout.levels:
-            if lv.key in dirty:
-                nodes = dirty[lv.key]
-                self._apply(lv, nodes, lambda i, j, lv=lv, nodes=nodes: self._state_rows(state, lv, nodes[i:j]))
+            if lv.key in parts:
+                self._apply_version(version, lv, state if procs == 1 else None, share=(me, procs))
         self._phase("applied")
-        self._mark_applied(version)
+        _barrier(f"v{version}-applied")
+        if me == 0:
+            self._mark_applied(version)
+        _barrier(f"v{version}-done")
+        if procs > 1:
+            self._manifest = tsio.read_json(self._kv, MANIFEST_KEY)
+            self._build_view(version)
         self.version = version
         self._interrupted = False
         return version, clear_dirty(state)
 
     def _state_rows(self, state: BankState, lv: LevelLayout, nodes: np.ndarray) -> dict[str, np.ndarray]:
+        """All fields of ``nodes`` (sorted, owned by this process) read from this process's devices."""
         rows = {}
         for a in self.layout.arrays:
             for kind, tree in (("params", state.params), ("mu", state.mu), ("nu", state.nu)):
-                rows[f"{a.name}/{kind}"] = _device_rows(tree[lv.key][a.name], nodes)
-        rows["count"] = _device_rows(state.count[lv.key], nodes)
+                rows[f"{a.name}/{kind}"] = _local_rows(tree[lv.key][a.name], nodes)
+        rows["count"] = _local_rows(state.count[lv.key], nodes)
         rows["written"] = np.ones(nodes.size, np.uint8)
         return rows
+
+    def _apply_version(self, version: int, lv: LevelLayout, state: BankState | None,
+                       share: tuple[int, int] = (0, 1)) -> None:
+        """Apply version ``version``'s after-images of a level into ``main``: the zarr shards whose
+        index modulo ``share[1]`` is ``share[0]`` (one process per key). With ``state`` (a single
+        process saving), the rows come straight from the devices instead of being read back."""
+        parts = self._parts(version, lv)
+        if not parts:
+            return
+        nodes = np.concatenate([n for _, n in parts])
+        src = np.concatenate([np.full(n.size, i) for i, (_, n) in enumerate(parts)])
+        row = np.concatenate([np.arange(n.size) for _, n in parts])
+        order = np.argsort(nodes)
+        nodes, src, row = nodes[order], src[order], row[order]
+        shard_nodes = int(self.meta["shard_nodes"][lv.key])
+        keep = (nodes // shard_nodes) % share[1] == share[0]
+        nodes, src, row = nodes[keep], src[keep], row[keep]
+        if not nodes.size:
+            return
+        groups = [f"after/{_vkey(version)}/{lv.key}/{part}" for part, _ in parts]
+
+        def rows_fn(i: int, j: int) -> dict[str, np.ndarray]:
+            if state is not None:
+                return self._state_rows(state, lv, nodes[i:j])
+            out: dict[str, np.ndarray] = {}
+            for g in np.unique(src[i:j]):
+                sel = np.flatnonzero(src[i:j] == g)
+                got = self._delta_rows(groups[int(g)], row[i:j][sel])(0, sel.size)
+                for path, value in got.items():
+                    if path not in out:
+                        out[path] = np.empty((j - i, *value.shape[1:]), value.dtype)
+                    out[path][sel] = value
+            return out
+
+        self._apply(lv, nodes, rows_fn)
 
     def _pipelined(self, batches: Sequence[tuple[int, int]],
                    stage: Callable[[int, int, ts.Transaction], list], done: Callable[[int, int], None]) -> None:
@@ -562,9 +706,11 @@ class BankStore:
             inflight[0].result()
             done(*inflight[1])
 
-    def _write_delta(self, version: int, lv: LevelLayout, nodes: np.ndarray, state: BankState) -> None:
-        """Before- and after-images of ``nodes`` under ``before/vN`` and ``after/vN``, batch by batch."""
-        before, after = (f"{g}/{_vkey(version)}/{lv.key}/" for g in ("before", "after"))
+    def _write_delta(self, version: int, lv: LevelLayout, nodes: np.ndarray,
+                     rows_fn: Callable[[np.ndarray], Mapping[str, np.ndarray]], part: str) -> None:
+        """Before- and after-images of ``nodes`` (this process's part) under ``before/vN/.../part`` and
+        ``after/vN/.../part``, batch by batch."""
+        before, after = (f"{g}/{_vkey(version)}/{lv.key}/{part}" for g in ("before", "after"))
         main = f"main/{lv.key}/"
         n = nodes.size
         self._create_group(before, lv, n, with_nodes=True)
@@ -578,7 +724,7 @@ class BankStore:
             sel = nodes[i:j]
             was = np.flatnonzero(self._written[lv.key][sel])
             old = {f.path: self._array(main, f)[sel[was]].read() for f in fields if f.array} if was.size else {}
-            rows = self._state_rows(state, lv, sel)
+            rows = rows_fn(sel)
             pending = [self._array(after, f).with_transaction(txn)[i:j].write(rows[f.path]) for f in fields]
             pending.append(self._array(before, "count").with_transaction(txn)[i:j].write(self._count[lv.key][sel]))
             pending.append(self._array(before, "written").with_transaction(txn)[i:j].write(self._written[lv.key][sel]))
@@ -648,10 +794,7 @@ class BankStore:
         if latest["state"] == "complete":
             version = latest["version"]
             for lv in self.layout.levels:
-                nodes = self._delta_nodes(version, lv)
-                if nodes.size:
-                    group = f"after/{_vkey(version)}/{lv.key}/"
-                    self._apply(lv, nodes, self._delta_rows(group, np.arange(nodes.size)))
+                self._apply_version(version, lv, None)
             self._mark_applied(version)
 
     def _rollback(self, target: int) -> None:

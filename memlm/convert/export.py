@@ -130,11 +130,11 @@ def export_bank(run_dir: str | os.PathLike, out: str | os.PathLike, quiet: bool 
     from memlm.config import memory_layers
     from memlm.convert.hf_config import ConvertError
     from memlm.model.functional import AnchorFunctional
-    from memlm.train.checkpoint import abstract_like, restore_item
-    from memlm.train.loop import load_run_config
+    from memlm.run.checkpoints import abstract_like, restore_item
+    from memlm.run.directory import RunDir
 
     run_dir, out = Path(run_dir), Path(out)
-    cfg, record = load_run_config(run_dir)
+    cfg, record = RunDir(run_dir).load_config()
     if cfg.memory.type == "none" or not (run_dir / "bank").exists():
         raise ConvertError(f"{str(run_dir)!r} has no memory bank to export (memory.type = {cfg.memory.type!r})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -153,7 +153,7 @@ def write_run(out: Path, cfg: ml_collections.ConfigDict, params: dict[str, np.nd
 
     Kept in one place: the run-directory layout (config.json record, orbax items) lives here only.
     """
-    from memlm.train.checkpoint import Checkpointer
+    from memlm.run.checkpoints import Checkpointer
 
     tmp = _fresh_dir(out)
     try:
@@ -267,11 +267,11 @@ def to_hf(run_dir: str | os.PathLike, out: str | os.PathLike, family: str | None
     """Write a run's newest anchor as an HF checkpoint folder; returns a summary."""
     import jax
 
-    from memlm.train.checkpoint import abstract_like, restore_item
-    from memlm.train.loop import load_run_config
+    from memlm.run.checkpoints import abstract_like, restore_item
+    from memlm.run.directory import RunDir
 
     run_dir, out = Path(run_dir), Path(out)
-    cfg, record = load_run_config(run_dir)
+    cfg, record = RunDir(run_dir).load_config()
     m = _model_keys(cfg.model)
     m.update(max_seq_len=cfg.model.max_seq_len, init_std=cfg.model.init_std)
     origin = _origin(run_dir, record)

@@ -1,29 +1,31 @@
-"""The training loader: grain over the prepared ArrayRecord shards.
+"""The training loader: batches of prepared sequences as a pure function of (seed, step).
 
-- Global shuffle over all sequences of all shards, reshuffled every epoch; epochs repeat forever.
-- The batch is a pure function of (seed, step): global batch ``t`` is global samples
-  ``[t*B, (t+1)*B)`` of the shuffled, repeated stream, and :meth:`Loader.batch_at` computes it
-  directly. Resuming needs no data seek.
-- The iterator (``iter(loader)``) is a grain ``DatasetIterator``: ``get_state`` / ``set_state``, and
-  it checkpoints with orbax through ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``.
-- Hosts: process ``h`` of ``P`` reads global samples ``h, h+P, h+2P, ...``, so its batch ``t`` is
-  its share of global batch ``t``; the hosts' batches are disjoint and together make the global one.
-- Each sequence takes the generic memory with probability ``generic_prob`` (the paper: 1/(k+1)),
-  decided by a hash of (seed, global sample index): the same sequence at the same step always
-  decides the same way, whatever the host count.
-- Reading runs on threads (``data.num_threads``), not processes: records are small and decoding
-  is numpy, so threads keep up (bench/bench_loader.py) without process start-up cost.
+- The stream: a global shuffle (grain's index shuffle) over all sequences, reshuffled every
+  epoch, repeated forever. Global batch ``t`` is stream positions ``[t*B, (t+1)*B)``;
+  :meth:`Loader.batch_at` computes it directly, so resuming needs no data seek and no saved
+  iterator state: a run restarts at its step on any number of processes.
+- Co-location by leaf: prepare writes sequences in leaf order (``leaf_histogram.sequences`` in
+  the manifest counts them per leaf), so a sequence's leaf is a lookup. The global batch is
+  sorted by leaf (ties by stream position) before it is split: process ``h`` of ``P`` takes the
+  ``h``-th contiguous ``B/P`` rows, and inside a process the rows go to its devices in order. A
+  data-parallel shard therefore holds sequences of neighbouring leaves, which are the nodes its
+  shard of the bank owns: most fetched blocks are local, and a micro-batch repeats few nodes.
+  Sorting permutes rows only within a step, so the step's loss and gradient do not change.
+- ``subtree=i``: only the sequences under level-1 node ``i`` (one of the paper's per-subtree
+  frozen-anchor jobs); they are one contiguous range of sequence indices.
+- Each sequence takes the generic memory with probability ``generic_prob`` (the paper:
+  1/(k+1)), decided by a hash of (seed, stream position): whatever the process count.
+- Reading runs on threads (``data.num_threads``) with ``data.prefetch`` batches ahead.
 
 A batch is a dict of numpy arrays: ``tokens``, ``segment_ids``, ``positions`` [B, S] int32,
 ``paths`` [B, depth] int32 (``paths[:, l-1]`` is the level-l node) and ``generic`` [B] bool.
-Padding has segment id 0. The model's loss should skip targets whose segment differs from the
-input's (padding, and the first token of the next document after an EOT).
+Padding has segment id 0.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -41,30 +43,19 @@ def _splitmix64(x: int) -> int:
 
 
 def generic_draw(seed: int, index: int) -> float:
-    """A uniform number in [0, 1) that depends only on (seed, global sample index)."""
+    """A uniform number in [0, 1) that depends only on (seed, global stream position)."""
     return (_splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) >> 11) / float(1 << 53)
-
-
-class _Decode:
-    """grain map-with-index transform: record bytes -> arrays, plus the generic flag."""
-
-    def __init__(self, seed: int, generic_prob: float):
-        self.seed = seed
-        self.generic_prob = generic_prob
-
-    def __call__(self, index: int, record: bytes) -> dict[str, Any]:
-        out = decode_sequence(record)
-        out["paths"] = out.pop("path")
-        out["generic"] = np.bool_(self.generic_prob > 0 and generic_draw(self.seed, index) < self.generic_prob)
-        return out
 
 
 class Loader:
     """Batches of packed sequences from a prepared data directory (see the module docstring)."""
 
     def __init__(self, data_dir: str | os.PathLike, *, batch_size: int, seed: int, generic_prob: float,
-                 process_index: int = 0, process_count: int = 1, num_threads: int = 2, prefetch: int = 4):
+                 process_index: int = 0, process_count: int = 1, num_threads: int = 2, prefetch: int = 4,
+                 subtree: int | None = None):
         import grain
+
+        from memlm.run.paths import location
 
         if batch_size % process_count:
             raise ValueError(f"global batch size {batch_size} is not divisible by the process count {process_count}")
@@ -72,44 +63,82 @@ class Loader:
             raise ValueError(f"process index {process_index} is outside [0, {process_count})")
         if not 0.0 <= generic_prob <= 1.0:
             raise ValueError(f"generic probability {generic_prob} is outside [0, 1]")
-        self.data_dir = Path(data_dir)
-        self.manifest = read_manifest(data_dir)
-        shards = [str(self.data_dir / s) for s in self.manifest["shards"]]
-        missing = [s for s in shards if not Path(s).is_file()]
+        self.data_dir = location(data_dir)
+        self.manifest = read_manifest(self.data_dir)
+        shards = [self.data_dir / s for s in self.manifest["shards"]]
+        missing = [s for s in shards if not s.exists()]
         if missing:
-            raise FileNotFoundError(f"data directory {str(data_dir)!r} lacks shard {missing[0]!r} (in its manifest)")
+            raise FileNotFoundError(f"data directory {str(data_dir)!r} lacks shard {str(missing[0])!r} (in its manifest)")
         self.batch_size = batch_size
         self.host_batch_size = batch_size // process_count
-        self.seed = seed
+        self.seed, self.generic_prob = seed, generic_prob
         self.process_index, self.process_count = process_index, process_count
         self.num_sequences = int(self.manifest["sequences"])
-        source = grain.sources.ArrayRecordDataSource(shards)
-        if len(source) != self.num_sequences:
-            raise ValueError(f"shards of {str(data_dir)!r} hold {len(source)} sequences, "
+        self._source = grain.sources.ArrayRecordDataSource([os.fspath(s) for s in shards])
+        if len(self._source) != self.num_sequences:
+            raise ValueError(f"shards of {str(data_dir)!r} hold {len(self._source)} sequences, "
                              f"the manifest says {self.num_sequences}")
-        stream = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-                  .map_with_index(_Decode(seed, generic_prob)))
-        self._dataset = stream[process_index::process_count].batch(self.host_batch_size, drop_remainder=True)
+        counts = np.asarray(self.manifest.get("leaf_histogram", {}).get("sequences", []), np.int64)
+        self._leaf_starts = np.concatenate([[0], np.cumsum(counts)]) if counts.sum() == self.num_sequences else None
+        lo, hi = 0, self.num_sequences
+        if subtree is not None:
+            k, depth = int(self.manifest["k"]), int(self.manifest["depth"])
+            if not 0 <= subtree < k:
+                raise ValueError(f"config key 'train.subtree' = {subtree}: the tree has level-1 nodes 0..{k - 1}")
+            if self._leaf_starts is None:
+                raise ValueError(f"{str(data_dir)!r} has no per-leaf sequence counts: re-run `memlm prepare`")
+            per = k ** (depth - 1)
+            lo, hi = int(self._leaf_starts[subtree * per]), int(self._leaf_starts[(subtree + 1) * per])
+            if hi == lo:
+                raise ValueError(f"config key 'train.subtree' = {subtree}: no sequences under that level-1 node")
+        self.first, self.count = lo, hi - lo
+        self._stream = grain.MapDataset.range(self.count).seed(seed).shuffle().repeat(None)
         self._read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
     @property
     def steps_per_epoch(self) -> float:
         """Global batches per pass over the data (a fraction: batches straddle epochs)."""
-        return self.num_sequences / self.batch_size
+        return self.count / self.batch_size
+
+    def global_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sequence indices, stream positions) of global batch ``step``, in the order hosts split it."""
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
+        index = self.first + np.fromiter((self._stream[int(p)] for p in positions), np.int64, positions.size)
+        if self._leaf_starts is not None:
+            leaf = np.searchsorted(self._leaf_starts, index, side="right") - 1
+            order = np.lexsort((positions, leaf))
+            index, positions = index[order], positions[order]
+        return index, positions
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        """This host's part of global batch ``step``, computed directly (no iteration)."""
-        return self._dataset[step]
+        """This process's part of global batch ``step``, computed directly (no iteration)."""
+        index, positions = self.global_rows(step)
+        part = slice(self.process_index * self.host_batch_size, (self.process_index + 1) * self.host_batch_size)
+        index, positions = index[part], positions[part]
+        records = self._source.__getitems__([int(i) for i in index])
+        rows = [decode_sequence(r) for r in records]
+        out: dict[str, Any] = {k: np.stack([r[k] for r in rows]) for k in ("tokens", "segment_ids", "positions")}
+        out["paths"] = np.stack([r["path"] for r in rows])
+        p = self.generic_prob
+        out["generic"] = np.array([p > 0 and generic_draw(self.seed, int(i)) < p for i in positions], bool)
+        return out
 
-    def __iter__(self):
-        """A checkpointable grain iterator over this host's batches, from step 0 (``set_state`` to resume)."""
-        return iter(self._dataset.to_iter_dataset(self._read_options))
+    def iterate(self, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """This process's batches from step ``start`` on, read ahead on threads."""
+        import grain
+
+        steps = grain.MapDataset.range(start, start + (1 << 40)).map(self.batch_at)
+        return iter(steps.to_iter_dataset(self._read_options))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.iterate(0)
 
 
 def make_loader(cfg, data_dir: str | os.PathLike, *, process_index: int | None = None,
                 process_count: int | None = None) -> Loader:
     """The loader a config asks for: global batch ``train.batch_size``, seed ``train.seed``, generic
-    probability 1/(tree.k+1) when ``memory.generic`` is on (else 0), hosts from JAX when not given."""
+    probability 1/(tree.k+1) when ``memory.generic`` is on (else 0), ``train.subtree``, hosts from
+    JAX when not given."""
     if process_index is None or process_count is None:
         import jax
 
@@ -119,6 +148,7 @@ def make_loader(cfg, data_dir: str | os.PathLike, *, process_index: int | None =
     if manifest["seq_len"] != cfg.data.seq_len:
         raise ValueError(f"config key 'data.seq_len' = {cfg.data.seq_len}, but {str(data_dir)!r} was packed "
                          f"with seq_len {manifest['seq_len']}")
+    subtree = cfg.train.subtree if cfg.train.subtree >= 0 else None
     return Loader(data_dir, batch_size=cfg.train.batch_size, seed=cfg.train.seed, generic_prob=generic_prob,
                   process_index=process_index, process_count=process_count,
-                  num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch)
+                  num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, subtree=subtree)

@@ -138,10 +138,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a prepared data directory; a clear error when there is none."""
-    path = Path(data_dir) / MANIFEST
+    """The manifest of a prepared data directory (a path or a URL); a clear error when there is none."""
+    from memlm.run.paths import location
+
+    path = location(data_dir) / MANIFEST
     if not path.is_file():
         raise RecordError(f"{str(data_dir)!r} is not a prepared data directory (no {MANIFEST}); "
                           "run `memlm prepare` first")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(path.read_text(encoding="utf-8"))

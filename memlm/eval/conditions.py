@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from memlm.config import CONDITIONS
+from memlm.config import CONDITIONS, ConditionError
 from memlm.memspec import FetchedMemory
 
 __all__ = [
@@ -29,9 +29,6 @@ __all__ = [
     "parse_conditions", "row_index",
 ]
 
-
-class ConditionError(ValueError):
-    """An unknown condition, or a provider that returned memory of the wrong shape."""
 
 
 class MemoryProvider(Protocol):

@@ -171,13 +171,13 @@ def generate_cli(workdir: str, prompt: str, condition: str | None = "fetched", m
 
     ``condition=None``: fetched memory when the run has a bank, else the anchor alone (a converted
     or anchor-only run)."""
-    from memlm.eval.run import load_run
+    from memlm.run.inference import load_run
 
     run = load_run(workdir)
     if condition is None:
         condition = "fetched" if "fetched" in run.conditions else "none"
     if condition not in run.conditions:
-        from memlm.eval.conditions import ConditionError
+        from memlm.config import ConditionError
 
         raise ConditionError(f"condition {condition!r} is not available for {workdir} "
                              f"(available: {', '.join(run.conditions)})")

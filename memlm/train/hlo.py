@@ -63,11 +63,11 @@ def summary(items: list[Collective]) -> list[dict]:
 
 
 def largest_buffers(hlo_text: str, n: int = 3) -> list[str]:
-    """The ``n`` largest array shapes produced by any instruction (what a memory overrun is made of)."""
+    """The ``n`` largest array shapes computed by the module (inputs excluded): what an overrun is made of."""
     seen: dict[str, int] = {}
     for line in hlo_text.splitlines():
-        if "=" not in line:
-            continue
+        if "=" not in line or any(op in line for op in (" parameter(", " get-tuple-element(", " bitcast(")):
+            continue  # inputs and views of them are not new buffers
         head = line.split("=", 1)[1].split("(", 1)[0] if "(" in line else line.split("=", 1)[1]
         for d, dims in _arrays(head):
             key = f"{d}[{','.join(map(str, dims))}]"

@@ -10,12 +10,11 @@ uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,21 +22,20 @@ import ml_collections
 import numpy as np
 
 from memlm.config import ConfigError, validate
+from memlm.run.checkpoints import Checkpointer, abstract_like, restore_item
+from memlm.run.directory import RunDir
+from memlm.run.paths import location
 from memlm.train import bank_io
-from memlm.train.checkpoint import Checkpointer, abstract_like, restore_item
 from memlm.train.mesh import build_mesh, check_batch, maybe_initialize_distributed
 from memlm.train.metrics import MetricsWriter, device_peak_flops
 from memlm.train.step import TrainState, build, device_batch
-
-# Config sections that define the model and bank: a resumed run must not change them.
-FROZEN_SECTIONS = ("model", "memory", "tree")
 
 
 class TrainingError(ValueError):
     """Training cannot go on (non-finite loss, incompatible run directory): the message says why."""
 
 
-def _check_data(cfg: ml_collections.ConfigDict, data_dir: Path) -> dict:
+def _check_data(cfg: ml_collections.ConfigDict, data_dir) -> dict:
     from memlm.data.records import read_manifest
 
     if not (data_dir / "manifest.json").exists():
@@ -54,54 +52,37 @@ def _check_data(cfg: ml_collections.ConfigDict, data_dir: Path) -> dict:
     return manifest
 
 
-def _record_config(cfg: ml_collections.ConfigDict, workdir: Path, data_dir: Path, init_from: str | None) -> None:
-    path = workdir / "config.json"
-    new = json.loads(cfg.to_json())
-    if path.exists():
-        old = json.loads(path.read_text())
-        for section in FROZEN_SECTIONS:
-            if old.get("config", {}).get(section) != new[section]:
-                diff = {k: (old["config"][section].get(k), v) for k, v in new[section].items()
-                        if old["config"][section].get(k) != v}
-                raise ConfigError(f"config section {section!r} differs from the run in {str(workdir)!r} "
-                                  f"(was -> now: {diff}); use a new --workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
-    record = {"config": new, "data_dir": str(data_dir.resolve()),
-              "init_from": str(Path(init_from).resolve()) if init_from else None}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
-
-
-def load_run_config(workdir: str | Path) -> tuple[ml_collections.ConfigDict, dict]:
+def load_run_config(workdir) -> tuple[ml_collections.ConfigDict, dict]:
     """The config a run used, and its record (data_dir, init_from)."""
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{str(workdir)!r} is not a memlm run directory (no config.json)")
-    record = json.loads(path.read_text())
-    cfg = ml_collections.ConfigDict(record["config"])
-    for section in cfg:
-        if isinstance(cfg[section], ml_collections.ConfigDict) and "sizes" in cfg[section]:
-            cfg[section].sizes = tuple(cfg[section].sizes)
-    return validate(cfg), record
+    return RunDir(workdir).load_config()
 
 
 def anchor_items(state: TrainState) -> dict:
     return {"params": state.params, "opt": {"opt_state": state.opt_state, "step": state.step}}
 
 
-def load_anchor_params(workdir: str | Path, shapes: Any, shardings: Any) -> tuple[int, Any]:
+def load_anchor_params(workdir, shapes: Any, shardings: Any) -> tuple[int, Any]:
     """The newest complete anchor parameters of another run (for ``--init-from``)."""
-    other, _ = load_run_config(workdir)
-    mine = {k: tuple(v.shape) for k, v in shapes.items()}
     from memlm.model.functional import AnchorFunctional
 
+    other, _ = RunDir(workdir).load_config()
+    mine = {k: tuple(v.shape) for k, v in shapes.items()}
     theirs = {k: tuple(v.shape) for k, v in AnchorFunctional(other).shapes.items()}
     if mine != theirs:
         bad = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ConfigError(f"--init-from {str(workdir)!r}: its anchor differs in {bad[:4]} (a different model config)")
     step, params, _ = restore_item(workdir, "params", abstract_like(shapes, shardings))
     return step, params
+
+
+def agreed(flag: bool) -> bool:
+    """Whether any process raised ``flag``: every process gets the same answer, so all of them
+    save the same step and stop together (a preemption notice may reach only some hosts)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
 
 
 class _Preemption:
@@ -173,49 +154,74 @@ def _progress(quiet: bool, total: int, done: int):
     return bar
 
 
-def train(cfg: ml_collections.ConfigDict, data_dir: str | Path = "data/facts", workdir: str | Path = "runs/tiny",
-          init_from: str | None = None, quiet: bool = False) -> dict:
-    """Train per ``cfg.train`` (mode, steps, ...); resume from ``workdir`` when it has checkpoints."""
-    maybe_initialize_distributed()
+def train(cfg: ml_collections.ConfigDict, data_dir: str = "data/facts", workdir: str = "runs/tiny",
+          init_from: str | None = None, quiet: bool = False, allow_config_change: bool = False,
+          distributed: dict | None = None) -> dict:
+    """Train per ``cfg.train`` (mode, steps, ...); resume from ``workdir`` when it has checkpoints.
+
+    Nothing in the run directory changes before it is known that the run can go on: a config
+    that differs from the run's in a section that defines the model or bank (or, without
+    ``allow_config_change``, in ``train``), and checkpoints of which none restores, stop the
+    run with one line and leave every file as it was. ``distributed``: the ``--coordinator``,
+    ``--num-processes``, ``--process-id`` (and ``--local-device-ids``) of several processes.
+    """
+    maybe_initialize_distributed(**(distributed or {}))
     validate(cfg)
     t = cfg.train
-    data_dir, workdir = Path(data_dir), Path(workdir)
-    if t.mode in ("frozen", "cotrain") and not init_from and not (workdir / "checkpoints").exists():
+    data_dir, run = location(data_dir), RunDir(workdir)
+    workdir = run.path
+    leader = jax.process_index() == 0
+    has_checkpoints = bool(run.checkpoint_steps())
+    if t.mode in ("frozen", "cotrain") and not init_from and not has_checkpoints:
         raise ConfigError(f"config key 'train.mode' = {t.mode!r} starts from a pretrained anchor: pass --init-from")
     mesh = build_mesh(cfg)
     check_batch(cfg, mesh)
     manifest = _check_data(cfg, data_dir)
-    _record_config(cfg, workdir, data_dir, init_from)
+    run.check_config(cfg, allow_train_change=allow_config_change)
 
     from memlm.data.loader import make_loader
+
+    with run.lock() if leader else contextlib.nullcontext():
+        fns = build(cfg, mesh)
+        loader = make_loader(cfg, data_dir)
+        banks = bank_io.RunBanks(workdir, fns.bank_layout, fns.generic_layout, cfg, mesh,
+                                 tree_id=str(manifest["tree"]["id"]))
+        abstract = abstract_like(anchor_items(fns.abstract_state()), anchor_items(fns.state_shardings))
+        ckpt = None
+        restored = None
+        if has_checkpoints:
+            probe = Checkpointer(workdir, keep=t.keep_checkpoints)
+            try:
+                restored = probe.restore(abstract, bank_ok=banks.why_not)  # raises CheckpointError: nothing changed
+            finally:
+                probe.close()
+        log = (lambda *a: None) if quiet or not leader else (lambda *a: print(*a, flush=True))
+        if leader:
+            run.write_config(cfg, os.fspath(data_dir), init_from)
+        ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
+        if restored is not None:
+            step0, items, meta = restored
+            loaded = banks.load(meta)
+            state = TrainState(step=items["opt"]["step"], params=items["params"], opt_state=items["opt"]["opt_state"],
+                               bank=loaded.get("bank"), generic=loaded.get("generic"))
+            log(f"memlm train: resumed {workdir} at step {step0}")
+        else:
+            step0 = 0
+            state = fns.init(t.seed, with_banks=False)
+            if init_from:
+                src_step, params = load_anchor_params(init_from, fns.fn.shapes, fns.state_shardings.params)
+                state = state.replace(params=params)
+                log(f"memlm train: anchor initialised from {init_from} (step {src_step})")
+            created = banks.create()
+            state = state.replace(bank=created.get("bank"), generic=created.get("generic"))
+        return _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet)
+
+
+def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
     from memlm.model.accounting import accounting
 
-    fns = build(cfg, mesh)
-    loader = make_loader(cfg, data_dir)
-    data_iter = iter(loader)
-    ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
-    banks = bank_io.RunBanks(workdir, fns.bank_layout, fns.generic_layout, cfg, mesh,
-                             tree_id=str(manifest["tree"]["id"]))
-
-    state = fns.init(t.seed, with_banks=False)
-    abstract = abstract_like(anchor_items(state), anchor_items(fns.state_shardings))
-    restored = ckpt.restore(abstract, data_iter, bank_ok=banks.can_open)
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    if restored is not None:
-        step0, items, meta = restored
-        loaded = banks.load(meta)
-        state = TrainState(step=items["opt"]["step"], params=items["params"], opt_state=items["opt"]["opt_state"],
-                           bank=loaded.get("bank"), generic=loaded.get("generic"))
-        log(f"memlm train: resumed {workdir} at step {step0}")
-    else:
-        step0 = 0
-        if init_from:
-            src_step, params = load_anchor_params(init_from, fns.fn.shapes, fns.state_shardings.params)
-            state = state.replace(params=params)
-            log(f"memlm train: anchor initialised from {init_from} (step {src_step})")
-        created = banks.create()
-        state = state.replace(bank=created.get("bank"), generic=created.get("generic"))
-
+    t = cfg.train
+    workdir = run.path
     acc = accounting(cfg)
     fl = acc["flops_per_token"]
     peak, peak_src = device_peak_flops()
@@ -223,14 +229,16 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str | Path = "data/facts", w
     bytes_per_block = acc["fetched_params"] * np.dtype(cfg.memory.dtype).itemsize if fns.bank_layout else 0
     writer = MetricsWriter(workdir)
     log(f"memlm train: {cfg.name} mode={t.mode} steps={t.steps} batch={t.batch_size}x{cfg.data.seq_len} "
-        f"devices={n_dev} mesh={dict(mesh.shape)} anchor={acc['anchor_params']:,} params "
+        f"(micro-batch {fns.plan.microbatch}) devices={n_dev} processes={jax.process_count()} "
+        f"mesh={dict(fns.state_shardings.step.mesh.shape)} anchor={acc['anchor_params']:,} params "
         f"fetched={acc['fetched_params'] if fns.bank_layout else 0:,} -> {workdir}")
 
     last_good = step0
     window = _Window()
     result: dict[str, Any] = {"preempted": False}
     step = step0
-    bar = _progress(quiet, t.steps, step0)
+    data_iter = loader.iterate(step0)
+    bar = _progress(quiet or jax.process_index() != 0, t.steps, step0)
     with _Preemption() as preempt, bar:
         task = bar.tasks[0].id
         while step < t.steps:
@@ -241,10 +249,13 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str | Path = "data/facts", w
             step += 1
             window.add(host, fns.bank_layout is not None)
             log_now = step % t.log_every == 0 or step == t.steps
-            save_now = step % t.checkpoint_every == 0 or step == t.steps or preempt.requested
+            save_now = step % t.checkpoint_every == 0 or step == t.steps
             # Block every few steps: multi-device CPU collectives can deadlock when too many steps queue.
+            # The same steps on every process: that is where they agree on a preemption.
             if not (log_now or save_now or step % 4 == 0):
                 continue
+            stop = agreed(preempt.requested)
+            save_now = save_now or stop
             m = jax.device_get(metrics)
             loss = float(m["loss"])
             if not math.isfinite(loss):
@@ -267,12 +278,13 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str | Path = "data/facts", w
                         f"loader wait {1e3 * scalars['loader_wait_s']:.1f} ms")
                 result["last"] = scalars
                 window = _Window()
+                run.heartbeat()
             if save_now:
-                saved, meta = banks.save({"bank": state.bank, "generic": state.generic})
+                saved, meta = banks.save({"bank": state.bank, "generic": state.generic}, step)
                 state = state.replace(bank=saved.get("bank", state.bank), generic=saved.get("generic", state.generic))
-                ckpt.save(step, anchor_items(state), {**meta, "step": step}, data_iter)
+                ckpt.save(step, anchor_items(state), {**meta, "step": step})
                 last_good = step
-            if preempt.requested:
+            if stop:
                 result["preempted"] = True
                 break
     ckpt.close()

@@ -47,15 +47,22 @@ class MetricsWriter:
     """Writes each logged step to ``metrics.jsonl`` and TensorBoard (process 0 only)."""
 
     def __init__(self, workdir: str | Path, enabled: bool | None = None):
+        from memlm.run.paths import is_local, location
+
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = Path(workdir) / "metrics.jsonl"
+        root = location(workdir)
+        self.path = root / "metrics.jsonl"
+        self._local = is_local(root)
+        self._lines: list[str] | None = None  # remote stores cannot append: the file is rewritten whole
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._local:
+                self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=10)
+                self._tb = SummaryWriter(str(root / "tensorboard"), flush_secs=10) if self._local else None
             except ImportError:  # TensorBoard events are optional; metrics.jsonl always exists
                 self._tb = None
 
@@ -64,8 +71,13 @@ class MetricsWriter:
             return
         clean = {k: (float(v) if isinstance(v, np.floating | np.integer | float | int) else v)
                  for k, v in scalars.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        line = json.dumps({"step": int(step), **clean}) + "\n"
+        if self._lines is None:
+            with open(self.path, "a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float | int):
@@ -81,7 +93,9 @@ class MetricsWriter:
 
 def read_metrics(workdir: str | Path) -> list[dict]:
     """All logged steps of a run (the last record wins for a step logged twice after a resume)."""
-    path = Path(workdir) / "metrics.jsonl"
+    from memlm.run.paths import location
+
+    path = location(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     by_step: dict[int, dict] = {}

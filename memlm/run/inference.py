@@ -1,0 +1,135 @@
+"""Opening a trained run for inference: its anchor parameters, tokenizer, tree and banks.
+
+A run is opened with the data directory it was trained on (recorded in its config.json): the
+same tokenizer, the same tree and the same embedder, so a text routes through exactly the code
+that routed the training documents. ``memlm eval``, ``memlm generate`` and conversion all open
+runs here; none of them imports training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from memlm.config import ConditionError, apply_overrides, validate
+from memlm.memspec import FetchedMemory
+from memlm.model.functional import AnchorFunctional
+from memlm.run.checkpoints import abstract_like, restore_item
+from memlm.run.directory import RunDir
+from memlm.run.paths import location
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything needed to score a trained run."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: epath.Path
+    data_dir: epath.Path
+    fn: AnchorFunctional
+    params: Any
+    step: int
+    tokenizer: Any
+    memory: RunMemory
+
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        """The conditions this run supports (an anchor-only run has only ``none``)."""
+        return self.memory.available
+
+
+class RunMemory:
+    """The run's :class:`~memlm.eval.conditions.MemoryProvider`: texts -> embed -> route -> gather.
+
+    ``fetched`` routes each text greedily; ``blocked`` takes, at ``block_level``, the next-best
+    sibling of the text's own node (the paper's blocking test); ``generic`` is the run's generic
+    memory (one row shared by all texts); ``none`` is no memory. Embeddings are cached per text,
+    so scoring several conditions embeds each context once.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: epath.Path, data_dir: epath.Path, manifest: dict,
+                 meta: dict | None = None):
+        self.cfg = cfg
+        self.bank = self.generic = None
+        self.tree = self.embedder = None
+        self._emb_cache: dict[str, np.ndarray] = {}
+        available = ["none"]
+        if cfg.memory.type != "none" and (workdir / "bank").exists():
+            from memlm.bank.layout import BankLayout
+            from memlm.bank.store import BankStore
+            from memlm.retrieval import Tree, get_embedder
+
+            tree_info = manifest["tree"]
+            self.tree = Tree.load(data_dir / tree_info["path"], expect_dim=int(tree_info["dim"]),
+                                  expect_embedder=tree_info["embedder"])
+            ecfg = ml_collections.ConfigDict(cfg.to_dict())
+            ecfg.tree.embedder = tree_info["embedder"]
+            self.embedder = get_embedder(ecfg)
+            # The bank version the loaded checkpoint pairs with (a later, unpaired save is not used).
+            meta = meta or {}
+            self.bank = BankStore.open(workdir / "bank", BankLayout.from_config(cfg), tree_id=self.tree.id,
+                                       version=meta.get("bank_version")).load(inference=True)
+            available += ["fetched", "blocked"]
+            if cfg.memory.generic and (workdir / "generic").exists():
+                self.generic = BankStore.open(workdir / "generic", BankLayout.generic_from_config(cfg),
+                                              version=meta.get("generic_version")).load(inference=True)
+                available.insert(1, "generic")
+        self.available = tuple(available)
+        self._gather = jax.jit(_gather)
+
+    def paths(self, texts: list[str], condition: str = "fetched") -> np.ndarray:
+        """The tree path of each text under ``fetched`` or ``blocked`` routing."""
+        from memlm.retrieval import route
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self._emb_cache]
+        if missing:
+            for t, e in zip(missing, self.embedder.embed(missing), strict=True):
+                self._emb_cache[t] = e
+        emb = np.stack([self._emb_cache[t] for t in texts])
+        block = self.cfg.eval.block_level if condition == "blocked" else None
+        return route(self.tree, emb, block_level=block)
+
+    def __call__(self, texts: list[str], condition: str) -> FetchedMemory | None:
+        if condition not in self.available:
+            raise ConditionError(f"condition {condition!r} is not available for this run "
+                                 f"(available: {', '.join(self.available)})")
+        if condition == "none":
+            return None
+        if condition == "generic":
+            return self._gather(self.generic, jnp.zeros((1, 1), jnp.int32))
+        return self._gather(self.bank, jnp.asarray(self.paths(texts, condition)))
+
+
+def _gather(state, paths):
+    from memlm.bank.device import gather
+
+    return gather(state, paths)
+
+
+def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+             overrides: dict[str, str] | None = None) -> Run:
+    """Load a run's config, newest complete anchor parameters, tokenizer, tree and banks."""
+    from memlm.data.records import read_manifest
+    from memlm.data.tokenizer import load_tokenizer
+
+    workdir = location(workdir)
+    cfg, record = RunDir(workdir).load_config()
+    if overrides:
+        apply_overrides(cfg, {k: v for k, v in overrides.items() if k.startswith("eval.")})
+        validate(cfg)
+    data_dir = location(data_dir or record["data_dir"])
+    manifest = read_manifest(data_dir)
+    fn = AnchorFunctional(cfg)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    step, params, meta = restore_item(workdir, "params",
+                                      abstract_like(fn.shapes, jax.tree.map(lambda _: one, fn.shapes)))
+    tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["path"], cfg.model.vocab_multiple)
+    return Run(cfg=cfg, workdir=workdir, data_dir=data_dir, fn=fn, params=params, step=step, tokenizer=tokenizer,
+               memory=RunMemory(cfg, workdir, data_dir, manifest, meta))
