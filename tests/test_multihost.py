@@ -1,0 +1,145 @@
+"""Several processes for real: `memlm train` on 2 processes x 2 CPU devices (loopback, gloo) against
+one process, a process killed in the middle of a bank save, and checkpoints restored onto another
+process count. Every comparison is against an uninterrupted single-process run."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memlm.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+FLAGS = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
+         "--config.model.head_dim=16", "--config.model.d_ff=64", "--config.train.batch_size=8",
+         "--config.train.microbatch_size=4", "--config.train.log_every=1", "--config.train.checkpoint_every=3",
+         "--config.train.steps=9", "--config.train.warmup_steps=2", "--config.train.memory_warmup_steps=2",
+         "--config.bank.replicate_levels=0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, extra: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(extra or {})
+    return env
+
+
+def launch(args, processes=1, devices=4, extra_env=None, kill_at=None):
+    """Start ``memlm train`` on ``processes`` processes sharing ``devices`` CPU devices."""
+    cmd = [sys.executable, "-m", "memlm.cli", "train", *args]
+    if processes == 1:
+        return [subprocess.Popen(cmd, cwd=REPO, env=_env(devices, extra_env), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)]
+    port = _free_port()
+    procs = []
+    for i in range(processes):
+        env = dict(extra_env or {})
+        if kill_at:
+            env["MEMLM_KILL_AT"] = kill_at
+        procs.append(subprocess.Popen(
+            [*cmd, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i)],
+            cwd=REPO, env=_env(devices // processes, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    return procs
+
+
+def finish(procs, timeout=600):
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def losses(run) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run)}
+
+
+def train_args(data, run, *extra):
+    return ["--data", str(data), "--workdir", str(run), *FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(facts_data, tmp_path_factory):
+    """The uninterrupted scratch run: one process, 4 devices, 9 steps."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    finish(launch(train_args(facts_data, run, "--config.train.mode=scratch"), devices=4))
+    ref = losses(run)
+    assert sorted(ref) == list(range(1, 10)) and ref[9] < ref[1]
+    return ref
+
+
+def test_kill_one_process_mid_bank_save_then_resume_on_2x2_1x4_and_1x2(facts_data, reference, tmp_path):
+    """2 processes x 2 devices: process 1 is SIGKILLed while the step-6 bank version is being written.
+    The step-6 version never exists; a restart of both resumes from step 3 and gives the uninterrupted
+    losses; the same step-3 checkpoint also continues on 1 process x 4 devices and 1 x 2."""
+    run = tmp_path / "run"
+    args = train_args(facts_data, run, "--config.train.mode=scratch")
+    procs = launch(args, processes=2, kill_at="bank-delta-written:6:1")
+    deadline = time.time() + 600
+    while procs[1].poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert procs[1].returncode == -signal.SIGKILL, procs[1].communicate()[0][-2000:]
+    procs[0].kill()  # its peer is gone: it would wait at the save's barrier
+    for p in procs:
+        p.communicate()
+    import json
+
+    from memlm.bank.store import MANIFEST_KEY
+
+    manifest = json.loads((run / "bank" / MANIFEST_KEY).read_text())
+    assert [e["version"] for e in manifest["versions"]][-1] == 1, manifest  # step 3's version, not step 6's
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [3]
+    for name in ("one_by_4", "one_by_2"):
+        shutil.copytree(run, tmp_path / name)
+
+    finish(launch(args, processes=2))
+    got = losses(run)
+    assert sorted(got) == list(range(1, 10))
+    np.testing.assert_allclose([got[s] for s in range(1, 10)], [reference[s] for s in range(1, 10)], rtol=1e-5)
+
+    for name, devices in (("one_by_4", 4), ("one_by_2", 2)):
+        other = tmp_path / name
+        finish(launch(train_args(facts_data, other, "--config.train.mode=scratch"), devices=devices))
+        got = losses(other)
+        np.testing.assert_allclose([got[s] for s in range(4, 10)], [reference[s] for s in range(4, 10)],
+                                   rtol=1e-5, err_msg=name)
+
+
+def test_cotrain_on_two_processes_equals_one_and_saves_a_bank_one_process_loads(facts_data, tmp_path):
+    anchor = tmp_path / "anchor"
+    finish(launch(train_args(facts_data, anchor, "--config.train.mode=anchor", "--config.train.steps=3"), devices=2))
+    extra = ["--config.train.mode=cotrain", "--config.train.steps=6", "--init-from", str(anchor)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(launch(train_args(facts_data, one, *extra), devices=4))
+    finish(launch(train_args(facts_data, two, *extra), processes=2))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+    from memlm.bank.layout import BankLayout
+    from memlm.bank.store import BankStore
+    from memlm.run.directory import RunDir
+
+    cfg, _ = RunDir(two).load_config()
+    for part, layout in (("bank", BankLayout.from_config(cfg)), ("generic", BankLayout.generic_from_config(cfg))):
+        x, y = BankStore.open(two / part, layout), BankStore.open(one / part, layout)
+        assert x.versions == y.versions
+        for lv in layout.levels:
+            nodes = y.written_nodes(lv.level)
+            assert nodes.size and np.array_equal(x.written_nodes(lv.level), nodes)
+            for kind in ("params", "mu"):
+                np.testing.assert_allclose(x.read_rows(lv.level, "w1", nodes, kind),
+                                           y.read_rows(lv.level, "w1", nodes, kind), rtol=2e-4, atol=2e-6)
