@@ -78,6 +78,8 @@ def _cmd_info(args, cfg) -> None:
         ("memory type", f"{acc['memory_type']} {tuple(acc['memory_sizes'])}"),
         ("fetched parameters", f"{acc['fetched_params']:,} ({100 * acc['fetched_ratio']:.1f}% of anchor)"),
         ("bank parameters", f"{acc['bank_params']:,} ({acc['bank_bytes'] / 1e9:.2f} GB in {acc['bank_dtype']})"),
+        ("bank training state", f"{acc['bank_state_bytes'] / 1e9:.2f} GB ({acc['master_dtype']} master + float32 "
+                                "moments + counters)"),
         ("generic memory", f"{acc['generic_params']:,}"),
         (f"train FLOPs/token (S={acc['seq_len']})",
          f"anchor {fl['anchor_train']:.3e}, memory {fl['memory_train']:.3e}"),

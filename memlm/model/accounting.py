@@ -76,6 +76,10 @@ def accounting(cfg: ml_collections.ConfigDict, seq_len: int | None = None) -> di
         bank_params=bank,
         bank_bytes=bank * bytes_per,
         bank_dtype=cfg.memory.dtype,
+        master_dtype=cfg.memory.master_dtype,
+        # The training state: master parameters, two float32 moments, a 4-byte step counter per node.
+        bank_state_bytes=bank * (np.dtype(jax.numpy.dtype(cfg.memory.master_dtype)).itemsize + 8)
+        + 4 * sum(x["nodes"] for x in levels),
         generic_params=generic,
         seq_len=seq,
         flops_per_token=dict(
