@@ -24,8 +24,8 @@ RUNS = [
 
 
 def main() -> None:
-    print(f"| preset | topology | mesh | batch / micro | arguments | temporaries | total | capacity | fits | "
-          f"largest all-gather | largest collective | compile s |")
+    print("| preset | topology | mesh | batch / micro | arguments | temporaries | total | capacity | fits | "
+          "largest all-gather | largest collective | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for preset, topology, extra in RUNS:
         t = time.time()
