@@ -143,3 +143,18 @@ def test_cotrain_on_two_processes_equals_one_and_saves_a_bank_one_process_loads(
             for kind in ("params", "mu"):
                 np.testing.assert_allclose(x.read_rows(lv.level, "w1", nodes, kind),
                                            y.read_rows(lv.level, "w1", nodes, kind), rtol=2e-4, atol=2e-6)
+
+
+def test_a_preemption_notice_to_one_process_stops_both_at_the_same_saved_step(facts_data, tmp_path):
+    run = tmp_path / "run"
+    procs = launch(train_args(facts_data, run, "--config.train.mode=scratch", "--config.train.steps=400",
+                              "--config.train.checkpoint_every=200"), processes=2)
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(r["step"] >= 5 for r in read_metrics(run)):
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)  # only one host gets the notice
+    outs = finish(procs)
+    assert "stopped at step" in outs[0]
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and 5 <= steps[0] < 400, steps
+    assert max(r["step"] for r in read_metrics(run)) <= steps[0] + 4
