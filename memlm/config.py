@@ -105,6 +105,9 @@ def default_config() -> ml_collections.ConfigDict:
         dict(
             replicate_levels=1,  # levels up to this one are replicated on every device (an explicit choice)
             exchange_rows=0,  # rows per destination per exchange round; 0: an even share of a micro-batch
+            device_levels=-1,  # levels 1..device_levels live on device; deeper ones off device (-1: all on device)
+            host_cache_bytes=0,  # off-device levels: 0 = whole in host memory; > 0 = read from tensorstore, cached
+            device_bytes=0,  # > 0: the bank state a device may hold; a bigger one fails naming levels to move off
         )
     )
 
@@ -358,7 +361,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(cfg, "memory.master_dtype", DTYPES)
     if mem.master_dtype == "bfloat16" and mem.dtype == "float32":
         _fail("memory.master_dtype", mem.master_dtype, "a bfloat16 master cannot feed a float32 compute copy")
-    _check_positive(cfg, "bank", ("replicate_levels", "exchange_rows"), strict=False)
+    _check_positive(cfg, "bank", ("replicate_levels", "exchange_rows", "host_cache_bytes", "device_bytes"),
+                    strict=False)
+    dl = cfg.bank.device_levels
+    if not isinstance(dl, int) or dl < -1:
+        _fail("bank.device_levels", dl, "must be -1 (every level on device) or a level count >= 0")
+    if dl != -1 and dl < cfg.bank.replicate_levels and mem.type != "none":
+        _fail("bank.device_levels", dl, f"replicated levels (bank.replicate_levels = {cfg.bank.replicate_levels}) "
+              "stay on device: move fewer levels off device or replicate fewer")
 
     _check_positive(cfg, "tree", ("k", "depth", "kmeans_steps", "kmeans_batch", "balance_factor", "embed_window",
                                   "embed_batch", "embed_max_tokens"))

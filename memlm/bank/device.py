@@ -43,6 +43,7 @@ class LevelPlacement:
     nodes: int
     padded: int
     shards: int
+    slots: int = 0  # > 0: the level lives off device; each shard holds this many rows of it per step
 
     @property
     def replicated(self) -> bool:
@@ -50,7 +51,13 @@ class LevelPlacement:
 
     @property
     def per_shard(self) -> int:
+        """Nodes each shard owns (of the whole level, wherever its rows live)."""
         return self.padded // self.shards
+
+    @property
+    def device_rows(self) -> int:
+        """Rows of the level on device: the whole (padded) level, or ``shards x slots`` off device."""
+        return self.shards * self.slots if self.slots else self.padded
 
 
 def dp_size(mesh: Mesh) -> int:
@@ -58,13 +65,15 @@ def dp_size(mesh: Mesh) -> int:
     return int(mesh.shape.get("data", 1)) * int(mesh.shape.get("fsdp", 1))
 
 
-def level_placement(layout: BankLayout, mesh: Mesh | None, replicate_levels: int = 1) -> dict[str, LevelPlacement]:
-    """Placement of every level of ``layout`` on ``mesh`` (None: one device)."""
+def level_placement(layout: BankLayout, mesh: Mesh | None, replicate_levels: int = 1,
+                    slots: Mapping[str, int] | None = None) -> dict[str, LevelPlacement]:
+    """Placement of every level of ``layout`` on ``mesh`` (None: one device); ``slots`` gives the
+    per-shard device rows of the levels that live off device (``memlm.bank.tiers``)."""
     shards = 1 if mesh is None else dp_size(mesh)
     out = {}
     for lv in layout.levels:
         n = 1 if lv.level <= replicate_levels else shards
-        out[lv.key] = LevelPlacement(lv.key, lv.nodes, -(-lv.nodes // n) * n, n)
+        out[lv.key] = LevelPlacement(lv.key, lv.nodes, -(-lv.nodes // n) * n, n, int((slots or {}).get(lv.key, 0)))
     return out
 
 
@@ -86,7 +95,8 @@ class BankState:
 
 
 def bank_shardings(layout: BankLayout, mesh: Mesh, *, replicate_levels: int = 1,
-                   rules: Mapping[str, Sequence[str]] | None = None) -> BankState:
+                   rules: Mapping[str, Sequence[str]] | None = None,
+                   slots: Mapping[str, int] | None = None) -> BankState:
     """A BankState whose leaves are the NamedShardings of each state array (for in/out_shardings).
 
     ``rules`` maps logical axes to mesh axes (``memlm.sharding.logical_to_spec`` semantics; default:
@@ -96,7 +106,7 @@ def bank_shardings(layout: BankLayout, mesh: Mesh, *, replicate_levels: int = 1,
     """
     rules = dict(DEFAULT_RULES if rules is None else rules)
     rules.pop(NODE_AXIS, None)  # the node axis follows the level's placement
-    placement = level_placement(layout, mesh, replicate_levels)
+    placement = level_placement(layout, mesh, replicate_levels, slots)
     params, nodes = {}, {}
     for lv in layout.levels:
         pl = placement[lv.key]
@@ -112,7 +122,7 @@ def bank_shardings(layout: BankLayout, mesh: Mesh, *, replicate_levels: int = 1,
 def _init(layout: BankLayout, seed: int, placement: Mapping[str, LevelPlacement]) -> BankState:
     params, mu, count, dirty = {}, {}, {}, {}
     for lv in layout.levels:
-        rows = placement[lv.key].padded
+        rows = placement[lv.key].device_rows
         ids = jnp.arange(rows, dtype=jnp.int32)
         real = ids < lv.nodes
         params[lv.key] = {}
@@ -139,9 +149,11 @@ def init_state(layout: BankLayout, seed: int, mesh: Mesh | None = None, *, repli
     return jax.jit(lambda: _init(layout, seed, placement), out_shardings=shardings)()
 
 
-def abstract_bank(layout: BankLayout, mesh: Mesh | None, replicate_levels: int = 1) -> BankState:
-    """The shapes and dtypes of a bank's state on ``mesh`` (padded node axes), allocating nothing."""
-    return jax.eval_shape(lambda: _init(layout, 0, level_placement(layout, mesh, replicate_levels)))
+def abstract_bank(layout: BankLayout, mesh: Mesh | None, replicate_levels: int = 1,
+                  slots: Mapping[str, int] | None = None) -> BankState:
+    """The shapes and dtypes of a bank's state on ``mesh`` (padded node axes; off-device levels as
+    their per-step slots), allocating nothing."""
+    return jax.eval_shape(lambda: _init(layout, 0, level_placement(layout, mesh, replicate_levels, slots)))
 
 
 def gather(state: BankState, paths: jax.Array) -> FetchedMemory:

@@ -82,12 +82,22 @@ def _mask(x: jax.Array, flag: jax.Array) -> jax.Array:
     return flag.reshape(flag.shape + (1,) * (x.ndim - flag.ndim))
 
 
-def fetch(shard: dict[str, jax.Array], ids: jax.Array, rt: Route, pl: LevelPlacement, me: jax.Array,
-          capacity: int, axis, dtype) -> dict[str, jax.Array]:
-    """Rows ``{name: [m, *block]}`` (in ``dtype``) of the nodes ``ids`` from this shard's ``shard``
-    (``{name: [per_shard, *block]}``) and the other shards'; ``-1`` ids give zero rows."""
+def local_index(ids: jax.Array, pl: LevelPlacement, me: jax.Array, slot_ids: jax.Array | None = None) -> jax.Array:
+    """Row of each owned node id in this shard's arrays: ``id - first owned node`` for a level on
+    device, its position among the step's ``slot_ids`` (sorted, ``-1``-padded) for a level whose
+    rows are brought to the device per step (``memlm.bank.tiers``)."""
+    if slot_ids is not None:
+        key = jnp.where(slot_ids >= 0, slot_ids, _BIG)
+        return jnp.clip(jnp.searchsorted(key, ids), 0, slot_ids.shape[0] - 1).astype(jnp.int32)
     base = 0 if pl.replicated else me * pl.per_shard
-    rows = jnp.clip(ids - base, 0, pl.per_shard - 1)
+    return jnp.clip(ids - base, 0, pl.per_shard - 1)
+
+
+def fetch(shard: dict[str, jax.Array], ids: jax.Array, rt: Route, pl: LevelPlacement, me: jax.Array,
+          capacity: int, axis, dtype, slot_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Rows ``{name: [m, *block]}`` (in ``dtype``) of the nodes ``ids`` from this shard's ``shard``
+    (``{name: [per_shard or slots, *block]}``) and the other shards'; ``-1`` ids give zero rows."""
+    rows = local_index(ids, pl, me, slot_ids)
     out = {n: jnp.where(_mask(a[rows], rt.local), a[rows].astype(dtype), jnp.zeros((), dtype))
            for n, a in shard.items()}
     if pl.replicated:
@@ -101,7 +111,7 @@ def fetch(shard: dict[str, jax.Array], ids: jax.Array, rt: Route, pl: LevelPlace
         send = jnp.full((shards, capacity), -1, jnp.int32).at[dest, col].set(ids, mode="drop")
         asked = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # [shards, capacity]: what each shard asks me
         ok = asked >= 0
-        mine = jnp.clip(asked - base, 0, pl.per_shard - 1)
+        mine = local_index(asked, pl, me, slot_ids)
         new = {}
         for n, a in shard.items():
             answer = jnp.where(_mask(a[mine], ok), a[mine].astype(dtype), jnp.zeros((), dtype))

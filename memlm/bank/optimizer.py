@@ -128,9 +128,11 @@ UPDATE_CHUNK_BYTES = 1 << 28  # float32 bytes of gradient rows updated at once: 
 def update_owned_rows(params: dict[str, jax.Array], mu: dict[str, jax.Array], nu: dict[str, jax.Array],
                       count: jax.Array, dirty: jax.Array, grads: dict[str, jax.Array], ids: jax.Array, base: jax.Array,
                       *, factor: jax.Array, lr: jax.Array, b1: float, b2: float, eps: float,
-                      weight_decay: jax.Array) -> tuple[dict, dict, dict, jax.Array, jax.Array]:
+                      weight_decay: jax.Array, slot_ids: jax.Array | None = None) -> tuple[dict, dict, dict, jax.Array,
+                                                                                            jax.Array]:
     """Row-wise AdamW, on one shard, of the rows ``ids - base`` (``ids``: sorted node ids, ``-1`` =
-    padding) with gradients ``grads * factor`` (``{name: [len(ids), *block]}``).
+    padding; with ``slot_ids``, the rows where those ids sit among the step's slots) with gradients
+    ``grads * factor`` (``{name: [len(ids), *block]}``).
 
     The rows are updated a chunk at a time in a loop whose carry is the (donated) shard itself, so
     the update holds one chunk of gathered rows, not a copy of every touched row.
@@ -145,8 +147,13 @@ def update_owned_rows(params: dict[str, jax.Array], mu: dict[str, jax.Array], nu
         p_all, m_all, v_all, c_all, d_all = carry
         sel = jax.lax.dynamic_slice_in_dim(ids, i * chunk, chunk)
         valid = sel >= 0
-        rows = jnp.where(valid, sel - base, 0)
-        at = jnp.where(valid, sel - base, rows_in_shard)  # out of bounds: dropped
+        if slot_ids is None:
+            local = sel - base
+        else:
+            key = jnp.where(slot_ids >= 0, slot_ids, jnp.iinfo(jnp.int32).max)
+            local = jnp.clip(jnp.searchsorted(key, sel), 0, rows_in_shard - 1).astype(jnp.int32)
+        rows = jnp.where(valid, local, 0)
+        at = jnp.where(valid, local, rows_in_shard)  # out of bounds: dropped
         c = c_all[rows] + 1
         c_all = c_all.at[at].set(c, mode="drop")
         d_all = d_all.at[at].set(True, mode="drop")

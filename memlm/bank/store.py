@@ -514,7 +514,8 @@ class BankStore:
 
     # ---- load to device ------------------------------------------------------------------------
     def load(self, mesh: Mesh | None = None, *, replicate_levels: int = 1,
-             rules: Mapping[str, Sequence[str]] | None = None, inference: bool = False) -> BankState:
+             rules: Mapping[str, Sequence[str]] | None = None, inference: bool = False,
+             slots: Mapping[str, int] | None = None) -> BankState:
         """This version on device with the bank's placement (``bank_shardings``: node axis padded to
         the shard count), streamed: each device shard is filled chunk by chunk of nodes (at most
         ``batch_bytes`` of host memory per chunk), never through one host array of a whole level.
@@ -524,11 +525,22 @@ class BankStore:
         """
         if mesh is None:
             mesh = Mesh(np.array(jax.local_devices()[:1]), ("data",))
-        sh = bank_shardings(self.layout, mesh, replicate_levels=replicate_levels, rules=rules)
-        placement = level_placement(self.layout, mesh, replicate_levels)
+        sh = bank_shardings(self.layout, mesh, replicate_levels=replicate_levels, rules=rules, slots=slots)
+        placement = level_placement(self.layout, mesh, replicate_levels, slots)
         params, mu, nu, count, dirty = {}, {}, {}, {}, {}
         for lv in self.layout.levels:
             key, rows = lv.key, placement[lv.key].padded
+            if placement[key].slots:  # off device: empty slot buffers, filled per step by memlm.bank.tiers
+                shape = lambda a, key=key, r=lv.rank: (placement[key].device_rows, *a.shape(r))  # noqa: E731
+                params[key] = {a.name: jax.device_put(np.zeros(shape(a), self.layout.master_dtype),
+                                                      sh.params[key][a.name]) for a in self.layout.arrays}
+                mu[key] = {a.name: jax.device_put(np.zeros(shape(a), np.float32), sh.mu[key][a.name])
+                           for a in self.layout.arrays}
+                nu[key] = {a.name: jax.device_put(np.zeros(shape(a), np.float32), sh.nu[key][a.name])
+                           for a in self.layout.arrays}
+                count[key] = jax.device_put(np.zeros(placement[key].device_rows, np.int32), sh.count[key])
+                dirty[key] = jax.device_put(np.zeros(placement[key].device_rows, bool), sh.dirty[key])
+                continue
             kinds = ("params",) if inference else KINDS
             trees = {"params": params, "mu": mu, "nu": nu}
             for kind in kinds:
@@ -584,10 +596,13 @@ class BankStore:
         return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
     # ---- saving --------------------------------------------------------------------------------
-    def save(self, state: BankState) -> tuple[int, BankState]:
+    def save(self, state: BankState, host_rows: Mapping[str, tuple[np.ndarray, Callable]] | None = None
+             ) -> tuple[int, BankState]:
         """Write the blocks dirty since the last save as a new version (module docstring, steps 1-4).
 
-        Every process of the run calls this with its view of the same global state. Returns the
+        Every process of the run calls this with its view of the same global state. ``host_rows``
+        gives, for levels that live off device, this process's dirty nodes and a function returning
+        their fields (``memlm.bank.tiers``); their device arrays in ``state`` are ignored. Returns the
         new version number (record it with the anchor checkpoint) and the state with its dirty
         flags cleared. Nodes never updated are not written: they read back as their init, which
         equals the state's values when it came from :meth:`load` (or ``init_state``).
@@ -603,8 +618,13 @@ class BankStore:
                                     f"from the bank's {self.layout.metadata()}")
         me, procs = jax.process_index(), jax.process_count()
         version = int(self._manifest["next_version"])
-        mine = {}
+        host_rows = dict(host_rows or {})
+        mine, sources = {}, {}
         for lv in self.layout.levels:
+            if lv.key in host_rows:  # a level off device: its dirty rows (this process's) come from the host tier
+                mine[lv.key], sources[lv.key] = np.asarray(host_rows[lv.key][0], np.int64), host_rows[lv.key][1]
+                continue
+            sources[lv.key] = lambda sel, lv=lv: self._state_rows(state, lv, sel)
             dirty = state.dirty[lv.key]
             owned = [np.arange(a, min(b, lv.nodes)) for a, b, _ in owned_ranges(dirty)]
             owned = np.concatenate(owned) if owned else np.zeros(0, np.int64)
@@ -612,8 +632,7 @@ class BankStore:
             mine[lv.key] = owned[flags.astype(bool)]
         for lv in self.layout.levels:
             if mine[lv.key].size:
-                self._write_delta(version, lv, mine[lv.key], lambda sel, lv=lv: self._state_rows(state, lv, sel),
-                                  part=f"p{me}/")
+                self._write_delta(version, lv, mine[lv.key], sources[lv.key], part=f"p{me}/")
         self._phase("delta-written")
         counts = _allgather(np.array([mine[lv.key].size for lv in self.layout.levels], np.int64))
         _barrier(f"v{version}-parts")
@@ -631,7 +650,8 @@ class BankStore:
         self._phase("committed")
         for lv in self.layout.levels:
             if lv.key in parts:
-                self._apply_version(version, lv, state if procs == 1 else None, share=(me, procs))
+                direct = state if procs == 1 and lv.key not in host_rows else None
+                self._apply_version(version, lv, direct, share=(me, procs))
         self._phase("applied")
         _barrier(f"v{version}-applied")
         if me == 0:

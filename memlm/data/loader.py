@@ -110,6 +110,17 @@ class Loader:
             index, positions = index[order], positions[order]
         return index, positions
 
+    def global_leaves(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(leaf, generic flag) of every sequence of global batch ``step``, without reading a record:
+        what the bank tiers need to know which rows a step will touch."""
+        if self._leaf_starts is None:
+            raise ValueError(f"{str(self.data_dir)!r} has no per-leaf sequence counts: re-run `memlm prepare`")
+        index, positions = self.global_rows(step)
+        leaf = np.searchsorted(self._leaf_starts, index, side="right") - 1
+        p = self.generic_prob
+        generic = np.array([p > 0 and generic_draw(self.seed, int(i)) < p for i in positions], bool)
+        return leaf.astype(np.int64), generic
+
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch ``step``, computed directly (no iteration)."""
         index, positions = self.global_rows(step)

@@ -37,9 +37,15 @@ class RunBanks:
     """Bank and generic memory of one run directory (either may be absent)."""
 
     def __init__(self, workdir: str | os.PathLike, bank_layout: BankLayout | None, generic_layout: BankLayout | None,
-                 cfg: ml_collections.ConfigDict, mesh: Mesh, tree_id: str = ""):
+                 cfg: ml_collections.ConfigDict, mesh: Mesh, tree_id: str = "", plan=None, leaves_at=None,
+                 shardings=None):
         self.workdir = location(workdir)
         self.cfg, self.mesh, self.tree_id = cfg, mesh, tree_id
+        # Levels off device (``bank.device_levels``): their rows come per step from a host tier.
+        self.off_device = dict(plan.off_device) if plan is not None else {}
+        self.placement = plan.levels if plan is not None else {}
+        self.leaves_at, self.shardings = leaves_at, shardings
+        self.tiers = None
         self.parts = {name: layout for name, layout in (("bank", bank_layout), ("generic", generic_layout))
                       if layout is not None}
         self.stores: dict[str, BankStore] = {}
@@ -65,15 +71,31 @@ class RunBanks:
             store = BankStore.open(self._where(name), layout, tree_id=self._tree_id(name), writable=True,
                                    leader=leader)
             self.stores[name] = store
-            out[name] = store.load(self.mesh, replicate_levels=self._replicate(name))
+            out[name] = self._load(name, store)
         return out
+
+    def _load(self, name: str, store: BankStore) -> BankState:
+        if name != "bank" or not self.off_device:
+            return store.load(self.mesh, replicate_levels=self._replicate(name))
+        from memlm.bank.tiers import TierManager
+
+        slots = {k: pl.slots for k, pl in self.off_device.items()}
+        state = store.load(self.mesh, replicate_levels=self._replicate(name), slots=slots)
+        if self.tiers is not None:
+            self.tiers.close()
+        self.tiers = TierManager(store, store.layout, self.placement, lambda k: self.shardings.count[k],
+                                 self.leaves_at, cache_bytes=self.cfg.bank.host_cache_bytes)
+        return state
 
     def save(self, states: dict[str, BankState | None], step: int = 0) -> tuple[dict[str, BankState], dict[str, int]]:
         """Write the dirty blocks of each bank as a new version; returns the cleaned states and versions."""
         new, versions = {}, {}
         for name in self.parts:
             self.stores[name].on_phase = lambda phase, name=name: _fault(f"{name}-{phase}", step)
-            version, new[name] = self.stores[name].save(states[name])
+            host = self.tiers.host_rows() if name == "bank" and self.tiers is not None else None
+            version, new[name] = self.stores[name].save(states[name], host_rows=host)
+            if host is not None:
+                self.tiers.saved()
             versions[f"{name}_version"] = version
         return new, versions
 
@@ -100,5 +122,5 @@ class RunBanks:
             _barrier(f"open-{name}")
             if not leader:
                 self.stores[name] = BankStore.open(self._where(name), layout, leader=False, **kw)
-            out[name] = self.stores[name].load(self.mesh, replicate_levels=self._replicate(name))
+            out[name] = self._load(name, self.stores[name])
         return out

@@ -130,6 +130,7 @@ class _Window:
         self.tokens = 0
         self.memory_tokens = 0
         self.wait = 0.0
+        self.stall = 0.0  # waiting for off-device bank rows
 
     def add(self, host: dict, memory: bool) -> None:
         n = host["tokens"].size * jax.process_count()
@@ -142,7 +143,8 @@ class _Window:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         flops = (self.tokens * flops_per_token["anchor_train"] + self.memory_tokens * flops_per_token["memory_train"])
         return {"tokens_per_s": self.tokens / dt, "mfu": flops / dt / peak, "step_time_s": dt / max(self.steps, 1),
-                "loader_wait_s": self.wait / max(self.steps, 1)}
+                "loader_wait_s": self.wait / max(self.steps, 1), "bank/fetch_stall_per_step_s": self.stall / max(
+                    self.steps, 1)}
 
 
 def _progress(quiet: bool, total: int, done: int):
@@ -185,7 +187,8 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str = "data/facts", workdir:
         fns = build(cfg, mesh)
         loader = make_loader(cfg, data_dir)
         banks = bank_io.RunBanks(workdir, fns.bank_layout, fns.generic_layout, cfg, mesh,
-                                 tree_id=str(manifest["tree"]["id"]))
+                                 tree_id=str(manifest["tree"]["id"]), plan=fns.plan, leaves_at=loader.global_leaves,
+                                 shardings=fns.state_shardings.bank)
         abstract = abstract_like(anchor_items(fns.abstract_state()), anchor_items(fns.state_shardings))
         ckpt = None
         restored = None
@@ -245,7 +248,16 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
             tw = time.perf_counter()
             host = next(data_iter)
             window.wait += time.perf_counter() - tw
+            tiers = banks.tiers
+            if tiers is not None:  # this step's rows of the off-device levels onto the device
+                bank, host["slots"] = tiers.install(state.bank, step)
+                state = state.replace(bank=bank)
+                window.stall += tiers.stall_s
             state, metrics = fns.step(state, device_batch(host, fns.batch_shardings))
+            if tiers is not None:
+                if step + 1 < t.steps:
+                    tiers.prefetch(step + 1)
+                tiers.write_back(state.bank)
             step += 1
             window.add(host, fns.bank_layout is not None)
             log_now = step % t.log_every == 0 or step == t.steps
@@ -265,6 +277,8 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
             if log_now:
                 scalars = {k: float(v) for k, v in m.items()}
                 scalars.update(window.summary(fl, peak * n_dev))
+                if banks.tiers is not None:
+                    scalars.update(banks.tiers.metrics())
                 hist = None
                 if fns.bank_layout is not None:
                     scalars.update(_hit_summary(host["paths"], host["generic"], cfg.tree.k, cfg.tree.depth))
@@ -289,6 +303,8 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
                 break
     ckpt.close()
     writer.close()
+    if banks.tiers is not None:
+        banks.tiers.close()
     result.update(step=step, workdir=str(workdir), peak_flops=peak, peak_source=peak_src)
     log(f"memlm train: {'stopped' if result['preempted'] else 'finished'} at step {step}; checkpoints in "
         f"{workdir / 'checkpoints'}, metrics in {workdir / 'metrics.jsonl'}")

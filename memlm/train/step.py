@@ -123,14 +123,19 @@ class StepPlan:
     microbatch: int  # global sequences per micro-step
     shards: int  # data-parallel shards
     loss_chunk: int  # positions per loss chunk
-    levels: dict[str, LevelPlacement]  # the bank's placement (empty without memory)
-    slots: dict[str, int]  # per level: slots one shard fetches per micro-step
+    levels: dict[str, LevelPlacement]  # the bank's placement (empty without memory; slots > 0: off device)
+    requests: dict[str, int]  # per level: distinct nodes one shard fetches per micro-step (padded)
     owned: dict[str, int]  # per level: rows of one owner's per-step gradient accumulator
     capacity: dict[str, int]  # per level: rows per destination per exchange round
 
     @property
     def micro_steps(self) -> int:
         return self.batch // self.microbatch
+
+    @property
+    def off_device(self) -> dict[str, LevelPlacement]:
+        """The levels whose rows are brought to the device per step (``memlm.bank.tiers``)."""
+        return {k: pl for k, pl in self.levels.items() if pl.slots}
 
 
 def plan_step(cfg: ml_collections.ConfigDict, mesh: Mesh, bank_layout: BankLayout | None) -> StepPlan:
@@ -146,13 +151,17 @@ def plan_step(cfg: ml_collections.ConfigDict, mesh: Mesh, bank_layout: BankLayou
     per_device = micro // shards
     chunk = chunk_length(cfg.data.seq_len, per_device, t.loss_chunk)
     levels = level_placement(bank_layout, mesh, cfg.bank.replicate_levels) if bank_layout is not None else {}
-    slots, owned, capacity = {}, {}, {}
+    off = {k: pl for k, pl in levels.items() if 0 <= cfg.bank.device_levels < int(k[5:])}
+    if off:  # levels off device: each shard holds, per step, the rows of the nodes it owns that the batch touches
+        levels = level_placement(bank_layout, mesh, cfg.bank.replicate_levels,
+                                 {k: min(batch, pl.per_shard) for k, pl in off.items()})
+    requests, owned, capacity = {}, {}, {}
     for key, pl in levels.items():
-        slots[key] = min(per_device, pl.nodes + 1)
+        requests[key] = min(per_device, pl.nodes + 1)
         owned[key] = min(batch, pl.nodes if pl.replicated else pl.per_shard)
-        auto = max(1, math.ceil(slots[key] / pl.shards))
-        capacity[key] = min(slots[key], cfg.bank.exchange_rows or auto)
-    return StepPlan(batch, micro, shards, chunk, levels, slots, owned, capacity)
+        auto = max(1, math.ceil(requests[key] / pl.shards))
+        capacity[key] = min(requests[key], cfg.bank.exchange_rows or auto)
+    return StepPlan(batch, micro, shards, chunk, levels, requests, owned, capacity)
 
 
 @dataclasses.dataclass
@@ -194,16 +203,22 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
     opt_abstract = jax.eval_shape(tx.init, fn.shapes)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh,
                                    transform_non_params=lambda _: replicated)
-    bank_sh = bank_shardings(bank_layout, mesh, replicate_levels=replicate) if memory else None
+    tier_slots = {k: pl.slots for k, pl in plan.off_device.items()}
+    bank_sh = bank_shardings(bank_layout, mesh, replicate_levels=replicate, slots=tier_slots) if memory else None
     gen_sh = bank_shardings(generic_layout, mesh, replicate_levels=1) if generic_layout else None
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, bank=bank_sh, generic=gen_sh)
     batch_sh = {k: NamedSharding(mesh, P(DP_AXES, None) if k != "generic" else P(DP_AXES)) for k in BATCH_KEYS}
+    if plan.off_device:  # per step: each shard's slot ids (the owned nodes the batch touches), [shards, slots]
+        batch_sh["slots"] = {k: NamedSharding(mesh, P(DP_AXES, None)) for k in plan.off_device}
 
     def init(seed: int, with_banks: bool = True) -> TrainState:
         """Fresh state; ``with_banks=False`` leaves the banks to the caller (e.g. a bank store)."""
         key = jax.random.key(seed)
         params = fn.init(key, mesh)
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        if memory and with_banks and tier_slots:
+            raise ConfigError("config key 'bank.device_levels': levels off device come from a bank store "
+                              "(memlm.bank.tiers), not from init")
         bank = init_state(bank_layout, seed + 1, mesh, replicate_levels=replicate) if memory and with_banks else None
         generic = init_state(generic_layout, seed + 2, mesh) if generic_layout and with_banks else None
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
@@ -213,7 +228,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
         """The state as ShapeDtypeStructs in their shardings (nothing allocated: for AOT compiles)."""
         shapes = TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32), params=fn.shapes, opt_state=opt_abstract,
-            bank=abstract_bank(bank_layout, mesh, replicate) if memory else None,
+            bank=abstract_bank(bank_layout, mesh, replicate, tier_slots) if memory else None,
             generic=abstract_bank(generic_layout, mesh, 1) if generic_layout else None)
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
 
@@ -249,18 +264,20 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
 
         return _shard_map(mesh, local, (dp, dp), ({k: dp for k in keys}, P()))(paths, use_generic)
 
-    def fetch_micro(bank_params: dict, gen_params: dict | None, paths: jax.Array, use_generic: jax.Array):
+    def fetch_micro(bank_params: dict, gen_params: dict | None, paths: jax.Array, use_generic: jax.Array,
+                    slot_ids: dict):
         """Slots of one micro-batch: per level ``[shards, slots, *block]`` (float32 from compute-dtype
         rows), the per-sequence slot index, the requested ids, the generic block per shard."""
         dtype = bank_layout.dtype
 
-        def local(bank_params, gen_params, paths, use_generic):
+        def local(bank_params, gen_params, paths, use_generic, slot_ids):
             me = jax.lax.axis_index(DP_AXES)
             slots, index, uniq, remote = {}, {}, {}, jnp.zeros((), jnp.int32)
             for k, ids in level_ids(paths, use_generic).items():
-                u, inv = exchange.unique_ids(ids, plan.slots[k])
+                u, inv = exchange.unique_ids(ids, plan.requests[k])
                 rt = exchange.route(u, plan.levels[k], me, plan.capacity[k], DP_AXES)
-                rows = exchange.fetch(bank_params[k], u, rt, plan.levels[k], me, plan.capacity[k], DP_AXES, dtype)
+                rows = exchange.fetch(bank_params[k], u, rt, plan.levels[k], me, plan.capacity[k], DP_AXES, dtype,
+                                      slot_ids[k][0] if k in slot_ids else None)
                 slots[k] = {n: r.astype(jnp.float32)[None] for n, r in rows.items()}
                 index[k], uniq[k] = inv[None], u[None]
                 remote = remote + rt.remote_count
@@ -273,8 +290,9 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
         gen_spec = {"level1": {a.name: P() for a in generic_layout.arrays}} if generic_layout else None
         out_specs = ({k: {a.name: dp for a in bank_layout.arrays} for k in keys}, {k: dp for k in keys},
                      {k: dp for k in keys}, {a.name: dp for a in bank_layout.arrays} if generic_layout else None, P())
-        return _shard_map(mesh, local, (bank_specs, gen_spec, dp, dp), out_specs)(bank_params, gen_params, paths,
-                                                                              use_generic)
+        slot_specs = {k: dp for k in slot_ids}
+        return _shard_map(mesh, local, (bank_specs, gen_spec, dp, dp, slot_specs), out_specs)(
+            bank_params, gen_params, paths, use_generic, slot_ids)
 
     def push_micro(acc: dict, acc_ids: dict, uniq: dict, grads: dict) -> dict:
         """Send one micro-step's slot gradients to their owners' accumulators."""
@@ -317,11 +335,13 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
         return _shard_map(mesh, local, (tree, gtree), (tree, gtree, P(), P()))(acc, gen_acc)
 
     def update_bank(state: BankState, acc: dict, acc_ids: dict, placement: dict, factor: jax.Array,
-                    hp: dict) -> BankState:
+                    hp: dict, slot_ids: dict | None = None) -> BankState:
         """Each owner's row-wise AdamW on the touched nodes of its own rows (gradient = acc * factor)."""
         level_keys = list(placement)
 
-        def local(params, mu, nu, count, dirty, acc, acc_ids, factor, lr):
+        slot_ids = slot_ids or {}
+
+        def local(params, mu, nu, count, dirty, acc, acc_ids, factor, lr, slot_ids):
             me = jax.lax.axis_index(DP_AXES)
             new = ({}, {}, {}, {}, {})
             for k in level_keys:
@@ -329,7 +349,8 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
                 base = 0 if pl.replicated else me * pl.per_shard
                 grads = {n: a[0] for n, a in acc[k].items()}
                 out = update_owned_rows(params[k], mu[k], nu[k], count[k], dirty[k], grads, acc_ids[k][0], base,
-                                        factor=factor, lr=lr, **hp)
+                                        factor=factor, lr=lr, slot_ids=slot_ids[k][0] if k in slot_ids else None,
+                                        **hp)
                 for d, x in zip(new, out, strict=True):
                     d[k] = x
             return new
@@ -340,8 +361,10 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
         tree = {k: {a.name: dp for a in lay.arrays} for k in level_keys}
         ids = {k: dp for k in level_keys}
         lr = hp.pop("lr")
-        out = _shard_map(mesh, local, (arr, arr, arr, node, node, tree, ids, P(), P()), (arr, arr, arr, node, node))(
-            state.params, state.mu, state.nu, state.count, state.dirty, acc, acc_ids, factor, lr)
+        sids = {k: dp for k in slot_ids}
+        out = _shard_map(mesh, local, (arr, arr, arr, node, node, tree, ids, P(), P(), sids),
+                         (arr, arr, arr, node, node))(state.params, state.mu, state.nu, state.count, state.dirty, acc,
+                                                      acc_ids, factor, lr, slot_ids)
         return state.replace(params=out[0], mu=out[1], nu=out[2], count=out[3], dirty=out[4])
 
     # ---- the step --------------------------------------------------------------------------------
@@ -356,6 +379,8 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
 
     def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         metrics = {}
+        batch = dict(batch)
+        slot_ids = batch.pop("slots", {})
         micro = split_micro(batch)
         zeros_like_params = jax.tree.map(lambda s, sh: jax.lax.with_sharding_constraint(
             jnp.zeros(s.shape, jnp.float32), sh), fn.shapes, param_sh)
@@ -379,7 +404,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
             else:
                 gen_params = state.generic.params if generic_layout else None
                 slots, index, uniq, gen, remote = fetch_micro(state.bank.params, gen_params, mb["paths"],
-                                                              mb["generic"])
+                                                              mb["generic"], slot_ids)
 
                 def loss_memory(params, slots, gen):
                     mem = SlotMemory(levels=tuple(slots[k] for k in keys), index=tuple(index[k] for k in keys),
@@ -431,7 +456,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
         if memory:
             lr = mem_lr(state.step)
             hp = dict(b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=jnp.asarray(t.memory_weight_decay, jnp.float32))
-            bank = update_bank(bank, bank_acc, acc_ids, plan.levels, inv * scale, dict(hp, lr=lr))
+            bank = update_bank(bank, bank_acc, acc_ids, plan.levels, inv * scale, dict(hp, lr=lr), slot_ids)
             if generic_layout is not None:
                 gen_ids = {"level1": jnp.broadcast_to(jnp.where(any_generic, 0, -1).astype(jnp.int32),
                                                       (plan.shards, 1))}
@@ -460,5 +485,10 @@ def _node_spec(pl: LevelPlacement) -> P:
 
 
 def device_batch(batch: dict, shardings: dict) -> dict:
-    """A host batch (this process's rows) as global device arrays in the step's shardings."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in BATCH_KEYS}
+    """A host batch (this process's rows) as global device arrays in the step's shardings; with levels
+    off device, ``batch["slots"]`` holds every shard's slot ids (the same on every process)."""
+    out = {k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in BATCH_KEYS}
+    if "slots" in shardings:
+        out["slots"] = {k: jax.make_array_from_callback(v.shape, shardings["slots"][k], lambda idx, v=v: v[idx])
+                        for k, v in batch["slots"].items()}
+    return out
