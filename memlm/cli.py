@@ -86,12 +86,38 @@ def _cmd_info(args, cfg) -> None:
         ("inference FLOPs/token", f"anchor {fl['anchor_inference']:.3e}, memory {fl['memory_inference']:.3e}"),
         ("memory / dense FLOP ratio", f"{acc['flop_ratio']:.3f}"),
     ]
+    tiers = _tiers_here(cfg)
+    if tiers:
+        rows.append((f"bank per device ({tiers[0]} devices here)", ", ".join(
+            f"L{t['level']} {t['tier']} {t['device_bytes'] / 1e9:.3g} GB" for t in tiers[1])))
+        off = sum(t["off_device_bytes"] for t in tiers[1])
+        if off:
+            rows.append(("bank off device, per shard", f"{off / 1e9:.3g} GB"))
     s = Table(show_header=False)
     s.add_column()
     s.add_column(justify="right")
     for r in rows:
         s.add_row(*r)
     console.print(s)
+
+
+def _tiers_here(cfg) -> tuple[int, list[dict]] | None:
+    """The bank's tiers on this host's devices with the config's mesh (None: no memory, or the mesh
+    does not fit the local devices; ``memlm compile`` reports them for any topology)."""
+    import jax
+
+    from memlm.config import ConfigError, mesh_shape
+    from memlm.sharding import make_mesh
+    from memlm.train.step import tier_report, uses_memory
+
+    if not uses_memory(cfg):
+        return None
+    devices = jax.devices()
+    try:
+        mesh = make_mesh(mesh_shape(cfg, len(devices)), devices)
+    except (ConfigError, ValueError):
+        return None
+    return len(devices), tier_report(cfg, mesh)  # a device budget it exceeds fails naming the levels
 
 
 def _cmd_compile(args, cfg) -> None:
@@ -108,6 +134,9 @@ def _cmd_compile(args, cfg) -> None:
               f"{report['microbatch']}")
         print(f"  per device: arguments {gb(pd['arguments'])}, temporaries {gb(pd['temporaries'])}, outputs "
               f"{gb(pd['outputs'])}, total {gb(pd['total'])} of {gb(pd['capacity'])}")
+        for t in report.get("tiers", []):
+            off = f", {gb(t['off_device_bytes'])} per shard off device" if t["tier"] != "device" else ""
+            print(f"  bank level {t['level']}: {t['tier']}, {gb(t['device_bytes'])} of training state per device{off}")
         for c in report["collectives"][:12]:
             print(f"  {c['op']:<20} {c['bytes'] / 2**20:>12.2f} MiB  x{c['count']}")
     if not report["fits"]:
@@ -148,7 +177,8 @@ def _cmd_eval(args, cfg) -> None:
 def _cmd_generate(args, cfg) -> None:
     from memlm.serve.generate import generate_cli
 
-    generate_cli(args.workdir, args.prompt, condition=args.condition, max_new_tokens=args.max_new_tokens)
+    generate_cli(args.workdir, args.prompt, condition=args.condition, max_new_tokens=args.max_new_tokens,
+                 overrides=args.overrides)
 
 
 def _cmd_convert(args, cfg) -> None:

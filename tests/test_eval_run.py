@@ -73,3 +73,38 @@ def test_demo_dense_baseline_has_anchor_plus_fetched_parameters():
     anchor, memory, dense = (accounting(cfgs[k]) for k in ("anchor", "memory", "dense"))
     assert dense["anchor_params"] == anchor["anchor_params"] + memory["fetched_params"]
     assert cfgs["dense"].train.steps == cfgs["memory"].train.steps and cfgs["dense"].train.lr == cfgs["memory"].train.lr
+
+
+STREAMED = {"bank.device_levels": "0", "bank.replicate_levels": "0", "bank.host_cache_bytes": "300000"}
+
+
+@pytest.mark.parametrize("tiers", [{"bank.device_levels": "1"}, STREAMED])
+def test_eval_and_generate_with_deep_levels_off_device_equal_the_all_device_bank(trained_run, tmp_path, tiers):
+    """Level 2 in host memory, or every level read from the store through a bounded block cache:
+    the fetched memory, eval results and generated text equal those of the bank loaded whole."""
+    import numpy as np
+
+    from memlm.eval.run import evaluate, load_run
+    from memlm.serve.generate import generate_cli
+
+    whole, tiered = load_run(trained_run), load_run(trained_run, overrides=tiers)
+    assert whole.memory.tiers is None and tiered.memory.tiers is not None
+    texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "The capital of Iceland is"]
+    for cond in ("fetched", "blocked"):
+        a, b = whole.memory(texts, cond), tiered.memory(texts, cond)
+        for name in a:
+            np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=f"{cond} {name}")
+    if "bank.host_cache_bytes" in tiers:
+        st = tiered.memory.tiers.stats
+        misses = st["cache_misses"]
+        tiered.memory(texts[:1], "fetched")  # every block of this path was read above: all from the cache
+        assert misses > 0 and st["cache_misses"] == misses and st["cache_hits"] >= 2, st
+        assert tiered.memory.tiers._cache_used <= 300000
+    prompt = "The capital of France is"
+    assert generate_cli(str(trained_run), prompt, max_new_tokens=4) == generate_cli(
+        str(trained_run), prompt, max_new_tokens=4, overrides=tiers)
+    probes = tmp_path / "p.jsonl"
+    probes.write_text(json.dumps({"prompt": "The atomic number of tin is", "answer": "50", "bucket": "rare"}) + "\n")
+    want = evaluate(trained_run, probes=str(probes))["p"]
+    got = evaluate(trained_run, probes=str(probes), overrides=tiers)["p"]
+    assert got["conditions"] == want["conditions"] and got["perplexity"] == want["perplexity"]

@@ -60,6 +60,26 @@ class LevelPlacement:
         return self.shards * self.slots if self.slots else self.padded
 
 
+def row_state_bytes(layout: BankLayout, lv) -> int:
+    """Training-state bytes of one node on device: master parameters, two float32 moments, the
+    int32 update counter and the dirty flag (the compute copy is cast on fetch, never stored)."""
+    return layout.block_params(lv) * (layout.master_itemsize + 8) + 4 + 1
+
+
+def tier_bytes(layout: BankLayout, placement: Mapping[str, LevelPlacement], cache_bytes: int = 0) -> list[dict]:
+    """Per level: its tier (``device``, ``host`` memory, or ``store`` streamed through a bounded
+    cache), the training-state bytes it needs on each device, and off device per shard."""
+    out = []
+    for lv in layout.levels:
+        pl = placement[lv.key]
+        row = row_state_bytes(layout, lv)
+        tier = "device" if not pl.slots else ("store" if cache_bytes else "host")
+        rows = pl.slots if pl.slots else pl.per_shard
+        out.append(dict(level=lv.level, key=lv.key, tier=tier, device_rows=rows, device_bytes=rows * row,
+                        off_device_bytes=pl.per_shard * row if pl.slots else 0))
+    return out
+
+
 def dp_size(mesh: Mesh) -> int:
     """The number of data-parallel shards of a (data, fsdp, tensor) mesh."""
     return int(mesh.shape.get("data", 1)) * int(mesh.shape.get("fsdp", 1))

@@ -307,3 +307,76 @@ class TierManager:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
+
+
+class InferenceTiers:
+    """A bank for inference whose levels deeper than ``device_levels`` stay off device.
+
+    Levels ``1..device_levels`` are loaded on device in the compute dtype and gathered there; the
+    deeper levels' blocks are read per batch of paths: from host memory holding the whole level
+    (``cache_bytes = 0``), or from the store through an LRU cache of blocks bounded by
+    ``cache_bytes`` (a deep block is shared by few queries, a shallow one by many). The fetched
+    memory equals :func:`memlm.bank.device.gather` on the whole bank.
+    """
+
+    def __init__(self, store: BankStore, device_levels: int, cache_bytes: int = 0, chunk: int = 4096):
+        self.store, self.layout = store, store.layout
+        self.off = [lv for lv in self.layout.levels if 0 <= device_levels < lv.level]
+        self.state = store.load(inference=True, slots={lv.key: 1 for lv in self.off})
+        self.cache_bytes = int(cache_bytes)
+        self.stats = collections.Counter()
+        self._dtype = jax.numpy.dtype(self.layout.dtype)
+        self._whole: dict[str, dict[str, np.ndarray]] = {}
+        self._cache: collections.OrderedDict[tuple[int, int], dict[str, np.ndarray]] = collections.OrderedDict()
+        self._cache_used = 0
+        if not self.cache_bytes:
+            for lv in self.off:
+                self._whole[lv.key] = {
+                    a.name: np.concatenate([store.read_rows(lv.level, a.name, np.arange(s, min(s + chunk, lv.nodes)))
+                                            for s in range(0, lv.nodes, chunk)]).astype(self._dtype)
+                    for a in self.layout.arrays}
+                self.stats["store_bytes_read"] += sum(v.nbytes for v in self._whole[lv.key].values())
+
+    def _rows(self, lv: LevelLayout, nodes: np.ndarray) -> dict[str, np.ndarray]:
+        """Blocks of ``nodes`` (any order, repeats allowed) of off-device level ``lv``."""
+        if not self.cache_bytes:
+            return {name: arr[nodes] for name, arr in self._whole[lv.key].items()}
+        uniq = np.unique(nodes)
+        missing = [int(n) for n in uniq if (lv.level, int(n)) not in self._cache]
+        self.stats["cache_hits"] += uniq.size - len(missing)
+        self.stats["cache_misses"] += len(missing)
+        if missing:
+            fresh = {a.name: self.store.read_rows(lv.level, a.name, missing).astype(self._dtype)
+                     for a in self.layout.arrays}
+            self.stats["store_bytes_read"] += sum(v.nbytes for v in fresh.values())
+            for j, n in enumerate(missing):
+                row = {name: arr[j] for name, arr in fresh.items()}
+                self._cache[(lv.level, n)] = row
+                self._cache_used += sum(v.nbytes for v in row.values())
+        rows = {}
+        for n in uniq:
+            self._cache.move_to_end((lv.level, int(n)))
+        for name in (a.name for a in self.layout.arrays):
+            rows[name] = np.stack([self._cache[(lv.level, int(n))][name] for n in nodes])
+        while self._cache_used > self.cache_bytes and len(self._cache) > uniq.size:
+            _, row = self._cache.popitem(last=False)
+            self._cache_used -= sum(v.nbytes for v in row.values())
+        return rows
+
+    def gather(self, paths: np.ndarray) -> dict[str, jax.Array]:
+        """FetchedMemory ``{name: [B, *shape(R)]}`` for paths ``[B, depth]``: levels in order,
+        concatenated on the rank axis, as the all-device gather."""
+        paths = np.asarray(paths, np.int64)
+        self.layout.check_paths(paths)
+        off = {lv.key: self._rows(lv, paths[:, lv.level - 1]) for lv in self.off}
+        out = {}
+        for a in self.layout.arrays:
+            parts = []
+            for lv in self.layout.levels:
+                if lv.key in off:
+                    parts.append(jax.numpy.asarray(off[lv.key][a.name]))
+                else:
+                    parts.append(jax.numpy.take(self.state.params[lv.key][a.name],
+                                                jax.numpy.asarray(paths[:, lv.level - 1]), axis=0))
+            out[a.name] = parts[0] if len(parts) == 1 else jax.numpy.concatenate(parts, axis=a.rank_axis + 1)
+        return out

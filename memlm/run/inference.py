@@ -57,7 +57,7 @@ class RunMemory:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: epath.Path, data_dir: epath.Path, manifest: dict,
                  meta: dict | None = None):
         self.cfg = cfg
-        self.bank = self.generic = None
+        self.bank = self.generic = self.tiers = None
         self.tree = self.embedder = None
         self._emb_cache: dict[str, np.ndarray] = {}
         available = ["none"]
@@ -74,8 +74,16 @@ class RunMemory:
             self.embedder = get_embedder(ecfg)
             # The bank version the loaded checkpoint pairs with (a later, unpaired save is not used).
             meta = meta or {}
-            self.bank = BankStore.open(workdir / "bank", BankLayout.from_config(cfg), tree_id=self.tree.id,
-                                       version=meta.get("bank_version")).load(inference=True)
+            store = BankStore.open(workdir / "bank", BankLayout.from_config(cfg), tree_id=self.tree.id,
+                                   version=meta.get("bank_version"))
+            self.tiers = None
+            if 0 <= cfg.bank.device_levels < store.layout.levels[-1].level:
+                # deep levels stay off device (``bank.device_levels``): blocks read per batch of texts
+                from memlm.bank.tiers import InferenceTiers
+
+                self.tiers = InferenceTiers(store, cfg.bank.device_levels, cfg.bank.host_cache_bytes)
+            else:
+                self.bank = store.load(inference=True)
             available += ["fetched", "blocked"]
             if cfg.memory.generic and (workdir / "generic").exists():
                 self.generic = BankStore.open(workdir / "generic", BankLayout.generic_from_config(cfg),
@@ -104,7 +112,10 @@ class RunMemory:
             return None
         if condition == "generic":
             return self._gather(self.generic, jnp.zeros((1, 1), jnp.int32))
-        return self._gather(self.bank, jnp.asarray(self.paths(texts, condition)))
+        paths = self.paths(texts, condition)
+        if self.tiers is not None:
+            return self.tiers.gather(paths)
+        return self._gather(self.bank, jnp.asarray(paths))
 
 
 def _gather(state, paths):
@@ -122,7 +133,8 @@ def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     workdir = location(workdir)
     cfg, record = RunDir(workdir).load_config()
     if overrides:
-        apply_overrides(cfg, {k: v for k, v in overrides.items() if k.startswith("eval.")})
+        # evaluation settings and where the bank lives (``bank.*`` tiers) may differ from training
+        apply_overrides(cfg, {k: v for k, v in overrides.items() if k.startswith(("eval.", "bank."))})
         validate(cfg)
     data_dir = location(data_dir or record["data_dir"])
     manifest = read_manifest(data_dir)

@@ -166,14 +166,15 @@ def generate_text(fn: Any, params: Any, tokenizer: TextTokenizer, prompts: Seque
     return [tokenizer.decode(o) for o in out]
 
 
-def generate_cli(workdir: str, prompt: str, condition: str | None = "fetched", max_new_tokens: int = 32) -> str:
+def generate_cli(workdir: str, prompt: str, condition: str | None = "fetched", max_new_tokens: int = 32,
+                 overrides: dict[str, str] | None = None) -> str:
     """The ``memlm generate`` verb: route the prompt, fetch its memory, decode greedily, print.
 
     ``condition=None``: fetched memory when the run has a bank, else the anchor alone (a converted
-    or anchor-only run)."""
+    or anchor-only run). ``overrides``: ``bank.*`` keys (e.g. deep levels off device) for this call."""
     from memlm.run.inference import load_run
 
-    run = load_run(workdir)
+    run = load_run(workdir, overrides=overrides)
     if condition is None:
         condition = "fetched" if "fetched" in run.conditions else "none"
     if condition not in run.conditions:

@@ -109,6 +109,7 @@ def _exhausted(message: str) -> tuple[float | None, float | None]:
 
 def compile_report(cfg: ml_collections.ConfigDict, topology: str, capacity: float | None = None) -> dict[str, Any]:
     """Compile ``cfg``'s step for ``topology``; the report of DESIGN §4.14 (``fits`` says whether it fits)."""
+    from memlm.bank.device import tier_bytes
     from memlm.sharding import make_mesh
     from memlm.train import hlo
     from memlm.train.step import build
@@ -123,6 +124,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, capacity: floa
         "config": cfg.name, "topology": topology, "devices": description,
         "mesh": dict(zip(("data", "fsdp", "tensor"), shape, strict=True)), "global_batch": cfg.train.batch_size,
         "microbatch": fns.plan.microbatch, "micro_steps": fns.plan.micro_steps,
+        "tiers": tier_bytes(fns.bank_layout, fns.plan.levels, cfg.bank.host_cache_bytes) if fns.bank_layout else [],
     }
     lowered = fns.step.lower(fns.abstract_state(), abstract_batch(cfg, fns.batch_shardings))
     try:

@@ -55,6 +55,7 @@ from memlm.bank.device import (
     dp_size,
     init_state,
     level_placement,
+    tier_bytes,
 )
 from memlm.bank.layout import BankLayout
 from memlm.bank.optimizer import update_owned_rows
@@ -150,11 +151,10 @@ def plan_step(cfg: ml_collections.ConfigDict, mesh: Mesh, bank_layout: BankLayou
                           f"{shards} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
     per_device = micro // shards
     chunk = chunk_length(cfg.data.seq_len, per_device, t.loss_chunk)
-    levels = level_placement(bank_layout, mesh, cfg.bank.replicate_levels) if bank_layout is not None else {}
-    off = {k: pl for k, pl in levels.items() if 0 <= cfg.bank.device_levels < int(k[5:])}
-    if off:  # levels off device: each shard holds, per step, the rows of the nodes it owns that the batch touches
-        levels = level_placement(bank_layout, mesh, cfg.bank.replicate_levels,
-                                 {k: min(batch, pl.per_shard) for k, pl in off.items()})
+    levels = (tier_placement(bank_layout, mesh, cfg.bank.replicate_levels, cfg.bank.device_levels, batch)
+              if bank_layout is not None else {})
+    if bank_layout is not None and cfg.bank.device_bytes:
+        check_device_budget(cfg, bank_layout, mesh, levels)
     requests, owned, capacity = {}, {}, {}
     for key, pl in levels.items():
         requests[key] = min(per_device, pl.nodes + 1)
@@ -162,6 +162,52 @@ def plan_step(cfg: ml_collections.ConfigDict, mesh: Mesh, bank_layout: BankLayou
         auto = max(1, math.ceil(requests[key] / pl.shards))
         capacity[key] = min(requests[key], cfg.bank.exchange_rows or auto)
     return StepPlan(batch, micro, shards, chunk, levels, requests, owned, capacity)
+
+
+def tier_placement(layout: BankLayout, mesh: Mesh, replicate_levels: int, device_levels: int,
+                   batch: int) -> dict[str, LevelPlacement]:
+    """The bank's placement with levels deeper than ``device_levels`` (>= 0) off device: each
+    shard then holds, per step, the rows of the nodes it owns that the batch touches."""
+    levels = level_placement(layout, mesh, replicate_levels)
+    off = {k: pl for k, pl in levels.items() if 0 <= device_levels < int(k[5:])}
+    if not off:
+        return levels
+    return level_placement(layout, mesh, replicate_levels, {k: min(batch, pl.per_shard) for k, pl in off.items()})
+
+
+def check_device_budget(cfg: ml_collections.ConfigDict, layout: BankLayout, mesh: Mesh,
+                        levels: dict[str, LevelPlacement]) -> None:
+    """Fail naming the levels to move off device when the bank state on one device exceeds
+    ``bank.device_bytes`` (replicated levels must stay on device)."""
+    budget, b = cfg.bank.device_bytes, cfg.bank
+    need = sum(t["device_bytes"] for t in tier_bytes(layout, levels, b.host_cache_bytes))
+    if need <= budget:
+        return
+    per_level = ", ".join(f"level {t['level']} {t['device_bytes'] / 1e9:.3g} GB ({t['tier']})"
+                          for t in tier_bytes(layout, levels, b.host_cache_bytes))
+    fits = None
+    deepest = layout.levels[-1].level
+    for n in range(deepest, b.replicate_levels - 1, -1):
+        trial = tier_placement(layout, mesh, b.replicate_levels, n, cfg.train.batch_size)
+        if sum(t["device_bytes"] for t in tier_bytes(layout, trial, b.host_cache_bytes)) <= budget:
+            fits = n
+            break
+    if fits is not None:
+        moved = f"level {deepest}" if fits + 1 == deepest else f"levels {fits + 1}-{deepest}"
+        advice = f"set bank.device_levels={fits} ({moved} off device)"
+    else:
+        advice = "no split fits: use more devices, replicate fewer levels or a smaller batch"
+    raise ConfigError(f"config key 'bank.device_bytes' = {budget}: the bank state needs {need / 1e9:.3g} GB per "
+                      f"device ({per_level}); {advice}")
+
+
+def tier_report(cfg: ml_collections.ConfigDict, mesh: Mesh) -> list[dict]:
+    """Per bank level on ``mesh``: tier, training-state bytes per device and off device per shard
+    (what ``memlm info`` and ``memlm compile`` print); empty without memory."""
+    if not uses_memory(cfg):
+        return []
+    layout = BankLayout.from_config(cfg)
+    return tier_bytes(layout, plan_step(cfg, mesh, layout).levels, cfg.bank.host_cache_bytes)
 
 
 @dataclasses.dataclass
