@@ -12,8 +12,8 @@
 # --num-processes SLURM_NTASKS, --process-id SLURM_PROCID and --local-device-ids, the task's
 # G / T GPUs of its node (ordinals SLURM_LOCALID*G/T ... when the task sees all the node's GPUs,
 # 0 ... G/T-1 when SLURM already bound G/T GPUs to it). G: SLURM_GPUS_ON_NODE, else the entries of
-# CUDA_VISIBLE_DEVICES, else nvidia-smi. Put data, run directory and bank on a filesystem every
-# node sees.
+# CUDA_VISIBLE_DEVICES, else nvidia-smi. Put the repository, data, run directory and bank on a
+# filesystem every node sees.
 #
 # MEMLM: the memlm command (default .venv/bin/memlm). --dry-run or MEMLM_DRY_RUN=1: print the srun
 # command, then the command each task would run (with the SLURM variables srun gives it), one per
