@@ -1,12 +1,48 @@
 #!/usr/bin/env bash
-# TPU pod slice: the same command on every host (jax discovers the pod from the TPU metadata).
+# TPU pod slice: the same `memlm train` on every worker at once (gcloud ... ssh --worker=all). No
+# coordinator flags: jax finds the pod's workers, its own process id and all local chips from the
+# TPU metadata, so every chip of every worker is used.
 #
 #   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh --config experiments/paper_410m.py \
 #       --data gs://bucket/data --workdir gs://bucket/runs/b2 --init-from gs://bucket/runs/b1
 #
-# Assumes memlm is installed in ~/memlm/.venv on every host (e.g. `make install` via --worker=all).
+# TPU, ZONE: the pod slice and its zone; PROJECT: the gcloud project (default: gcloud's own).
+# MEMLM_DIR: the repository on every worker (default $HOME/memlm, with memlm installed in its .venv,
+# e.g. by `make install` over --worker=all). --dry-run or MEMLM_DRY_RUN=1: print the gcloud command
+# and run nothing.
 set -euo pipefail
-: "${TPU:?set TPU to the pod name}" "${ZONE:?set ZONE}"
-args=$(printf ' %q' "$@")
-gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all \
-  --command "cd ~/memlm && .venv/bin/memlm train${args}"
+
+usage() {
+  echo "usage: TPU=NAME ZONE=ZONE [PROJECT=P] launch/tpu_pod.sh [--dry-run] [memlm train args...]${1:+ ($1)}" >&2
+  exit 2
+}
+
+# Print a command as one shell-quoted line.
+show() { local out; printf -v out '%q ' "$@"; printf '%s\n' "${out% }"; }
+
+dry="${MEMLM_DRY_RUN:-}"
+[ "$dry" = 0 ] && dry=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dry-run) dry=1; shift ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+for a in "$@"; do
+  case $a in
+    --coordinator|--coordinator=*|--num-processes|--num-processes=*|--process-id|--process-id=*|\
+    --local-device-ids|--local-device-ids=*)
+      usage "$a: jax detects the pod itself" ;;
+  esac
+done
+[ -n "${TPU:-}" ] || usage "set TPU to the pod slice's name"
+[ -n "${ZONE:-}" ] || usage "set ZONE to its zone"
+
+remote_dir=${MEMLM_DIR:-\$HOME/memlm}
+args=""
+[ $# -gt 0 ] && printf -v args ' %q' "$@"
+cmd=(gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"} --worker=all
+     --command "cd $remote_dir && .venv/bin/memlm train$args")
+if [ -n "$dry" ]; then show "${cmd[@]}"; exit 0; fi
+exec "${cmd[@]}"
