@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-tiers test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/memlm demo
+
+# the demo's model with a bank ten times larger than the device budget it is given
+demo-tiers: $(STAMP)
+	$(BIN)/memlm demo --tiers
 
 test: $(STAMP)
 	$(BIN)/ruff check .

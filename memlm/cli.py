@@ -204,9 +204,15 @@ def _cmd_export(args, cfg) -> None:
 
 
 def _cmd_demo(args, cfg) -> None:
+    if args.tiers:
+        from memlm.demo_tiers import run_tiers_demo
+
+        run_tiers_demo(workdir=args.workdir or "runs/demo_tiers", data_dir=args.data or "data/facts_k32",
+                       config=args.config)
+        return
     from memlm.demo import run_demo
 
-    run_demo(workdir=args.workdir, data_dir=args.data, config=args.config)
+    run_demo(workdir=args.workdir or "runs/demo", data_dir=args.data or DEFAULT_DATA, config=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir", metavar="RUN_DIR")
     sp.add_argument("--out", required=True)
     sp = add("demo", "the whole pipeline on the embedded default")
-    sp.add_argument("--workdir", default="runs/demo")
-    sp.add_argument("--data", default=DEFAULT_DATA)
+    sp.add_argument("--workdir", default=None, help="default runs/demo (runs/demo_tiers with --tiers)")
+    sp.add_argument("--data", default=None, help=f"default {DEFAULT_DATA} (data/facts_k32 with --tiers)")
+    sp.add_argument("--tiers", action="store_true",
+                    help="train with a bank ten times larger than the device budget it is given")
     return p
 
 
