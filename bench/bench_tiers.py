@@ -93,7 +93,7 @@ class Variant:
                                      lambda k: self.fns.state_shardings.bank.count[k],
                                      lambda s: leaves_at(s, cfg.train.batch_size, leaves),
                                      cache_bytes=cfg.bank.host_cache_bytes)
-        self.step, self.stall = 0, 0.0
+        self.step, self.stalls = 0, []
 
     def run(self, n: int) -> float:
         """Median seconds per step over ``n`` steps (each step waited for)."""
@@ -104,7 +104,7 @@ class Variant:
             if self.tiers is not None:
                 bank, host["slots"] = self.tiers.install(self.state.bank, self.step)
                 self.state = self.state.replace(bank=bank)
-                self.stall += self.tiers.stall_s
+                self.stalls.append(self.tiers.stall_s)
             self.state, metrics = self.fns.step(self.state, device_batch(host, self.fns.batch_shardings))
             if self.tiers is not None:
                 self.tiers.prefetch(self.step + 1)
@@ -142,6 +142,10 @@ def main() -> None:
                     Variant("store", config(args.rank, args.cache_mb << 20, 2), tmp / "bank", mesh)]
         for v in variants:
             v.run(2)  # compile and warm up
+            if v.tiers is not None:
+                v.stalls.clear()
+                v.tiers.host["level3"].stats.clear()
+            v.timed_from = v.step
         rounds = {v.name: [] for v in variants}
         for r in range(args.rounds):
             for v in variants:
@@ -156,11 +160,13 @@ def main() -> None:
                     f"{base / med:.3f} (per round {', '.join(f'{x:.3f}' for x in ratios)})")
             if v.tiers is not None:
                 m = v.tiers.metrics()
-                read, written = m["bank/level3_store_bytes_read"], m["bank/level3_host_bytes_written"]
-                steps = v.step
-                line += (f"; level 3: {read / 1e6:.1f} MB read from the {v.name} tier "
+                read = m["bank/level3_store_bytes_read"] + m["bank/level3_host_bytes_read"]
+                written = m["bank/level3_host_bytes_written"]
+                steps = v.step - v.timed_from
+                line += (f"; level 3 rows: {read / steps / 1e6:.1f} MB/step read from the {v.name} tier "
                          f"({read / steps / med / 1e6:.1f} MB/s), {written / steps / med / 1e6:.1f} MB/s written "
-                         f"back, stall {v.stall / steps * 1e3:.2f} ms/step")
+                         f"back; fetch stall median {np.median(v.stalls) * 1e3:.2f} ms, max "
+                         f"{max(v.stalls) * 1e3:.1f} ms")
                 if "bank/level3_cache_hit_rate" in m:
                     line += f", cache hit rate {m['bank/level3_cache_hit_rate']:.2f}"
             print(line, flush=True)

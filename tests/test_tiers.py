@@ -46,10 +46,23 @@ def _assert_same_bank(a, b) -> None:
             np.testing.assert_array_equal(fa[f], fb[f], err_msg=f"level {level} {f}")
 
 
+@pytest.fixture(scope="module")
+def all_device(facts_data, tmp_path_factory):
+    """The all-device reference runs, per device count."""
+    runs = {}
+
+    def run(devices: int):
+        if devices not in runs:
+            runs[devices] = tmp_path_factory.mktemp(f"all_device_{devices}") / "run"
+            finish(launch(_args(facts_data, runs[devices]), devices=devices))
+        return runs[devices]
+
+    return run
+
+
 @pytest.mark.parametrize("devices", [1, 8])
-def test_levels_off_device_train_to_the_all_device_losses_and_bank(facts_data, tmp_path, devices):
-    ref, host, streamed = tmp_path / "ref", tmp_path / "host", tmp_path / "streamed"
-    finish(launch(_args(facts_data, ref), devices=devices))
+def test_levels_off_device_train_to_the_all_device_losses_and_bank(facts_data, tmp_path, devices, all_device):
+    ref, host, streamed = all_device(devices), tmp_path / "host", tmp_path / "streamed"
     finish(launch(_args(facts_data, host, "--config.bank.device_levels=1"), devices=devices))
     finish(launch(_args(facts_data, streamed, *STREAMED), devices=devices))
     want = losses(ref)
@@ -65,11 +78,11 @@ def test_levels_off_device_train_to_the_all_device_losses_and_bank(facts_data, t
     assert "bank/fetch_stall_s" in rec
 
 
-def test_killed_mid_bank_save_with_levels_off_device_resumes_to_the_uninterrupted_losses(facts_data, tmp_path):
+def test_killed_mid_bank_save_with_levels_off_device_resumes_to_the_uninterrupted_losses(facts_data, tmp_path,
+                                                                                          all_device):
     """Level 2 streamed through the cache, 8 devices: SIGKILL while the step-6 bank version is written
     (dirty host rows half saved); the restart resumes from step 3 and ends where the full run ends."""
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    finish(launch(_args(facts_data, ref, *STREAMED), devices=8))
+    ref, run = all_device(8), tmp_path / "run"
     procs = launch(_args(facts_data, run, *STREAMED), devices=8, extra_env={"MEMLM_KILL_AT": "bank-delta-written:6:0"})
     deadline = time.time() + 600
     while procs[0].poll() is None and time.time() < deadline:

@@ -84,7 +84,7 @@ class HostLevel:
                     if f not in out:
                         out[f] = np.empty((nodes.size, *arr.shape[1:]), arr.dtype)
                     out[f][sel] = arr[nodes[sel] - lo]
-            self.stats["host_rows_read"] += nodes.size
+            self.stats["host_bytes_read"] += sum(v.nbytes for v in out.values())
             return out
         with self._lock:
             hit = np.array([int(n) in self._cache for n in nodes], bool)
@@ -95,6 +95,7 @@ class HostLevel:
         fresh = self.store.read_fields(self.lv.level, missing) if missing.size else {}
         self.stats["cache_hits"] += int(hit.sum())
         self.stats["cache_misses"] += int(missing.size)
+        self.stats["host_bytes_read"] += sum(sum(v.nbytes for v in row.values()) for row in cached.values())
         self.stats["store_bytes_read"] += sum(v.nbytes for v in fresh.values())
         out = empty_fields(self.store.layout, self.lv, nodes.size)
         miss_pos = np.flatnonzero(~hit)
@@ -297,7 +298,8 @@ class TierManager:
         out = {"bank/fetch_stall_s": self.stall_s}
         for key, host in self.host.items():
             st = host.stats
-            out[f"bank/{key}_store_bytes_read"] = float(st["store_bytes_read"])
+            out[f"bank/{key}_store_bytes_read"] = float(st["store_bytes_read"])  # from tensorstore (disk)
+            out[f"bank/{key}_host_bytes_read"] = float(st["host_bytes_read"])  # from host memory
             out[f"bank/{key}_host_bytes_written"] = float(st["host_bytes_written"])
             if host.cache_bytes:
                 total = st["cache_hits"] + st["cache_misses"]
