@@ -80,15 +80,20 @@ def topology_devices(topology: str) -> tuple[list, float | None, str]:
     return devices, TPU_CAPACITY.get(generation), f"{len(devices)} x {devices[0].device_kind}"
 
 
-def abstract_batch(cfg: ml_collections.ConfigDict, shardings: dict) -> dict:
-    """The global batch as ShapeDtypeStructs in the step's shardings."""
+def abstract_batch(cfg: ml_collections.ConfigDict, shardings: dict, plan=None) -> dict:
+    """The global batch as ShapeDtypeStructs in the step's shardings (with levels off device, the
+    per-shard slot ids of ``plan``)."""
     import jax
     import jax.numpy as jnp
 
     b, s, depth = cfg.train.batch_size, cfg.data.seq_len, cfg.tree.depth
     shapes = {"tokens": (b, s), "segment_ids": (b, s), "positions": (b, s), "paths": (b, depth), "generic": (b,)}
-    return {k: jax.ShapeDtypeStruct(v, jnp.bool_ if k == "generic" else jnp.int32, sharding=shardings[k])
-            for k, v in shapes.items()}
+    out = {k: jax.ShapeDtypeStruct(v, jnp.bool_ if k == "generic" else jnp.int32, sharding=shardings[k])
+           for k, v in shapes.items()}
+    if plan is not None and "slots" in shardings:
+        out["slots"] = {k: jax.ShapeDtypeStruct((pl.shards, pl.slots), jnp.int32, sharding=shardings["slots"][k])
+                        for k, pl in plan.off_device.items()}
+    return out
 
 
 def _exhausted(message: str) -> tuple[float | None, float | None]:
@@ -126,7 +131,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, capacity: floa
         "microbatch": fns.plan.microbatch, "micro_steps": fns.plan.micro_steps,
         "tiers": tier_bytes(fns.bank_layout, fns.plan.levels, cfg.bank.host_cache_bytes) if fns.bank_layout else [],
     }
-    lowered = fns.step.lower(fns.abstract_state(), abstract_batch(cfg, fns.batch_shardings))
+    lowered = fns.step.lower(fns.abstract_state(), abstract_batch(cfg, fns.batch_shardings, fns.plan))
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises its own error types
