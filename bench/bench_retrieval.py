@@ -97,7 +97,7 @@ def bench_fit(n: int, depth: int, k: int) -> None:
 def bench_route(n: int, depth: int, k: int, fit_points: int) -> None:
     tree = fit_tree(synthetic_points(fit_points, seed=1), k=k, depth=depth, steps=5, batch=2048, seed=0,
                     embedder_name="synthetic")
-    block = synthetic_points(1 << 20, seed=2)  # reused for all n rows: generation would dominate otherwise
+    block = synthetic_points(min(n, 1 << 20), seed=2)  # reused for all n rows: generation would dominate otherwise
     route(tree, block[:1000])  # compile
     t = time.perf_counter()
     done = 0
@@ -125,7 +125,7 @@ def main() -> None:
     if args.only in (None, "fit"):
         bench_fit(args.fit_points, args.depth, args.k)
     if args.only in (None, "route"):
-        bench_route(args.route_points, args.depth, args.k, fit_points=200_000)
+        bench_route(args.route_points, args.depth, args.k, fit_points=min(args.fit_points, 200_000))
 
 
 if __name__ == "__main__":

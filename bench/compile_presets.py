@@ -8,6 +8,8 @@ Each compile runs in its own process (``memlm compile`` fixes the device count a
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,10 +26,20 @@ RUNS = [
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=("tpu", "cpu"), default=None, help="only the TPU or the CPU topologies")
+    args = ap.parse_args()
+    have_libtpu = importlib.util.find_spec("libtpu") is not None
     print("| preset | topology | mesh | batch / micro | arguments | temporaries | total | capacity | fits | "
           "largest all-gather | largest collective | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for preset, topology, extra in RUNS:
+        kind = "cpu" if topology.startswith("cpu:") else "tpu"
+        if args.only and kind != args.only:
+            continue
+        if kind == "tpu" and not have_libtpu:
+            print(f"| {preset} | {topology} | skipped: libtpu is not installed (pip install 'memlm[tpu]') |")
+            continue
         t = time.time()
         p = subprocess.run([sys.executable, "-m", "memlm.cli", "compile", "--config", f"experiments/{preset}.py",
                             "--topology", topology, "--json", *extra], cwd=REPO, capture_output=True, text=True)
