@@ -24,7 +24,7 @@ QK_NORM_SCOPES = ("full", "head")
 FFN_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "splash")
 TRAIN_MODES = ("anchor", "frozen", "cotrain", "scratch")
 DTYPES = ("float32", "bfloat16")
 EMBED_UNITS = ("document", "window")
@@ -65,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
             param_dtype="float32",
             compute_dtype="bfloat16",
             remat="full",
-            attention="auto",
+            attention="auto",  # auto | xla | cudnn | pallas_gpu | splash (segment-id kernels: model/kernels.py)
             # Architecture options of other model families (the defaults are memlm's own OpenLM block):
             norm_offset=False,  # norm gains stored as offsets from one, applied as (1 + w) (Gemma)
             qk_norm_scope="full",  # QK-norm over the full q / k width, or "head": per head over head_dim
@@ -337,6 +337,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _validate_architecture(cfg)
     _check_choice(cfg, "model.remat", REMAT_POLICIES)
     _check_choice(cfg, "model.attention", ATTENTION_IMPLS)
+    if m.attention == "splash" and cfg.data.seq_len % 128:
+        _fail("model.attention", m.attention, f"splash attention tiles the sequence by 128: data.seq_len = "
+              f"{cfg.data.seq_len} is not a multiple of 128")
     _check_choice(cfg, "model.param_dtype", DTYPES)
     _check_choice(cfg, "model.compute_dtype", DTYPES)
 

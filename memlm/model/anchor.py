@@ -31,6 +31,7 @@ from flax import nnx
 from memlm.config import memory_layers
 from memlm.memspec import SlotMemory, block_arrays
 from memlm.model import adapters
+from memlm.model.kernels import KERNELS, kernel_attention
 from memlm.model.layers import (
     attention,
     document_mask,
@@ -237,7 +238,9 @@ class Anchor(nnx.Module):
         if cache is None:
             q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             kv_index = q_index
-            ctx = dict(mask=document_mask(segment_ids, segment_ids, q_index, q_index))
+            ctx = dict(segment_ids=segment_ids)
+            if _needs_dense_mask(s):
+                ctx["mask"] = document_mask(segment_ids, segment_ids, q_index, q_index)
         else:
             q_index = cache["lengths"][:, None] + jnp.arange(t, dtype=jnp.int32)
             kv_segments = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i,)))(
@@ -248,7 +251,8 @@ class Anchor(nnx.Module):
         ctx["rope"] = rope_tables_from(positions, s.inv_freq())
         flags = None
         if s.local_layers:
-            ctx["mask_local"] = window_mask(ctx["mask"], q_index, kv_index, s.sliding_window)
+            if "mask" in ctx:
+                ctx["mask_local"] = window_mask(ctx["mask"], q_index, kv_index, s.sliding_window)
             if s.rope_local_base:
                 ctx["rope_local"] = rope_tables_from(positions, s.inv_freq(local=True))
             flags = jnp.isin(jnp.arange(s.n_layers), jnp.asarray(s.local_layers))
@@ -319,8 +323,9 @@ class Anchor(nnx.Module):
 
 def _local_context(ctx: Mapping[str, jax.Array], local: jax.Array) -> dict:
     """The layer's mask and RoPE tables: the sliding-window ones where ``local`` (a scanned flag)."""
-    out = dict(ctx)
-    out["mask"] = jnp.where(local, ctx["mask_local"], ctx["mask"])
+    out = dict(ctx, local=local)
+    if "mask" in ctx:
+        out["mask"] = jnp.where(local, ctx["mask_local"], ctx["mask"])
     if "rope_local" in ctx:
         out["rope"] = tuple(jnp.where(local, a, b) for a, b in zip(ctx["rope_local"], ctx["rope"], strict=True))
     return out
@@ -395,7 +400,10 @@ def layer(s: AnchorSpec, p: Mapping[str, jax.Array], x: jax.Array, mem: Mapping[
         v_all = write(cache[1], v, ctx["write_index"])
         new_cache = (k_all, v_all)
         k, v = k_all.astype(dt), v_all.astype(dt)
-    a = attention(q, k, v, ctx["mask"], s.attention, s.attn_scale, s.attn_softcap)
+    if cache is None and s.attention in KERNELS:
+        a = _kernel_attention(s, q, k, v, ctx)
+    else:
+        a = attention(q, k, v, ctx["mask"], s.attention, s.attn_scale, s.attn_softcap)
     if mem is not None:
         a = adapters.attention_output(s, mem, q_unrotated, a)
     o = jnp.einsum("bthk,hkd->btd", a, w["wo"])
@@ -410,6 +418,35 @@ def layer(s: AnchorSpec, p: Mapping[str, jax.Array], x: jax.Array, mem: Mapping[
         f = s.normalize(f, p["post_ffn_norm"])
     x = x + f.astype(x.dtype)
     return constrain(x, RESIDUAL), new_cache
+
+
+def _needs_dense_mask(s: AnchorSpec) -> bool:
+    """Whether a training / scoring call builds the dense ``[B, 1, T, T]`` document mask: always on
+    the XLA and cuDNN paths; with a segment-id kernel only where it falls back to XLA (``pallas_gpu``
+    with soft-capped scores or sliding-window layers)."""
+    if s.attention not in KERNELS:
+        return True
+    return s.attention == "pallas_gpu" and bool(s.attn_softcap or s.local_layers)
+
+
+def _kernel_attention(s: AnchorSpec, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Mapping[str, jax.Array]):
+    """Attention through the segment-id kernel ``s.attention`` (see ``memlm.model.kernels``); a
+    sliding-window layer (``ctx["local"]``, a scanned flag) takes the kernel's window form, or the
+    XLA path where the kernel has none."""
+    seg, scale, cap = ctx["segment_ids"], s.attn_scale, s.attn_softcap
+
+    def full():
+        out = kernel_attention(s.attention, q, k, v, seg, scale, cap)
+        return attention(q, k, v, ctx["mask"], "xla", scale, cap) if out is None else out
+
+    if "local" not in ctx:
+        return full()
+
+    def windowed():
+        out = kernel_attention(s.attention, q, k, v, seg, scale, cap, s.sliding_window)
+        return attention(q, k, v, ctx["mask"], "xla", scale, cap) if out is None else out
+
+    return jax.lax.cond(ctx["local"], windowed, full)
 
 
 def init_cache(spec: AnchorSpec, batch: int, max_len: int, dtype: str | None = None) -> dict[str, jax.Array]:
