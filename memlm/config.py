@@ -136,6 +136,7 @@ def default_config() -> ml_collections.ConfigDict:
             facts_documents=20_000,
             seed=0,
             records_per_shard=4096,
+            entity_field="entity",  # document field naming what a document is about (routing diagnostics); "": off
             shuffle_buffer=0,
             num_threads=2,
             prefetch=4,
@@ -177,6 +178,12 @@ def default_config() -> ml_collections.ConfigDict:
             max_new_tokens=8,
             batch_size=16,
             heldout_documents=64,
+            # confidence gate on "fetched": queries whose routing is not trusted get the generic memory.
+            # "distance": farther than route_gate_threshold from their level-route_gate_level node's
+            # centroid; "margin": a sibling within route_gate_threshold of that distance; "off".
+            route_gate="off",
+            route_gate_threshold=0.0,
+            route_gate_level=1,
         )
     )
 
@@ -416,6 +423,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if c and c not in CONDITIONS:
             _fail("eval.conditions", cfg.eval.conditions, f"unknown condition {c!r}; choose from {CONDITIONS}")
     _check_positive(cfg, "eval", ("block_level", "max_new_tokens", "batch_size", "heldout_documents"))
+    gate = cfg.eval.route_gate
+    if gate not in ("off", "distance", "margin"):
+        _fail("eval.route_gate", gate, "choose from 'off', 'distance' or 'margin'")
+    if not isinstance(cfg.eval.route_gate_threshold, (int, float)) or cfg.eval.route_gate_threshold < 0:
+        _fail("eval.route_gate_threshold", cfg.eval.route_gate_threshold, "must be a number >= 0")
+    if not 1 <= cfg.eval.route_gate_level <= cfg.tree.depth:
+        _fail("eval.route_gate_level", cfg.eval.route_gate_level, f"must be a tree level in 1..{cfg.tree.depth}")
+    if gate != "off" and mem.type != "none" and not mem.generic:
+        _fail("eval.route_gate", gate, "falls back to the generic memory: set memory.generic=true")
     if cfg.eval.block_level > cfg.tree.depth:
         _fail("eval.block_level", cfg.eval.block_level, f"deeper than tree.depth = {cfg.tree.depth}")
     if mem.type != "none" and cfg.eval.block_level > max(i + 1 for i, r in enumerate(sizes) if r):

@@ -154,13 +154,13 @@ def test_rerun_reuses_stages_and_changes_rerun_only_their_dependents(tmp_path):
     src = make_corpus(tmp_path / "c.jsonl", n=60, seed=1)
     out = tmp_path / "out"
     first = prepare(tiny_cfg(), src, out, console=QUIET)
-    assert ran(first) == ["embed", "pack", "read", "route", "tokenizer", "tokens", "tree"]
+    assert ran(first) == ["embed", "entities", "pack", "read", "route", "tokenizer", "tokens", "tree"]
     second = prepare(tiny_cfg(), src, out, console=QUIET)
     assert ran(second) == []
     assert {k: v for k, v in second.items() if k != "stages"} == {k: v for k, v in first.items() if k != "stages"}
 
     cfg = tiny_cfg(kmeans_steps=4)
-    assert ran(prepare(cfg, src, out, console=QUIET)) == ["pack", "route", "tree"]
+    assert ran(prepare(cfg, src, out, console=QUIET)) == ["entities", "pack", "route", "tree"]
     cfg.data.seq_len = 40
     changed = prepare(cfg, src, out, console=QUIET)
     assert ran(changed) == ["pack"] and changed["seq_len"] == 40
@@ -169,8 +169,8 @@ def test_rerun_reuses_stages_and_changes_rerun_only_their_dependents(tmp_path):
     assert ran(prepare(cfg, src, out, console=QUIET)) == ["pack", "tokenizer", "tokens"]
 
     make_corpus(tmp_path / "c.jsonl", n=61, seed=1)
-    assert ran(prepare(cfg, src, out, console=QUIET)) == ["embed", "pack", "read", "route", "tokenizer", "tokens",
-                                                          "tree"]
+    assert ran(prepare(cfg, src, out, console=QUIET)) == ["embed", "entities", "pack", "read", "route", "tokenizer",
+                                                          "tokens", "tree"]
 
 
 def test_window_units_split_documents_and_keep_eot_at_document_ends(tmp_path):

@@ -26,24 +26,29 @@ def trained_run(facts_data, tmp_path_factory):
     return workdir
 
 
-def test_eval_on_a_custom_probe_file_writes_every_condition(trained_run, tmp_path):
+def test_eval_on_a_custom_probe_file_writes_every_condition(trained_run, tmp_path, capsys):
     from memlm.eval.run import evaluate
 
     probes = tmp_path / "islands.jsonl"
     items = [
         {"prompt": "The capital of Iceland is", "answer": "Reykjavik", "bucket": "rare"},
         {"prompt": "The atomic number of tin is", "answer": "50", "bucket": "rare", "context": "tin element"},
-        {"prompt": "The capital of France is", "answer": "Paris", "bucket": "common"},
+        {"prompt": "The capital of France is", "answer": "Paris", "bucket": "common", "entity": "France"},
+        {"prompt": "The capital of Peru is", "answer": "Lima", "bucket": "common", "documents": [0, 1]},
     ]
     probes.write_text("".join(json.dumps(i) + "\n" for i in items))
     results = evaluate(trained_run, probes=str(probes))
     res = results["islands"]
     assert set(res["conditions"]) == {"none", "generic", "fetched", "blocked"}
     for r in res["conditions"].values():
-        assert r["n"] == 3 and set(r["by_bucket"]) == {"rare", "common"}
+        assert r["n"] == 4 and set(r["by_bucket"]) == {"rare", "common"}
         assert 0.0 <= r["accuracy"] <= 1.0
+    # the two probes naming their documents: routing agreement per level and bucket
+    routing = res["routing"]
+    assert routing["n"] == 2 and set(routing["by_bucket"]) == {"common"} and set(routing["levels"]) == {"1", "2"}
+    assert "islands: routing agreement" in capsys.readouterr().out
     saved = json.loads((trained_run / "eval" / "islands.json").read_text())
-    assert saved["conditions"] == res["conditions"]
+    assert saved["conditions"] == res["conditions"] and saved["routing"] == routing
     assert set(saved["perplexity"]) == {"none", "generic", "fetched", "blocked"}
     assert (trained_run / "eval" / "islands.png").exists()
 
@@ -57,6 +62,31 @@ def test_blocked_routing_never_uses_the_texts_own_level1_node(trained_run):
     blocked = run.memory.paths(texts, "blocked")
     level = run.cfg.eval.block_level
     assert (fetched[:, level - 1] != blocked[:, level - 1]).all()
+
+
+def test_route_gate_gives_the_generic_memory_only_to_queries_far_from_their_centroid(trained_run):
+    import numpy as np
+
+    from memlm.eval.run import load_run
+    from memlm.retrieval.confidence import path_scores
+
+    texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas"]
+    plain = load_run(trained_run)
+    fetched, generic = plain.memory(texts, "fetched"), plain.memory(texts, "generic")
+    dist, _ = path_scores(plain.memory.tree, plain.memory._embed(texts), plain.memory.paths(texts))
+    threshold = float(np.sort(dist[:, 0])[1])  # the middle distance: only the farthest text is beyond it
+    gate = {"eval.route_gate": "distance", "eval.route_gate_threshold": repr(threshold)}
+    gated = load_run(trained_run, overrides=gate).memory
+    far = dist[:, 0] > threshold
+    assert far.sum() == 1 and gated.gated(texts).tolist() == far.tolist()
+    got = gated(texts, "fetched")
+    for name in fetched:
+        want = np.where(far.reshape((-1,) + (1,) * (fetched[name].ndim - 1)), np.asarray(generic[name]),
+                        np.asarray(fetched[name]))
+        np.testing.assert_array_equal(np.asarray(got[name]), want, err_msg=name)
+    blocked, plain_blocked = gated(texts, "blocked"), plain.memory(texts, "blocked")  # the gate is on "fetched" only
+    for name in blocked:
+        np.testing.assert_array_equal(np.asarray(blocked[name]), np.asarray(plain_blocked[name]), err_msg=name)
 
 
 def test_generate_prints_the_prompt_and_its_continuation(trained_run, capsys):

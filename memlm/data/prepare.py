@@ -11,10 +11,18 @@ Stages (each cached, see ``stages.py``; a re-run with the same inputs reuses the
 5. ``embed``     embed each unit (a document, or a ``tree.embed_window``-token window of one) into
                  an ``.npy`` memmap.
 6. ``tree``      fit the balanced hierarchical k-means tree.
-7. ``route``     route every unit to its path ``[depth]``.
+7. ``route``     route every unit to its path ``[depth]``, counting while it routes the units and
+                 distinct documents per leaf and the units' distances to their nodes' centroids.
 8. ``pack``      pack the units of each leaf into ``data.seq_len``-token sequences; ArrayRecord shards.
-9. ``probes``    (``facts`` only) count entity mentions in the training documents; probe files with
+9. ``entities``  (documents with a ``data.entity_field`` field) units per leaf of each field value,
+                 ``entity_leaves.json``: what ``memlm eval`` compares a probe's routing with.
+10. ``probes``   (``facts`` only) count entity mentions in the training documents; probe files with
                  frequency buckets; a histogram of mentions per entity.
+
+The manifest (version 2) records each leaf's sequences, units and documents, the tree's fit
+settings and per-level statistics (node sizes, inertia and mean distance on the fit points), and
+the routed units' distances to their centroids per level. Readers take every field added since
+version 1 as optional, so data prepared by an older version still trains and evaluates.
 
 A corpus with fewer units than the tree has leaves (``tree.k ** tree.depth``) is an error naming
 those keys: no smaller tree is substituted behind the user's back.
@@ -45,7 +53,7 @@ from memlm.data.tokenizer import Tokenizer, train_bpe
 TOKENIZER_TRAIN_CHARS = 1_000_000_000  # the BPE sees at most this much text (the first documents)
 ENCODE_BATCH = 1024
 ROUTE_BATCH = 65536
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: leaf document counts, tree fit and routing statistics, entities
 
 
 class DataError(ValueError):
@@ -259,6 +267,7 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     embeddings = np.load(out / "embeddings.npy", mmap_mode="r")
 
     # 6. tree --------------------------------------------------------------------------------------
+    from memlm.data.route_stats import RouteStats
     from memlm.retrieval import Tree, fit_tree, route
 
     tree_key = stage_key("tree", embed_key, tc.k, tc.depth, tc.kmeans_steps, tc.kmeans_batch, tc.balance_factor,
@@ -274,18 +283,28 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
 
     # 7. route -------------------------------------------------------------------------------------
     route_key = stage_key("route", tree_key)
-    if stages.lookup("route", route_key) is None:
+    route_info = stages.lookup("route", route_key)
+    if route_info is None:
         paths = np.lib.format.open_memmap(out / "paths.npy", mode="w+", dtype=np.int32, shape=(n_units, tc.depth))
+        acc = RouteStats(tree)
         with _progress(console) as bar:
             task = bar.add_task("routing", total=n_units)
             for a in range(0, n_units, ROUTE_BATCH):
                 b = min(a + ROUTE_BATCH, n_units)
-                paths[a:b] = route(tree, np.asarray(embeddings[a:b]))
+                x = np.asarray(embeddings[a:b])
+                paths[a:b] = route(tree, x)
+                acc.add(paths[a:b], x, unit_doc[a:b])
                 bar.advance(task, b - a)
         paths.flush()
         del paths
-        stages.done("route", route_key, {"units": n_units}, ["paths.npy"])
+        route_info = stages.done("route", route_key, {"units": n_units, **acc.result()}, ["paths.npy"])
     paths = np.load(out / "paths.npy", mmap_mode="r")
+    if "leaf_documents" not in route_info:  # routed by an older prepare: the statistics in one streaming pass
+        acc = RouteStats(tree)
+        for a in range(0, n_units, ROUTE_BATCH):
+            acc.add(paths[a:a + ROUTE_BATCH], np.asarray(embeddings[a:a + ROUTE_BATCH]), unit_doc[a:a + ROUTE_BATCH])
+        route_info = stages.done("route", route_key, {"units": n_units, **acc.result()}, ["paths.npy"])
+        stages.status["route"]["reused"] = True  # the paths are kept; only their statistics are new
 
     # 8. pack --------------------------------------------------------------------------------------
     pack_key = stage_key("pack", RECORD_VERSION, route_key, tokens_key, unit_key, dc.seq_len, dc.records_per_shard)
@@ -295,7 +314,18 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
                      leaves, dc.seq_len, dc.records_per_shard, 2 if token_dtype == np.uint16 else 4, console)
         stages.done("pack", pack_key, pack, pack["shards"])
 
-    # 9. probes ------------------------------------------------------------------------------------
+    # 9. entities ---------------------------------------------------------------------------------
+    entities = None
+    if dc.entity_field:
+        entities_key = stage_key("entities", route_key, unit_key, dc.entity_field)
+        entities = stages.lookup("entities", entities_key)
+        if entities is None:
+            with console.status(f"counting units per leaf by document field {dc.entity_field!r}"):
+                entities = _entity_leaves(out, _training_docs(source, heldout_set), dc.entity_field, unit_doc, paths,
+                                          leaves)
+            stages.done("entities", entities_key, entities, [entities["path"]] if entities["path"] else [])
+
+    # 10. probes -----------------------------------------------------------------------------------
     probes = None
     if corpus == "facts":
         probes_key = stage_key("probes", read_key)
@@ -329,13 +359,19 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
         "tokenizer": {"path": "tokenizer.json", **tok_info},
         "tree": {"path": "tree.npz", "id": tree_info["id"], "k": tc.k, "depth": tc.depth,
                  "embedder": embed_info["embedder"], "dim": embed_info["dim"], "embed_unit": tc.embed_unit,
-                 "units": n_units},
+                 "embed_window": tc.embed_window if tc.embed_unit == "window" else None,
+                 "embed_max_tokens": tc.embed_max_tokens, "units": n_units, "seed": tree.seed,
+                 "fit": {**tree.fit, "levels": {str(lv): tree.stats[f"level_{lv}"] for lv in range(1, tc.depth + 1)
+                                                if f"level_{lv}" in tree.stats}},
+                 "routed": route_info.get("distances", {})},
         "seq_len": dc.seq_len,
         "depth": tc.depth,
         "k": tc.k,
         "sequences": pack["sequences"],
         "shards": pack["shards"],
-        "leaf_histogram": {"sequences": pack["leaf_sequences"], "units": pack["leaf_units"]},
+        "leaf_histogram": {"sequences": pack["leaf_sequences"], "units": pack["leaf_units"],
+                           "documents": route_info["leaf_documents"]},
+        "entities": entities or {},
         "heldout": "heldout.jsonl",
         "probes": probes["files"] if probes else {},
         "mention_histogram": probes["histogram"] if probes else {},
@@ -344,6 +380,45 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     write_json(out / MANIFEST, manifest)
     _report(console, out, manifest, time.time() - t_start)
     return manifest
+
+
+def _entity_leaves(out: Path, docs: Iterator[Document], field: str, unit_doc: np.ndarray, paths: np.ndarray,
+                   leaves: int) -> dict[str, Any]:
+    """Units per leaf of each value of a document field (e.g. the entity a document is about), in one
+    streaming pass over the training documents; written as ``entity_leaves.json`` when any has it."""
+    counts: dict[str, dict[int, int]] = {}
+    names: list[str] = []
+    ids: dict[str, int] = {}
+
+    def flush(d0: int, d1: int, value_of: np.ndarray) -> None:
+        lo, hi = np.searchsorted(unit_doc, d0), np.searchsorted(unit_doc, d1 - 1, side="right")
+        vid = value_of[unit_doc[lo:hi] - d0]
+        key = vid * leaves + np.asarray(paths[lo:hi, -1], np.int64)
+        uniq, n = np.unique(key[vid >= 0], return_counts=True)
+        for kk, c in zip(uniq.tolist(), n.tolist(), strict=True):
+            per = counts.setdefault(names[kk // leaves], {})
+            per[kk % leaves] = per.get(kk % leaves, 0) + c
+
+    d0, n_docs, value_of = 0, 0, np.full(ROUTE_BATCH, -1, np.int64)
+    for doc in docs:
+        if n_docs - d0 == ROUTE_BATCH:
+            flush(d0, n_docs, value_of)
+            d0, value_of = n_docs, np.full(ROUTE_BATCH, -1, np.int64)
+        value = doc.fields.get(field)
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = str(value)
+            if value not in ids:
+                ids[value] = len(names)
+                names.append(value)
+            value_of[n_docs - d0] = ids[value]
+        n_docs += 1
+    if n_docs > d0:
+        flush(d0, n_docs, value_of)
+    if not counts:
+        return {"field": field, "path": None, "values": 0}
+    table = {name: {str(lf): c for lf, c in sorted(counts[name].items())} for name in sorted(counts)}
+    write_json(out / "entity_leaves.json", {"field": field, "leaves": table})
+    return {"field": field, "path": "entity_leaves.json", "values": len(table)}
 
 
 def _pack(out: Path, tokens, offsets, units, paths, eot_id: int, leaves: int, seq_len: int, per_shard: int,

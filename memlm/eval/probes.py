@@ -1,9 +1,13 @@
 """Long-tail probes: greedy answers scored as the paper, accuracy per frequency bucket and condition.
 
-A probe file is JSONL, one ``{"prompt", "answer", "bucket"?, "context"?}`` a line (DESIGN.md §6).
-``context`` is the retrieval key (default: the prompt, as the paper's atomic-number probe whose
-prompt contains the element name). ``bucket`` is a free label (the built-in probes use ``"0"``
-for the rarest bucket up to ``"4"``); probes without one count only in the overall accuracy.
+A probe file is JSONL, one ``{"prompt", "answer", "bucket"?, "context"?, "documents"?, "entity"?}``
+a line (DESIGN.md §6). ``context`` is the retrieval key (default: the prompt, as the paper's
+atomic-number probe whose prompt contains the element name). ``bucket`` is a free label (the
+built-in probes use ``"0"`` for the rarest bucket up to ``"4"``); probes without one count only in
+the overall accuracy. ``documents`` (training document ids: positions among the training
+documents in corpus order, held-out ones skipped) or ``entity`` (a value of the documents'
+``data.entity_field`` field) say which training documents the probe is about: ``memlm eval``
+then reports whether the probe routes to where those documents went (``agreement.py``).
 
 Scoring (:func:`is_correct`), from the paper's atomic-number probe (PAPER.md §5.2):
 
@@ -55,6 +59,8 @@ class Probe:
     answer: str
     bucket: str | None = None
     context: str | None = None
+    documents: tuple[int, ...] | None = None
+    entity: str | None = None
 
     @property
     def key(self) -> str:
@@ -102,11 +108,19 @@ def load_probes(path: str | os.PathLike) -> list[Probe]:
         answer = str(field(obj, "answer", where, (str, int)))
         bucket = field(obj, "bucket", where, (str, int), required=False)
         context = field(obj, "context", where, (str,), required=False)
+        documents = field(obj, "documents", where, (list,), required=False)
+        entity = field(obj, "entity", where, (str, int), required=False)
         if not prompt.strip():
             raise ProbeFileError(f"{where}: field 'prompt' is empty")
         if not _INTEGER.match(answer.strip()) and not normalize(answer):
             raise ProbeFileError(f"{where}: answer {answer!r} is empty after normalisation (it would match anything)")
-        probes.append(Probe(prompt, answer, None if bucket is None else str(bucket), context))
+        if documents is not None:
+            if not documents or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in documents):
+                raise ProbeFileError(f"{where}: field 'documents' must be a non-empty list of training document ids "
+                                     f"(integers >= 0), got {documents!r}")
+            documents = tuple(documents)
+        probes.append(Probe(prompt, answer, None if bucket is None else str(bucket), context, documents,
+                            None if entity is None else str(entity)))
     if not probes:
         raise ProbeFileError(f"{path}: no probes in file")
     return probes

@@ -4,7 +4,10 @@ A run is evaluated with the data directory it was trained on (recorded in its co
 the same tokenizer, the same tree and the same embedder, so an evaluation context routes
 through exactly the code that routed the training documents. Results go to
 ``RUN_DIR/eval/<probes>.json`` (DESIGN.md §6), a table on the console and a bar plot per bucket
-and condition (``RUN_DIR/eval/<probes>.png``).
+and condition (``RUN_DIR/eval/<probes>.png``). When probes say which training documents they are
+about and the run has a tree, the results also hold ``"routing"``: the share of probes whose
+retrieval key routes to the node, at each level, that holds most of those documents
+(``agreement.py``).
 """
 
 from __future__ import annotations
@@ -29,8 +32,29 @@ def _heldout(run: Run) -> tuple[list[np.ndarray], list[str]]:
     return docs, texts
 
 
+def routing_of(run: Run, probes: list, where: str, quiet: bool = False) -> dict | None:
+    """Routing agreement of the probes that name their documents (None: no tree, or no probe names any)."""
+    from memlm.data.records import read_manifest
+    from memlm.eval.agreement import TrainingLeaves, routing_agreement
+
+    if run.memory.tree is None or not any(p.documents is not None or p.entity is not None for p in probes):
+        return None
+    leaves = TrainingLeaves(run.data_dir, read_manifest(run.data_dir), run.cfg.tree.embed_window)
+    if not leaves.has_entities and all(p.documents is None for p in probes):
+        if not quiet:
+            print(f"memlm eval: no routing agreement for {where}: its probes name entities, and {str(run.data_dir)!r} "
+                  "has no entity leaves (prepared before they were recorded: run `memlm prepare` again)")
+        return None
+    targets = leaves.of_probes(probes, where)
+    keys = [p.key for p in probes]
+    paths = run.memory.paths(keys, "fetched")
+    gated = run.memory.gated(keys, paths) if run.cfg.eval.route_gate != "off" else None
+    return routing_agreement(paths, targets, [p.bucket for p in probes], run.memory.tree.k, gated)
+
+
 def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...], quiet: bool = False) -> dict:
     """Perplexity on the held-out documents and accuracy on each probe file, per condition."""
+    from memlm.eval.agreement import format_agreement
     from memlm.eval.perplexity import evaluate_perplexity
     from memlm.eval.plot import PlotUnavailableError, format_table, plot_buckets
     from memlm.eval.probes import evaluate_probes, load_probes
@@ -52,10 +76,15 @@ def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...],
         result = {"probes": name, "file": str(path), "run": str(run.workdir), "step": run.step,
                   "conditions": res["conditions"],
                   "perplexity": {c: ppl[c]["perplexity"] for c in ppl}}
+        routing = routing_of(run, probes, str(path), quiet)
+        if routing is not None:
+            result["routing"] = routing
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
         (out_dir / f"{name}.outputs.json").write_text(json.dumps(res["outputs"], indent=2))
         if not quiet:
             print(format_table(result, title=f"{name} ({run.workdir}, step {run.step})"))
+            if routing is not None:
+                print(format_agreement(routing, title=f"{name}: routing agreement"))
         try:
             plot_buckets(result, out_dir / f"{name}.png", title=f"{name}: accuracy by frequency bucket")
         except PlotUnavailableError as e:

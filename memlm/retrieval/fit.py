@@ -92,7 +92,19 @@ def _fit_level(embeddings, order, starts, pool_len, parent_centroids, *, level, 
     return out
 
 
-def _level_stats(counts: np.ndarray, k: int, n: int) -> dict:
+def _distance_sums(embeddings: np.ndarray, centroids: np.ndarray, node: np.ndarray, chunk: int = 65536):
+    """(sum of squared, sum of) L2 distances from each L2-normalised point to its node's centroid."""
+    sq = lin = 0.0
+    for a in range(0, embeddings.shape[0], chunk):
+        x = np.asarray(embeddings[a:a + chunk], np.float32)
+        x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        d2 = np.sum(np.square(x - centroids[node[a:a + chunk]]), axis=-1, dtype=np.float64)
+        sq += float(d2.sum())
+        lin += float(np.sqrt(d2).sum())
+    return sq, lin
+
+
+def _level_stats(counts: np.ndarray, k: int, n: int, inertia: float, distance_sum: float) -> dict:
     parent_counts = counts.reshape(-1, k).sum(1)
     in_parent = counts.reshape(-1, k).max(1) / np.maximum(parent_counts, 1)
     return {
@@ -103,6 +115,8 @@ def _level_stats(counts: np.ndarray, k: int, n: int) -> dict:
         "smallest_share": float(counts.min() / n),
         "empty_nodes": int((counts == 0).sum()),
         "largest_share_in_parent": float(in_parent[parent_counts > 0].max()),
+        "inertia": inertia,  # sum over the fit points of the squared distance to their node's centroid
+        "mean_distance": distance_sum / n,
     }
 
 
@@ -143,7 +157,7 @@ def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, bat
         del order
         node = descend_levels([level_centroids], k, embeddings, first_parent=node)[:, 0]
         counts.append(np.bincount(node, minlength=k**level).astype(np.int64))
-        stats[f"level_{level}"] = _level_stats(counts[-1], k, n)
+        stats[f"level_{level}"] = _level_stats(counts[-1], k, n, *_distance_sums(embeddings, level_centroids, node))
         centroids.append(level_centroids)
         parent_centroids = level_centroids
     fit = {"steps": int(steps), "batch": int(batch), "n_points": int(n),

@@ -52,6 +52,10 @@ class RunMemory:
     sibling of the text's own node (the paper's blocking test); ``generic`` is the run's generic
     memory (one row shared by all texts); ``none`` is no memory. Embeddings are cached per text,
     so scoring several conditions embeds each context once.
+
+    With ``eval.route_gate`` on, ``fetched`` gives the generic memory to the texts whose routing
+    the gate does not trust (``retrieval.confidence.gated``): far from their node's centroid, or
+    nearly as close to a sibling. The other texts keep their path's blocks.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: epath.Path, data_dir: epath.Path, manifest: dict,
@@ -90,19 +94,36 @@ class RunMemory:
                                               version=meta.get("generic_version")).load(inference=True)
                 available.insert(1, "generic")
         self.available = tuple(available)
+        if cfg.eval.route_gate != "off" and "fetched" in self.available and self.generic is None:
+            raise ConditionError(f"eval.route_gate = {cfg.eval.route_gate!r} falls back to the generic memory, and "
+                                 f"{str(workdir)!r} has none")
         self._gather = jax.jit(_gather)
+        self._mix = jax.jit(_mix)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._emb_cache]
+        if missing:
+            for t, e in zip(missing, self.embedder.embed(missing), strict=True):
+                self._emb_cache[t] = e
+        return np.stack([self._emb_cache[t] for t in texts])
 
     def paths(self, texts: list[str], condition: str = "fetched") -> np.ndarray:
         """The tree path of each text under ``fetched`` or ``blocked`` routing."""
         from memlm.retrieval import route
 
-        missing = [t for t in dict.fromkeys(texts) if t not in self._emb_cache]
-        if missing:
-            for t, e in zip(missing, self.embedder.embed(missing), strict=True):
-                self._emb_cache[t] = e
-        emb = np.stack([self._emb_cache[t] for t in texts])
         block = self.cfg.eval.block_level if condition == "blocked" else None
-        return route(self.tree, emb, block_level=block)
+        return route(self.tree, self._embed(texts), block_level=block)
+
+    def gated(self, texts: list[str], paths: np.ndarray | None = None) -> np.ndarray:
+        """bool ``[n]``: the texts the ``eval.route_gate`` sends to the generic memory (none when off)."""
+        from memlm.retrieval.confidence import gated, path_scores
+
+        ev = self.cfg.eval
+        if ev.route_gate == "off":
+            return np.zeros(len(texts), bool)
+        paths = self.paths(texts) if paths is None else paths
+        distance, margin = path_scores(self.tree, self._embed(texts), paths)
+        return gated(distance, margin, ev.route_gate, float(ev.route_gate_threshold), int(ev.route_gate_level))
 
     def __call__(self, texts: list[str], condition: str) -> FetchedMemory | None:
         if condition not in self.available:
@@ -113,15 +134,24 @@ class RunMemory:
         if condition == "generic":
             return self._gather(self.generic, jnp.zeros((1, 1), jnp.int32))
         paths = self.paths(texts, condition)
-        if self.tiers is not None:
-            return self.tiers.gather(paths)
-        return self._gather(self.bank, jnp.asarray(paths))
+        memory = self.tiers.gather(paths) if self.tiers is not None else self._gather(self.bank, jnp.asarray(paths))
+        if condition == "fetched" and self.cfg.eval.route_gate != "off":
+            mask = self.gated(texts, paths)
+            if mask.any():
+                memory = self._mix(memory, self._gather(self.generic, jnp.zeros((1, 1), jnp.int32)), jnp.asarray(mask))
+        return memory
 
 
 def _gather(state, paths):
     from memlm.bank.device import gather
 
     return gather(state, paths)
+
+
+def _mix(fetched: FetchedMemory, generic: FetchedMemory, use_generic: jax.Array) -> FetchedMemory:
+    """Row i of ``fetched``, or the (one-row) generic memory where ``use_generic[i]``."""
+    return {name: jnp.where(use_generic.reshape((-1,) + (1,) * (a.ndim - 1)), generic[name].astype(a.dtype), a)
+            for name, a in fetched.items()}
 
 
 def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
