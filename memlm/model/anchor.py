@@ -39,6 +39,7 @@ from memlm.model.layers import (
     rope,
     rope_frequencies,
     rope_tables_from,
+    token_matmul,
     window_mask,
 )
 from memlm.sharding import constrain
@@ -406,7 +407,7 @@ def layer(s: AnchorSpec, p: Mapping[str, jax.Array], x: jax.Array, mem: Mapping[
         a = attention(q, k, v, ctx["mask"], s.attention, s.attn_scale, s.attn_softcap)
     if mem is not None:
         a = adapters.attention_output(s, mem, q_unrotated, a)
-    o = jnp.einsum("bthk,hkd->btd", a, w["wo"])
+    o = token_matmul(a, w["wo"], 2)
     if mem is not None:
         o = adapters.output(s, mem, a, o)
     if s.post_norms:

@@ -3,7 +3,7 @@
 The final hidden states ``[B, T, d]`` are cut along the sequence axis into chunks of ``t_c``
 positions; each chunk's logits ``[B, t_c, vocab]`` (float32) are computed, reduced to the
 summed NLL and dropped, and recomputed in the backward pass (``jax.checkpoint``), so the peak
-is one chunk. Chunks run along the sequence axis, not the batch axis, so every chunk keeps the
+is one chunk. A batch that is one chunk keeps its logits for the backward pass (no recompute). Chunks run along the sequence axis, not the batch axis, so every chunk keeps the
 batch's data-parallel sharding. The sum and the token count are returned separately, so that
 micro-batches add up to exactly the whole batch's mean.
 """
@@ -53,12 +53,15 @@ def chunked_nll(project: Callable[[jax.Array], jax.Array], hidden: jax.Array, to
     def split(x):
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
-    @jax.checkpoint
     def one(h, y, keep):
         logits = constrain(project(constrain(h, ("batch", "seq", None))), ("batch", "seq", "vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(keep, lse - picked, 0.0))
+
+    if n == 1:  # one chunk: the logits are the peak anyway, so keep them rather than recompute
+        return one(hidden, targets, mask), jnp.sum(mask)
+    one = jax.checkpoint(one)
 
     def body(total, xs):
         return total + one(*xs), None
