@@ -7,6 +7,9 @@ Prints tokens/s, MFU, the memory / dense step-time ratio against the active-FLOP
     python bench/step.py                                  # tiny preset, CPU-sized
     python bench/step.py --config experiments/paper_160m.py --batch 16 --naive ../shared/bench/naive_step.py
 
+With ``--naive`` memlm computes in bfloat16 like the naive step (unless ``--set
+model.compute_dtype=...`` says otherwise), so both sides run the same dtype.
+
 Synthetic batches (random tokens, one document per row, random leaf paths) so the number is the
 step alone; the loader is measured in bench/bench_loader.py.
 """
@@ -87,6 +90,8 @@ def main() -> None:
         cfg.train.batch_size = a.batch
     if a.seq:
         cfg.data.seq_len = a.seq
+    if a.naive and not any(kv.startswith("model.compute_dtype=") for kv in a.set):
+        cfg.model.compute_dtype = "bfloat16"  # side by side at the naive step's dtype
     if cfg.memory.type == "none":
         cfg.memory.type = "ffn"
     cfg.memory.generic = False
@@ -96,7 +101,8 @@ def main() -> None:
     peak, src = device_peak_flops()
     tokens = cfg.train.batch_size * cfg.data.seq_len
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  peak {peak / 1e12:.1f} TFLOP/s ({src})")
-    print(f"config: {cfg.name}  anchor {acc['anchor_params']:,}  fetched {acc['fetched_params']:,} "
+    print(f"config: {cfg.name} ({cfg.model.compute_dtype} compute)  anchor {acc['anchor_params']:,}  "
+          f"fetched {acc['fetched_params']:,} "
           f"(R={fetched_rank(cfg)})  bank {acc['bank_params']:,}  batch {cfg.train.batch_size}x{cfg.data.seq_len}")
     dense = cfg.copy_and_resolve_references()
     dense.train.mode = "anchor"

@@ -101,22 +101,19 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
     b, t, h, dh = q.shape
     kv = k.shape[2]
     g = h // kv
-    # Every contraction is a rank-4 batched matmul (batch b and a head axis): a rank-5 grouped
-    # einsum takes twice the time on XLA:CPU. Grouped queries fold the group into the query axis.
-    qg = q if g == 1 else q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
-    spec = "bthd,bshd->bhts" if g == 1 else "bkud,bskd->bkus"
-    scores = jnp.einsum(spec, qg, k, preferred_element_type=jnp.float32)
+    # Heads-major operands, so every contraction is a batched matmul whose batch axes (b, kv head)
+    # lead: on XLA:CPU that is 1.4x faster than contracting the [B, T, H, dh] layout in place, and a
+    # rank-5 grouped einsum is slower still. Grouped queries fold their group into the query axis.
+    qh = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkud,bksd->bkus", qh, kh, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(dh) if scale is None else scores * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    if g > 1:
-        scores = scores.reshape(b, kv, g, t, -1)
-        mask = mask[:, :, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if g == 1:
-        return jnp.einsum("bhts,bshd->bthd", probs, v)
-    out = jnp.einsum("bkus,bskd->bkud", probs.reshape(b, kv, g * t, -1), v)
+    scores = scores.reshape(b, kv, g, t, -1)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out = jnp.einsum("bkus,bksd->bkud", probs, vh)
     return out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
