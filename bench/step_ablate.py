@@ -6,8 +6,9 @@ paper's architecture choices turned off one by one, beside the naive step, in th
 Variants (cumulative, each a config override of the dense step): the paper's block (mean-centred
 LayerNorm, QK-norm, RoPE, document-masked attention) in float32 compute (the tiny preset's dtype),
 then in bfloat16 (the naive step's dtype: CPUs with AMX / AVX512-BF16 run it much faster); then
-RMSNorm instead of LayerNorm; then no QK-norm. What is left after the last one is memlm's own
-overhead; the naive step has no QK-norm, no document mask and no positional encoding at all.
+RMSNorm instead of LayerNorm; then no QK-norm; then no RoPE (not a config option: the rotation
+is replaced by the identity for this variant only, to attribute its cost). What is left after
+the last one is memlm's own overhead; the naive step has no QK-norm, no document mask and no positional encoding at all.
 Rounds are interleaved, figures are medians over rounds.
 """
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step import run_naive, time_step  # noqa: E402
 
+import memlm.model.anchor as anchor  # noqa: E402
 from memlm.config import apply_overrides, load_config, validate  # noqa: E402
 from memlm.train.metrics import device_peak_flops  # noqa: E402
 
@@ -32,6 +34,7 @@ VARIANTS = (
     ("memlm, bfloat16", {"model.compute_dtype": "bfloat16"}),
     ("+ RMSNorm", {"model.norm": "rmsnorm"}),
     ("+ no QK-norm", {"model.qk_norm": "False"}),
+    ("+ no RoPE", {}),  # attribution only: memlm.model.anchor.rope replaced by the identity
 )
 
 
@@ -54,7 +57,13 @@ def main() -> None:
     times["naive"] = []
     for r in range(a.rounds):
         for name, cfg in cfgs:
-            times[name].append(1e3 * time_step(cfg, a.steps))
+            rope = anchor.rope
+            if name == "+ no RoPE":
+                anchor.rope = lambda x, tables: x
+            try:
+                times[name].append(1e3 * time_step(cfg, a.steps))
+            finally:
+                anchor.rope = rope
         times["naive"].append(run_naive(a.naive, cfgs[0][1], a.steps, peak)["dense_ms"])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in times.items()), flush=True)
     naive = float(np.median(times["naive"]))
