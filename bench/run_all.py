@@ -38,6 +38,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], int]] = {
     "retrieval": ("bench_retrieval.py", ["--embed-texts", "256", "--fit-points", "50000", "--route-points",
                                          "200000", "--depth", "2"], 300),
     "compile": ("compile_presets.py", [], 300),
+    "tiers": ("bench_tiers.py", ["--rank", "4", "--steps", "4"], 300),
+    "ablate": ("step_ablate.py", ["--rounds", "1", "--steps", "3"], 400),
 }
 
 
@@ -129,8 +131,10 @@ def main() -> None:
     for name in names:
         script, args, limit = BENCHMARKS[name]
         args = list(args)
-        if name == "step" and Path(a.naive).is_file():
+        if name in ("step", "ablate") and Path(a.naive).is_file():
             args += ["--naive", a.naive]
+        elif name == "ablate":
+            continue  # attributes the gap to the naive step: nothing to compare without it
         status, wall, text = run_one(name, script, args, limit, env)
         results.append((name, [f"bench/{script}", *args], status, wall, text))
     text = section(results, started)
