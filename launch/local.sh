@@ -21,10 +21,9 @@ usage() {
   exit 2
 }
 
-is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+source "$(dirname "$0")/_common.sh"
 
-processes=1 devices="" platform="" port="" dry="${MEMLM_DRY_RUN:-}"
-[ "$dry" = 0 ] && dry=""
+processes=1 devices="" platform="" port="" dry=$(dry_default)
 while [ $# -gt 0 ]; do
   case $1 in
     --processes) is_count "${2:-}" || usage "--processes needs a positive integer"
@@ -40,18 +39,10 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-for a in "$@"; do
-  case $a in
-    --coordinator|--coordinator=*|--num-processes|--num-processes=*|--process-id|--process-id=*|\
-    --local-device-ids|--local-device-ids=*)
-      usage "$a is set by the script" ;;
-  esac
-done
+refuse_layout_flags " is set by the script" "$@"
 
 cd "$(dirname "$0")/.."
 
-# Print a command (with its environment assignments) as one shell-quoted line.
-show() { local out; printf -v out '%q ' "$@"; printf '%s\n' "${out% }"; }
 
 if [ -n "${MEMLM:-}" ]; then
   read -r -a memlm <<< "$MEMLM"

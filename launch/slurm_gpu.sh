@@ -33,11 +33,6 @@ usage() {
   exit 2
 }
 
-is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
-
-# Print a command (with its environment assignments) as one shell-quoted line.
-show() { local out; printf -v out '%q ' "$@"; printf '%s\n' "${out% }"; }
-
 # The repository: sbatch runs a copy of this script from its spool directory, so look at the
 # submit directory first.
 root=${MEMLM_ROOT:-}
@@ -48,6 +43,7 @@ if [ -z "$root" ]; then
 fi
 [ -n "$root" ] || usage "submit from the repository root (or set MEMLM_ROOT)"
 cd "$root"
+source launch/_common.sh
 
 if [ -n "${MEMLM:-}" ]; then read -r -a memlm <<< "$MEMLM"; else memlm=(.venv/bin/memlm); fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
@@ -74,8 +70,7 @@ if [ "${1:-}" = --task ]; then
   exec "${cmd[@]}"
 fi
 
-tasks="" dry="${MEMLM_DRY_RUN:-}"
-[ "$dry" = 0 ] && dry=""
+tasks="" dry=$(dry_default)
 while [ $# -gt 0 ]; do
   case $1 in
     --tasks-per-node) is_count "${2:-}" || usage "--tasks-per-node needs a positive integer"
@@ -85,13 +80,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-for a in "$@"; do
-  case $a in
-    --coordinator|--coordinator=*|--num-processes|--num-processes=*|--process-id|--process-id=*|\
-    --local-device-ids|--local-device-ids=*)
-      usage "$a is set by the script" ;;
-  esac
-done
+refuse_layout_flags " is set by the script" "$@"
 if [ -z "${SLURM_JOB_ID:-}" ] || [ -z "${SLURM_JOB_NODELIST:-}" ]; then usage "not inside a SLURM job (submit with sbatch)"; fi
 
 nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-}}

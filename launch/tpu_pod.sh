@@ -17,11 +17,9 @@ usage() {
   exit 2
 }
 
-# Print a command as one shell-quoted line.
-show() { local out; printf -v out '%q ' "$@"; printf '%s\n' "${out% }"; }
+source "$(dirname "$0")/_common.sh"
 
-dry="${MEMLM_DRY_RUN:-}"
-[ "$dry" = 0 ] && dry=""
+dry=$(dry_default)
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) dry=1; shift ;;
@@ -29,13 +27,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-for a in "$@"; do
-  case $a in
-    --coordinator|--coordinator=*|--num-processes|--num-processes=*|--process-id|--process-id=*|\
-    --local-device-ids|--local-device-ids=*)
-      usage "$a: jax detects the pod itself" ;;
-  esac
-done
+refuse_layout_flags ": jax detects the pod itself" "$@"
 [ -n "${TPU:-}" ] || usage "set TPU to the pod slice's name"
 [ -n "${ZONE:-}" ] || usage "set ZONE to its zone"
 
