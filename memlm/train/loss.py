@@ -3,7 +3,8 @@
 The final hidden states ``[B, T, d]`` are cut along the sequence axis into chunks of ``t_c``
 positions; each chunk's logits ``[B, t_c, vocab]`` (float32) are computed, reduced to the
 summed NLL and dropped, and recomputed in the backward pass (``jax.checkpoint``), so the peak
-is one chunk. A batch that is one chunk keeps its logits for the backward pass (no recompute). Chunks run along the sequence axis, not the batch axis, so every chunk keeps the
+is one chunk (a batch of one chunk keeps its logits for the backward pass instead). Chunks run along
+the sequence axis, not the batch axis, so every chunk keeps the
 batch's data-parallel sharding. The sum and the token count are returned separately, so that
 micro-batches add up to exactly the whole batch's mean.
 """
