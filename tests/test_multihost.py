@@ -142,7 +142,8 @@ def test_cotrain_on_two_processes_equals_one_and_saves_a_bank_one_process_loads(
             assert nodes.size and np.array_equal(x.written_nodes(lv.level), nodes)
             for kind in ("params", "mu"):
                 np.testing.assert_allclose(x.read_rows(lv.level, "w1", nodes, kind),
-                                           y.read_rows(lv.level, "w1", nodes, kind), rtol=2e-4, atol=2e-6)
+                                           y.read_rows(lv.level, "w1", nodes, kind), rtol=2e-4, atol=1e-5)  # Adam
+                # magnifies float32 rounding on rows whose gradient is near eps (seen: 3e-6 on 1 of 16,384)
 
 
 def test_a_preemption_notice_to_one_process_stops_both_at_the_same_saved_step(facts_data, tmp_path):
