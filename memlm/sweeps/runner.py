@@ -222,6 +222,10 @@ class Runner:
             if rc != 0:
                 self.event(spec.name, "fail", stage="train", rc=rc)
                 return f"failed (train exit {rc}; see {log})"
+            step = final_step(run_dir)
+            if step is None or step < spec.cfg.train.steps:  # a trainer stopped by a signal saves and exits 0
+                self.event(spec.name, "stopped", step=step)
+                return f"stopped at step {step} of {spec.cfg.train.steps}"
         if self.sweep.eval:
             self.say(f"{spec.name}: evaluating")
             self.event(spec.name, "eval")
@@ -289,8 +293,8 @@ def write_jobs(sweep: Sweep, runs: list[RunSpec], sweep_file: Path, out: Path, k
     written = []
     stages = list(dict.fromkeys(r.stage for r in runs))
     if kind == "slurm":
-        submit = ["#!/usr/bin/env bash", "# Submit the sweep's stages from the repository root, each after the "
-                  "one before it finished.", "set -euo pipefail", "cd \"$(dirname \"$0\")\"/../../..", "dep=\"\""]
+        submit = ["#!/usr/bin/env bash", "# Submit the sweep's stages (from where they were emitted), each after the "
+                  "one before it finished.", "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}", "dep=\"\""]
         if isinstance(sweep.data, dict):
             submit += [f"dep=$(sbatch --parsable --job-name=memlm-{sweep.name}-prepare --wrap "
                        f"{shlex.quote(f'{memlm} {base} --prepare-only')})", "dep=\"--dependency=afterok:$dep\""]
@@ -324,7 +328,7 @@ def write_jobs(sweep: Sweep, runs: list[RunSpec], sweep_file: Path, out: Path, k
                  f"# Sweep {sweep.name!r} on a TPU pod slice, one run after another: TPU=NAME ZONE=ZONE {jobs}/tpu.sh",
                  "# Each run trains on every worker through launch/tpu_pod.sh; the sweep directory must be a path",
                  "# this machine and the workers share (NFS, a gcsfuse mount). Rerunning skips finished runs.",
-                 "set -euo pipefail", ": \"${TPU:?set TPU}\" \"${ZONE:?set ZONE}\""]
+                 "set -euo pipefail", ": \"${TPU:?set TPU}\" \"${ZONE:?set ZONE}\"", f"cd {shlex.quote(os.getcwd())}"]
         if isinstance(sweep.data, dict):
             lines.append(f"{memlm} {base} --prepare-only")
         lines += [f"{memlm} {base} --only {shlex.quote(r.name)} --launcher launch/tpu_pod.sh" for r in runs]

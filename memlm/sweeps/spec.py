@@ -225,7 +225,8 @@ def _steps_for_budget(cfg: ml_collections.ConfigDict, budget: float) -> int:
     from memlm.model.accounting import accounting
 
     fl = accounting(cfg)["flops_per_token"]
-    per_token = fl["anchor_train"] + (fl["memory_train"] if cfg.memory.type != "none" else 0)
+    uses_memory = cfg.memory.type != "none" and cfg.train.mode != "anchor"
+    per_token = fl["anchor_train"] + (fl["memory_train"] if uses_memory else 0)
     return max(1, round(budget / (per_token * cfg.train.batch_size * cfg.data.seq_len)))
 
 
