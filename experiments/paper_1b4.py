@@ -1,24 +1,15 @@
-"""OpenLM-1B ("1.4B", rows C1-C2) with the (768,256,16,0) FFN-memory: 153.4M fetched, 21.14B bank.
+"""OpenLM-1B ("1.4B", rows C1-C2) with the (768,256,16,0) FFN-memory: 153.4M fetched, 21.14B bank;
+the co-training stage of row C2, at 4M-token batches (see experiments/paper.py)."""
 
-C2 used 4M-token batches (2,048 x 2,048) for GPU utilisation.
-"""
+import importlib.util
+from pathlib import Path
 
-from memlm.config import default_config
+_spec = importlib.util.spec_from_file_location("memlm_paper", Path(__file__).with_name("paper.py"))
+_paper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_paper)
 
 
 def get_config():
-    c = default_config()
+    c = _paper.row("C2")
     c.name = "paper_1b4"
-    c.model.update(d_model=2048, n_layers=24, n_heads=16, head_dim=128, d_ff=5632, tied_embeddings=False,
-                   vocab_size=50_432, max_seq_len=2048)
-    c.memory.update(type="ffn", sizes=(768, 256, 16, 0), dtype="bfloat16")
-    c.tree.update(k=16, depth=4)
-    c.data.update(seq_len=2048, tokenizer_vocab=50_277)
-    c.train.update(mode="cotrain", batch_size=2048, steps=2**40 // (2048 * 2048), warmup_steps=10_000,
-                   lr=1e-4, min_lr=1e-5, weight_decay=1e-3, memory_lr=1e-4, memory_min_lr=1e-5,
-                   memory_warmup_steps=10_000, memory_weight_decay=1e-3, checkpoint_every=1000)
-    # Fits a v5p:2x2x2 at 68 GB a chip (bench/RESULTS.md): FSDP anchor, every bank level split by node.
-    c.train.microbatch_size = 16
-    c.mesh.update(data=1, fsdp=-1)
-    c.bank.replicate_levels = 0
     return c

@@ -1,11 +1,23 @@
-"""Memory-to-model-ratio experiment (App. A.7, Tab. 8): six d=1024 anchors that differ only in
-depth, each with a memory that keeps anchor + fetched at about 411M and the bank at about 6.34B.
+"""Memory-to-model-ratio experiment (App. A.7, Tab. 8, Fig. 4b): six d=1024 anchors that differ only
+in depth, each with a memory that keeps anchor + fetched at about 411M and the bank at about 6.34B.
 
-Select one with ``--config=experiments/ratio.py:260m`` (260m, 320m, 350m, 370m, 385m, 410m).
-Memories train frozen for 2^39 tokens at a constant 1e-4 (no annealing).
+Two stages (App. A.7):
+
+1. ``--config=experiments/ratio.py:260m_anchor`` (and 320m ... 410m): the anchor alone, 2^38 tokens,
+   cosine 1e-3 -> 1e-5, weight decay 0.1. A.7 gives no batch, context or warmup: those of anchor
+   pretraining (A.1: 1M-token batches, 8,192 tokens) with the warmup ratio of A.2 (2,500 steps).
+2. ``--config=experiments/ratio.py:260m`` (320m, 350m, 370m, 385m): the memory of the frozen anchor,
+   2^39 tokens at a constant 1e-4 (no annealing, to show convergence), ``--init-from`` stage 1.
+
+The 410m has no memory: its only stage is the anchor one (``ratio_410m.py``).
 """
 
-from memlm.config import default_config
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("memlm_paper", Path(__file__).with_name("paper.py"))
+_paper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_paper)
 
 ANCHORS = {
     "260m": (12, (3840, 336, 6, 0)),
@@ -15,25 +27,31 @@ ANCHORS = {
     "385m": (22, (264, 94, 16, 0)),
     "410m": (24, None),
 }
+ANCHOR_TOKENS = 2**38
+MEMORY_TOKENS = 2**39
 
 
 def get_config(name: str = "260m"):
-    if name not in ANCHORS:
-        raise ValueError(f"unknown ratio anchor {name!r}; choose one of {', '.join(ANCHORS)}")
-    layers, sizes = ANCHORS[name]
-    c = default_config()
-    c.name = f"ratio_{name}"
-    c.model.update(d_model=1024, n_layers=layers, n_heads=16, head_dim=64, d_ff=2816, tied_embeddings=False,
-                   vocab_size=50_432, max_seq_len=2048)
-    if sizes is None:
-        c.memory.type = "none"
-        c.train.mode = "anchor"
+    key, _, stage = name.partition("_")
+    if key not in ANCHORS or stage not in ("", "anchor"):
+        raise ValueError(f"unknown ratio anchor {name!r}; choose one of {', '.join(ANCHORS)} (memory stage) or "
+                         f"{', '.join(k + '_anchor' for k in ANCHORS)} (anchor stage)")
+    layers, sizes = ANCHORS[key]
+    if sizes is None and not stage:
+        raise ValueError(f"ratio anchor {key} has no memory: its only stage is {key}_anchor")
+    c = _paper.anchor("410m")
+    c.model.n_layers = layers
+    c.train.microbatch_size = 0
+    c.train.checkpoint_every = 200
+    c.mesh.update(data=-1, fsdp=1)
+    c.bank.replicate_levels = 1
+    if sizes is not None:
+        c.memory.sizes = sizes
+    if stage:
+        c.name = f"ratio_{key}_anchor"
+        _paper.anchor_pretraining(c, ANCHOR_TOKENS, lr=1e-3, min_lr=1e-5, weight_decay=0.1,
+                                  warmup_steps=_paper.warmup_for(ANCHOR_TOKENS))
     else:
-        c.memory.update(type="ffn", sizes=sizes, dtype="bfloat16")
-        c.train.mode = "frozen"
-    c.tree.update(k=16, depth=4)
-    c.data.update(seq_len=2048, tokenizer_vocab=50_277)
-    c.train.update(batch_size=1024, steps=2**39 // (1024 * 2048), lr=1e-4, min_lr=1e-4, memory_lr=1e-4,
-                   memory_min_lr=1e-4, warmup_steps=0, memory_warmup_steps=0, weight_decay=1e-3,
-                   memory_weight_decay=1e-3)
+        c.name = f"ratio_{key}"
+        _paper.memory_training(c, "frozen", MEMORY_TOKENS, lr=1e-4, min_lr=1e-4, warmup_steps=0)
     return c

@@ -1,4 +1,5 @@
-"""Memory-to-model-ratio anchor 410m (App. A.7, Tab. 8); see experiments/ratio.py."""
+"""Memory-to-model-ratio anchor 410m (App. A.7, Tab. 8): its only stage, the anchor (2^38 tokens, cosine
+1e-3 -> 1e-5, weight decay 0.1); see experiments/ratio.py."""
 
 import importlib.util
 from pathlib import Path
@@ -9,4 +10,4 @@ _spec.loader.exec_module(_ratio)
 
 
 def get_config():
-    return _ratio.get_config("410m")
+    return _ratio.get_config("410m_anchor")

@@ -1,4 +1,4 @@
-"""The ``memlm`` command line: prepare, train, eval, generate, info, convert, export, demo.
+"""The ``memlm`` command line: prepare, train, eval, generate, info, convert, export, merge, sweep, demo.
 
 Every verb works with no flags on the embedded default (the tiny preset and the generated
 facts corpus). Configs are preset files under ``experiments/`` overridden with
@@ -203,6 +203,27 @@ def _cmd_export(args, cfg) -> None:
     export_bank(args.run_dir, args.out)
 
 
+def _cmd_sweep(args, cfg) -> None:
+    from memlm.sweeps.spec import SweepError
+
+    try:
+        if args.action == "run":
+            from memlm.sweeps.runner import run_sweep
+
+            run_sweep(args.file, args.out, parallel=args.parallel, only=args.only, emit=args.emit,
+                      launcher=args.launcher, prepare_only=args.prepare_only)
+        elif args.action == "collect":
+            from memlm.sweeps.collect import collect
+
+            collect(args.file, args.out)
+        else:
+            from memlm.sweeps.report import report
+
+            report(args.file, args.out, n_boot=args.bootstrap)
+    except SweepError as e:
+        raise UsageError(str(e)) from None
+
+
 def _cmd_demo(args, cfg) -> None:
     if args.tiers:
         from memlm.demo_tiers import run_tiers_demo
@@ -269,6 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("export", "a run's bank and generic memory as zarr3 arrays plus metadata")
     sp.add_argument("run_dir", metavar="RUN_DIR")
     sp.add_argument("--out", required=True)
+    sp = sub.add_parser("sweep", help="run, collect and report a scaling-law sweep (experiments/sweeps/*.py)")
+    sp.add_argument("action", choices=("run", "collect", "report"))
+    sp.add_argument("file", metavar="SWEEP_FILE", help="a python file defining SWEEP")
+    sp.add_argument("--out", required=True, metavar="SWEEP_DIR")
+    sp.add_argument("--parallel", type=int, default=1, help="run: runs at once (subprocesses)")
+    sp.add_argument("--only", default=None, help="run: a comma list of run names")
+    sp.add_argument("--emit", choices=("slurm", "tpu"), default=None,
+                    help="run: write job scripts into SWEEP_DIR/jobs instead of running")
+    sp.add_argument("--launcher", default=None, help="run: command that trains in place of `memlm train` "
+                    "(launch/slurm_gpu.sh, launch/tpu_pod.sh; the job scripts set it)")
+    sp.add_argument("--prepare-only", action="store_true", help="run: prepare the sweep's data and stop")
+    sp.add_argument("--bootstrap", type=int, default=200, help="report: bootstrap resamples per fit")
     sp = add("demo", "the whole pipeline on the embedded default")
     sp.add_argument("--workdir", default=None, help="default runs/demo (runs/demo_tiers with --tiers)")
     sp.add_argument("--data", default=None, help=f"default {DEFAULT_DATA} (data/facts_k32 with --tiers)")
@@ -292,7 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest, overrides = _split_config_overrides(argv)
         args = build_parser().parse_args(rest)
         args.overrides = overrides
-        cfg = resolve_config(args.config, overrides)
+        if args.verb == "sweep":  # each run of a sweep resolves its own config
+            if overrides:
+                raise UsageError("--config.* overrides go into the sweep file (its overrides / runs)")
+            cfg = None
+        else:
+            cfg = resolve_config(args.config, overrides)
         handler = globals()[f"_cmd_{args.verb}"]
         handler(args, cfg)
     except (ConfigError, UsageError, FileNotFoundError) as e:

@@ -4,6 +4,10 @@ import pytest
 
 from memlm.config import ConfigError, apply_overrides, default_config, load_config, mesh_shape, validate
 
+PRESETS = ("tiny", "paper_160m", "paper_410m", "paper_1b4", "paper_a1", "paper_a2", "paper_a3", "paper_a4", "paper_b1",
+           "paper_b2", "paper_b3", "paper_c1", "paper_c2", "ratio_260m", "ratio_320m", "ratio_350m", "ratio_370m",
+           "ratio_385m", "ratio_410m")
+
 
 def _bad(overrides: dict, *needles: str):
     cfg = load_config("experiments/tiny.py")
@@ -15,9 +19,10 @@ def _bad(overrides: dict, *needles: str):
 
 
 def test_every_preset_validates():
-    for name in ("tiny", "paper_160m", "paper_410m", "paper_1b4", "ratio_260m", "ratio_320m", "ratio_350m",
-                 "ratio_370m", "ratio_385m", "ratio_410m"):
+    for name in PRESETS:
         validate(load_config(f"experiments/{name}.py"))
+    for stage in ("260m_anchor", "320m_anchor", "350m_anchor", "370m_anchor", "385m_anchor", "410m_anchor"):
+        validate(load_config(f"experiments/ratio.py:{stage}"))
 
 
 def test_head_count_that_does_not_divide():
@@ -55,8 +60,6 @@ def test_memory_mode_without_memory_is_refused():
     _bad({"memory.type": "none", "train.mode": "cotrain"}, "train.mode", "cotrain")
 
 
-PRESETS = ("tiny", "paper_160m", "paper_410m", "paper_1b4", "ratio_260m", "ratio_320m", "ratio_350m", "ratio_370m",
-           "ratio_385m", "ratio_410m")
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -84,3 +87,31 @@ def test_blocking_below_the_deepest_memory_level_is_refused():
         validate(cfg)
     cfg.eval.block_level = 3
     validate(cfg)
+
+
+def test_paper_rows_carry_their_recipes():
+    """PAPER.md 4.3-4.5: token budgets, batches, schedules and contexts of every stage of Table 1."""
+    def tokens(c):
+        return c.train.steps * c.train.batch_size * c.data.seq_len
+
+    for row in ("a1", "b1", "c1"):
+        c = load_config(f"experiments/paper_{row}.py")
+        assert (c.train.mode, c.memory.type, tokens(c), c.train.batch_size * c.data.seq_len, c.data.seq_len) == \
+            ("anchor", "none", 2**40, 2**20, 8192)
+        assert (c.train.lr, c.train.min_lr, c.train.warmup_steps, c.train.weight_decay) == (5e-3, 5e-5, 10_000, 0.05)
+    b3 = load_config("experiments/paper_b3.py")
+    assert (b3.train.mode, tokens(b3), b3.train.lr) == ("anchor", 2**41, 5e-3)
+    for row, mode in (("a2", "cotrain"), ("a3", "frozen"), ("b2", "cotrain"), ("c2", "cotrain")):
+        c = load_config(f"experiments/paper_{row}.py")
+        assert (c.train.mode, tokens(c), c.data.seq_len, c.train.lr, c.train.min_lr, c.train.weight_decay) == \
+            (mode, 2**40, 2048, 1e-4, 1e-5, 1e-3)
+        assert c.train.batch_size == (2048 if row == "c2" else 1024)
+    a4 = load_config("experiments/paper_a4.py")
+    assert (a4.train.mode, tokens(a4), a4.train.lr, a4.train.min_lr, a4.train.weight_decay, a4.train.warmup_steps) == \
+        ("scratch", 2**41, 1e-3, 1e-5, 0.1, 10_000)
+    anchor = load_config("experiments/ratio_410m.py")  # App. A.7 stage 1
+    assert (anchor.train.mode, tokens(anchor), anchor.train.lr, anchor.train.min_lr, anchor.train.weight_decay) == \
+        ("anchor", 2**38, 1e-3, 1e-5, 0.1)
+    memory = load_config("experiments/ratio_260m.py")  # App. A.7 stage 2: constant 1e-4
+    assert (memory.train.mode, tokens(memory), memory.train.memory_lr, memory.train.memory_min_lr) == \
+        ("frozen", 2**39, 1e-4, 1e-4)

@@ -1,0 +1,12 @@
+"""Table 1 row B1: see experiments/paper.py (PAPER.md §4, §6.1)."""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("memlm_paper", Path(__file__).with_name("paper.py"))
+_paper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_paper)
+
+
+def get_config():
+    return _paper.row("B1")
