@@ -84,3 +84,11 @@ def test_blocking_below_the_deepest_memory_level_is_refused():
         validate(cfg)
     cfg.eval.block_level = 3
     validate(cfg)
+
+
+def test_route_beam_needs_a_width_and_its_generic_candidate_a_generic_memory():
+    _bad({"eval.route_beam": "0"}, "eval.route_beam", "0")
+    _bad({"eval.route_beam_generic": "true", "memory.generic": "false"}, "eval.route_beam_generic", "generic")
+    cfg = load_config("experiments/tiny.py")
+    apply_overrides(cfg, {"eval.route_beam": "4", "eval.route_beam_generic": "true"})
+    validate(cfg)
