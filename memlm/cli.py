@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--capacity", type=float, default=None, help="bytes per device (default: known HBM, 80e9 for cpu)")
     sp.add_argument("--json", action="store_true")
     sp = add("prepare", "tokenize, embed, cluster, route and pack a corpus")
-    sp.add_argument("--corpus", default="facts", help="a .jsonl / parquet file, a folder of .txt, or 'facts'")
+    sp.add_argument("--corpus", default="facts",
+                    help="a .jsonl / parquet file, a folder of .txt, or a generated corpus: 'facts' or 'bios'")
     sp.add_argument("--out", default=DEFAULT_DATA)
     sp = add("train", "train an anchor and / or its memory bank")
     sp.add_argument("--data", default=DEFAULT_DATA)

@@ -184,6 +184,11 @@ def default_config() -> ml_collections.ConfigDict:
             route_gate="off",
             route_gate_threshold=0.0,
             route_gate_level=1,
+            # route_beam > 1: "fetched" scores the route_beam best paths (a beam by centroid distance)
+            # and keeps, per text, the one under which the anchor gives the retrieval text the highest
+            # likelihood; route_beam_generic adds the generic memory as one more candidate.
+            route_beam=1,
+            route_beam_generic=False,
         )
     )
 
@@ -430,6 +435,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("eval.route_gate_threshold", cfg.eval.route_gate_threshold, "must be a number >= 0")
     if not 1 <= cfg.eval.route_gate_level <= cfg.tree.depth:
         _fail("eval.route_gate_level", cfg.eval.route_gate_level, f"must be a tree level in 1..{cfg.tree.depth}")
+    if not isinstance(cfg.eval.route_beam, int) or isinstance(cfg.eval.route_beam, bool) or cfg.eval.route_beam < 1:
+        _fail("eval.route_beam", cfg.eval.route_beam, "must be an integer >= 1 (1: greedy routing)")
+    if cfg.eval.route_beam_generic and mem.type != "none" and not mem.generic:
+        _fail("eval.route_beam_generic", True, "needs the generic memory: set memory.generic=true")
     if gate != "off" and mem.type != "none" and not mem.generic:
         _fail("eval.route_gate", gate, "falls back to the generic memory: set memory.generic=true")
     if cfg.eval.block_level > cfg.tree.depth:

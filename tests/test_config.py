@@ -115,3 +115,28 @@ def test_paper_rows_carry_their_recipes():
     memory = load_config("experiments/ratio_260m.py")  # App. A.7 stage 2: constant 1e-4
     assert (memory.train.mode, tokens(memory), memory.train.memory_lr, memory.train.memory_min_lr) == \
         ("frozen", 2**39, 1e-4, 1e-4)
+
+
+def test_route_beam_needs_a_width_and_its_generic_candidate_a_generic_memory():
+    _bad({"eval.route_beam": "0"}, "eval.route_beam", "0")
+    _bad({"eval.route_beam_generic": "true", "memory.generic": "false"}, "eval.route_beam_generic", "generic")
+    cfg = load_config("experiments/tiny.py")
+    apply_overrides(cfg, {"eval.route_beam": "4", "eval.route_beam_generic": "true"})
+    validate(cfg)
+
+
+def test_a_run_recorded_before_a_key_existed_opens_with_its_default():
+    import json
+
+    from memlm.run.directory import config_from_record
+
+    cfg = load_config("experiments/tiny.py")
+    apply_overrides(cfg, {"eval.route_beam": "3"})
+    record = {"config": json.loads(cfg.to_json())}
+    del record["config"]["eval"]["route_beam"], record["config"]["eval"]["route_gate"]
+    got = config_from_record(record)
+    assert (got.eval.route_beam, got.eval.route_gate) == (1, "off")
+    assert got.memory.sizes == (32, 32) and got.model.d_model == cfg.model.d_model
+    record["config"]["eval"]["route_beem"] = 2
+    with pytest.raises(ConfigError, match="eval.route_beem"):
+        config_from_record(record)

@@ -138,3 +138,48 @@ def test_eval_and_generate_with_deep_levels_off_device_equal_the_all_device_bank
     want = evaluate(trained_run, probes=str(probes))["p"]
     got = evaluate(trained_run, probes=str(probes), overrides=tiers)["p"]
     assert got["conditions"] == want["conditions"] and got["perplexity"] == want["perplexity"]
+
+
+def test_route_beam_keeps_per_text_the_candidate_under_which_the_anchor_finds_the_text_most_likely(trained_run):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from memlm.eval.beam import BeamRouting
+    from memlm.eval.run import load_run
+    from memlm.retrieval import route_beam
+
+    texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "Peru"]
+    run = load_run(trained_run, overrides={"eval.route_beam": "3", "eval.route_beam_generic": "true"})
+    beam = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg)
+    got_paths, got_generic = beam.paths(texts), beam.gated(texts)
+    cand = route_beam(run.memory.tree, run.memory._embed(texts), 3)
+    generic = run.memory(texts, "generic")
+
+    def loglik(text, memory):  # one text alone, from the logits, in numpy
+        ids = np.asarray(run.tokenizer.encode(text), np.int32)
+        t = len(ids) - 1
+        logits = run.fn.apply(run.params, jnp.asarray(ids[None, :-1]), jnp.ones((1, t), jnp.int32),
+                              jnp.arange(t, dtype=jnp.int32)[None], memory=memory)
+        logits = np.asarray(logits, np.float64)[0]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        return logp[np.arange(t), ids[1:]].sum()
+
+    fetched_all = run.memory(texts, "fetched")
+    for i, text in enumerate(texts):
+        scores = [loglik(text, run.memory._gather(run.memory.bank, jnp.asarray(cand[i, w][None]))) for w in range(3)]
+        scores.append(loglik(text, generic))
+        best = int(np.argmax(scores))
+        assert got_generic[i] == (best == 3), (text, scores)
+        np.testing.assert_array_equal(got_paths[i], cand[i, 0] if best == 3 else cand[i, best])
+    memory = beam(texts, "fetched")
+    for name in memory:
+        want = np.where(got_generic.reshape((-1,) + (1,) * (memory[name].ndim - 1)), np.asarray(generic[name]),
+                        np.asarray(run.memory._gather(run.memory.bank, jnp.asarray(got_paths))[name]))
+        np.testing.assert_array_equal(np.asarray(memory[name]), want, err_msg=name)
+    # width 1 without the generic candidate is plain greedy routing
+    plain = load_run(trained_run)
+    np.testing.assert_array_equal(BeamRouting(plain.fn, plain.params, plain.tokenizer, plain.memory,
+                                              plain.cfg).paths(texts), plain.memory.paths(texts))
+    for name in fetched_all:
+        assert memory[name].shape == fetched_all[name].shape

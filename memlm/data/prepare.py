@@ -2,7 +2,7 @@
 
 Stages (each cached, see ``stages.py``; a re-run with the same inputs reuses them all):
 
-1. ``corpus``    (``facts`` only) generate the embedded corpus as JSONL.
+1. ``corpus``    (a generated corpus: ``facts``, ``bios``) generate it as JSONL.
 2. ``read``      count documents (empty / undecodable skipped and counted) and draw the held-out
                  split (``eval.heldout_documents``, at most a tenth of the corpus), written as
                  ``heldout.jsonl`` and never packed for training.
@@ -16,7 +16,7 @@ Stages (each cached, see ``stages.py``; a re-run with the same inputs reuses the
 8. ``pack``      pack the units of each leaf into ``data.seq_len``-token sequences; ArrayRecord shards.
 9. ``entities``  (documents with a ``data.entity_field`` field) units per leaf of each field value,
                  ``entity_leaves.json``: what ``memlm eval`` compares a probe's routing with.
-10. ``probes``   (``facts`` only) count entity mentions in the training documents; probe files with
+10. ``probes``   (a generated corpus) count entity mentions in the training documents; probe files with
                  frequency buckets; a histogram of mentions per entity.
 
 The manifest (version 2) records each leaf's sequences, units and documents, the tree's fit
@@ -43,6 +43,7 @@ import numpy as np
 
 from memlm.config import validate
 from memlm.data import facts as facts_mod
+from memlm.data import generated
 from memlm.data.packing import group_by_leaf, materialize, plan_leaf
 from memlm.data.readers import Document, ReadStats, corpus_fingerprint, iter_documents
 from memlm.data.records import MANIFEST, ShardWriter, encode_sequence, write_json
@@ -90,7 +91,7 @@ def _units(offsets: np.ndarray, unit: str, window: int) -> tuple[np.ndarray, np.
 
 
 def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data", *, console=None) -> dict[str, Any]:
-    """Prepare ``corpus`` (a .jsonl / parquet file, a folder of .txt files, or "facts"; default
+    """Prepare ``corpus`` (a .jsonl / parquet file, a folder of .txt files, "facts" or "bios"; default
     ``cfg.data.corpus``) into ``out_dir`` for training; returns the manifest (also written there)."""
     from rich.console import Console
 
@@ -104,17 +105,18 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     tc, dc, ec = cfg.tree, cfg.data, cfg.eval
 
     # 1. corpus ------------------------------------------------------------------------------------
-    if corpus == "facts":
-        key = stage_key("corpus", facts_mod.GENERATOR_VERSION, dc.facts_documents, dc.seed,
-                        facts_mod.source_versions())
+    gen = generated.module(corpus) if generated.is_generated(corpus) else None
+    if gen is not None:
+        key = stage_key("corpus", gen.GENERATOR_VERSION, dc.facts_documents, dc.seed, gen.source_versions(),
+                        *([corpus] if corpus != "facts" else []))
         info = stages.lookup("corpus", key)
         if info is None:
             (out / "corpus").mkdir(exist_ok=True)
-            with console.status("generating the facts corpus"):
-                n = facts_mod.write_corpus(out / "corpus" / "facts.jsonl", dc.facts_documents, dc.seed)
-            info = stages.done("corpus", key, {"documents": n, "sources": facts_mod.source_versions()},
-                               ["corpus/facts.jsonl"])
-        source, corpus_id = str(out / "corpus" / "facts.jsonl"), key
+            with console.status(f"generating the {corpus} corpus"):
+                n = generated.write_corpus(corpus, out / "corpus" / f"{corpus}.jsonl", dc.facts_documents, dc.seed)
+            info = stages.done("corpus", key, {"documents": n, "sources": gen.source_versions()},
+                               [f"corpus/{corpus}.jsonl"])
+        source, corpus_id = str(out / "corpus" / f"{corpus}.jsonl"), key
     else:
         source, corpus_id = corpus, stage_key("files", corpus_fingerprint(corpus))
 
@@ -327,11 +329,11 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
 
     # 10. probes -----------------------------------------------------------------------------------
     probes = None
-    if corpus == "facts":
+    if gen is not None:
         probes_key = stage_key("probes", read_key)
         probes = stages.lookup("probes", probes_key)
         if probes is None:
-            ents = facts_mod.entities()
+            ents = gen.entities()
             with _progress(console) as bar:
                 task = bar.add_task("counting mentions", total=n_train)
 
@@ -341,7 +343,7 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
                         yield doc.text
 
                 counts = facts_mod.count_mentions(texts_counted(), [e.name for e in ents])
-            files = facts_mod.write_probes(out / "probes", facts_mod.probe_items(ents, counts))
+            files = facts_mod.write_probes(out / "probes", gen.probe_items(ents, counts))
             probes = {"files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
                       "mentions": counts, "histogram": facts_mod.mention_histogram(counts)}
             stages.done("probes", probes_key, probes, list(probes["files"].values()))

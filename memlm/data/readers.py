@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from memlm.data.generated import is_generated
+
 MAX_REPORTED = 100  # problem locations kept in the stats (all are counted)
 
 
@@ -68,7 +70,7 @@ def corpus_files(source: str | os.PathLike) -> tuple[str, list[Path]]:
         return "txt", files
     if not path.exists():
         raise CorpusError(f"corpus {str(path)!r} does not exist (give a .jsonl file, a parquet file, "
-                          "a folder of .txt files, or 'facts')")
+                          "a folder of .txt files, 'facts' or 'bios')")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return "jsonl", [path]
@@ -148,26 +150,26 @@ def _read_parquet(path: Path, stats: ReadStats, report, batch_rows: int = 4096) 
 _READERS = {"jsonl": _read_jsonl, "txt": _read_txt, "parquet": _read_parquet}
 
 
-def _read_facts(n_documents: int, seed: int, stats: ReadStats) -> Iterator[Document]:
-    from memlm.data.facts import generate
+def _read_generated(name: str, n_documents: int, seed: int, stats: ReadStats) -> Iterator[Document]:
+    from memlm.data.generated import module
 
-    for i, record in enumerate(generate(n_documents, seed), start=1):
+    for i, record in enumerate(module(name).generate(n_documents, seed), start=1):
         stats.documents += 1
-        yield Document(record.pop("text"), record, f"facts:{i}")
+        yield Document(record.pop("text"), record, f"{name}:{i}")
 
 
 def iter_documents(source: str | os.PathLike, stats: ReadStats | None = None,
                    report: Callable[[str], None] | None = _stderr, *, facts_documents: int = 20_000,
                    facts_seed: int = 0) -> Iterator[Document]:
-    """Stream the documents of a corpus file or folder (or of the generated ``"facts"`` corpus, of
-    ``facts_documents`` documents for ``facts_seed``), filling ``stats`` as it goes.
+    """Stream the documents of a corpus file or folder (or of a generated corpus, ``"facts"`` or
+    ``"bios"``, of ``facts_documents`` documents for ``facts_seed``), filling ``stats`` as it goes.
 
     ``report`` receives one message per skipped line or file (the first MAX_REPORTED of them);
     pass None on later passes to stay quiet. Raises CorpusError when nothing usable is found.
     """
     stats = stats if stats is not None else ReadStats()
-    if str(source) == "facts":
-        yield from _read_facts(facts_documents, facts_seed, stats)
+    if is_generated(source):
+        yield from _read_generated(str(source), facts_documents, facts_seed, stats)
         return
     kind, files = corpus_files(source)
     reader = _READERS[kind]

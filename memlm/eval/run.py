@@ -7,7 +7,9 @@ through exactly the code that routed the training documents. Results go to
 and condition (``RUN_DIR/eval/<probes>.png``). When probes say which training documents they are
 about and the run has a tree, the results also hold ``"routing"``: the share of probes whose
 retrieval key routes to the node, at each level, that holds most of those documents
-(``agreement.py``).
+(``agreement.py``). With ``eval.route_beam`` > 1 or ``eval.route_beam_generic``, ``fetched``
+chooses among beam candidates by the anchor's likelihood of the retrieval text (``beam.py``), and
+the agreement is that of the chosen paths.
 """
 
 from __future__ import annotations
@@ -32,8 +34,18 @@ def _heldout(run: Run) -> tuple[list[np.ndarray], list[str]]:
     return docs, texts
 
 
-def routing_of(run: Run, probes: list, where: str, quiet: bool = False) -> dict | None:
-    """Routing agreement of the probes that name their documents (None: no tree, or no probe names any)."""
+def provider_of(run: Run):
+    """The memory provider evaluation uses: the run's memory, or beam routing over it (``eval.route_beam*``)."""
+    from memlm.eval.beam import BeamRouting, uses_beam
+
+    if "fetched" not in run.conditions or not uses_beam(run.cfg):
+        return run.memory
+    return BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg)
+
+
+def routing_of(run: Run, probes: list, where: str, quiet: bool = False, provider=None) -> dict | None:
+    """Routing agreement of the probes that name their documents (None: no tree, or no probe names any);
+    ``provider`` (default the run's memory) says which path ``fetched`` takes and which texts it gates."""
     from memlm.data.records import read_manifest
     from memlm.eval.agreement import TrainingLeaves, routing_agreement
 
@@ -46,9 +58,12 @@ def routing_of(run: Run, probes: list, where: str, quiet: bool = False) -> dict 
                   "has no entity leaves (prepared before they were recorded: run `memlm prepare` again)")
         return None
     targets = leaves.of_probes(probes, where)
+    from memlm.eval.beam import uses_beam
+
+    provider = provider or run.memory
     keys = [p.key for p in probes]
-    paths = run.memory.paths(keys, "fetched")
-    gated = run.memory.gated(keys, paths) if run.cfg.eval.route_gate != "off" else None
+    paths = provider.paths(keys, "fetched")
+    gated = provider.gated(keys, paths) if run.cfg.eval.route_gate != "off" or uses_beam(run.cfg) else None
     return routing_agreement(paths, targets, [p.bucket for p in probes], run.memory.tree.k, gated)
 
 
@@ -63,20 +78,21 @@ def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...],
     out_dir = run.workdir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     docs, texts = _heldout(run)
+    provider = provider_of(run)
     ppl = {}
     if docs:
-        ppl = evaluate_perplexity(run.fn, run.params, docs, texts, run.memory, conditions,
+        ppl = evaluate_perplexity(run.fn, run.params, docs, texts, provider, conditions,
                                   seq_len=run.cfg.data.seq_len, batch_size=ev.batch_size)["conditions"]
     results = {}
     for path in probe_files:
         probes = load_probes(path)
-        res = evaluate_probes(run.fn, run.params, run.tokenizer, probes, run.memory, conditions,
+        res = evaluate_probes(run.fn, run.params, run.tokenizer, probes, provider, conditions,
                               max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, return_outputs=True)
         name = path.stem
         result = {"probes": name, "file": str(path), "run": str(run.workdir), "step": run.step,
                   "conditions": res["conditions"],
                   "perplexity": {c: ppl[c]["perplexity"] for c in ppl}}
-        routing = routing_of(run, probes, str(path), quiet)
+        routing = routing_of(run, probes, str(path), quiet, provider)
         if routing is not None:
             result["routing"] = routing
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))

@@ -9,7 +9,7 @@ from memlm.retrieval.embedder import Embedder, EmbedderError, get_embedder
 from memlm.retrieval.fit import fit_tree
 from memlm.retrieval.hashing import HashingEmbedder
 from memlm.retrieval.minilm import MiniLMEmbedder
-from memlm.retrieval.routing import route, route_avoiding
+from memlm.retrieval.routing import route, route_avoiding, route_beam
 from memlm.retrieval.tree import Tree, TreeError
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "get_embedder",
     "route",
     "route_avoiding",
+    "route_beam",
 ]

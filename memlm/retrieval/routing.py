@@ -136,3 +136,39 @@ def route_avoiding(tree, embeddings: np.ndarray, level: int, node: int) -> np.nd
     if not 0 <= node < tree.k**level:
         raise ValueError(f"node = {node}: level {level} has nodes 0 .. {tree.k**level - 1}")
     return descend_levels(tree.centroids, tree.k, embeddings, block_level=level, avoid=node)
+
+
+def route_beam(tree, embeddings: np.ndarray, width: int) -> np.ndarray:
+    """Candidate paths int32 ``[n, width, depth]`` per text: a beam over the tree by summed distance to
+    the nodes' centroids (``width`` partial paths kept per level), with the greedy path always first.
+
+    The other candidates follow in order of summed distance; a tree with fewer than ``width``
+    leaves repeats its last candidate. Plain numpy: meant for a batch of evaluation queries.
+    """
+    _check(tree, embeddings)
+    if width < 1:
+        raise ValueError(f"width = {width}: must be >= 1")
+    x = np.asarray(embeddings, np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    n, k = len(x), tree.k
+    greedy = route(tree, x)
+    nodes = np.zeros((n, 1), np.int64)  # kept partial paths: their last node, and their summed distance
+    cost = np.zeros((n, 1), np.float64)
+    hist = np.zeros((n, 1, 0), np.int64)
+    for cent in tree.centroids:
+        children = nodes[:, :, None] * k + np.arange(k)  # [n, w, k]
+        d = np.linalg.norm(x[:, None, None, :] - cent[children], axis=-1)
+        total = (cost[:, :, None] + d).reshape(n, -1)
+        keep = np.argsort(total, axis=1, kind="stable")[:, :width]
+        rows = np.arange(n)[:, None]
+        parent = keep // k
+        hist = np.concatenate([hist[rows, parent], children.reshape(n, -1)[rows, keep][..., None]], axis=2)
+        nodes, cost = children.reshape(n, -1)[rows, keep], total[rows, keep]
+    if hist.shape[1] < width:
+        hist = np.concatenate([hist, np.repeat(hist[:, -1:], width - hist.shape[1], axis=1)], axis=1)
+    out = hist.astype(np.int32)
+    for i in range(n):  # the greedy path first; the beam's others after it, in order
+        same = np.flatnonzero((out[i] == greedy[i]).all(axis=1))
+        cand = np.concatenate([greedy[i][None], out[i][[j for j in range(width) if j not in same.tolist()]]])
+        out[i] = np.concatenate([cand, np.repeat(cand[-1:], max(0, width - len(cand)), axis=0)])[:width]
+    return out

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import ml_collections
 from etils import epath
 
-from memlm.config import ConfigError, validate
+from memlm.config import ConfigError, config_from_json, validate
 from memlm.run.paths import is_local, location
 
 FROZEN_SECTIONS = ("model", "memory", "tree")  # they define the anchor and the bank
@@ -43,14 +43,9 @@ def _diff(old: dict, new: dict) -> dict:
 
 
 def config_from_record(record: dict) -> ml_collections.ConfigDict:
-    """The validated ConfigDict of a ``config.json`` record (tuples restored)."""
-    cfg = ml_collections.ConfigDict(record["config"])
-    for section in cfg:
-        if isinstance(cfg[section], ml_collections.ConfigDict):
-            for key, value in cfg[section].items():
-                if isinstance(value, list):
-                    cfg[section][key] = tuple(value)
-    return validate(cfg)
+    """The validated ConfigDict of a ``config.json`` record (tuples restored; keys added since the run
+    was recorded keep their defaults, so an older run still opens)."""
+    return validate(config_from_json(record, "config.json"))
 
 
 class RunDir:

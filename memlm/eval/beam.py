@@ -1,0 +1,115 @@
+"""Beam routing for ``fetched``: of several candidate paths, keep the one the anchor finds most likely.
+
+Greedy descent commits to one path from the retrieval text's embedding alone, and a query worded
+unlike its documents often takes a wrong turn. With ``eval.route_beam`` = W > 1, ``fetched``
+takes the W best paths of a beam over the tree (``retrieval.route_beam``, the greedy path
+first), scores the retrieval text itself under each path's fetched memory (the summed
+log-probability of its tokens after the first, one forward per candidate), and keeps the most
+likely path per text; ``eval.route_beam_generic`` adds the generic memory as one more candidate,
+so a text no block explains gets the generic memory. Ties keep the earlier candidate (the
+greedy path first). Only the retrieval text is scored, never a probe's answer; a held-out
+document's perplexity, though, is then measured under the memory chosen by that document's own
+likelihood, an optimistic figure.
+
+:class:`BeamRouting` wraps a run's :class:`~memlm.run.inference.RunMemory` as a memory provider;
+every other condition passes through to it unchanged. Choices are cached per text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from memlm.eval.conditions import pad_to
+from memlm.eval.perplexity import target_logprobs
+from memlm.memspec import FetchedMemory
+from memlm.serve.generate import MIN_PROMPT_BUCKET, bucket
+
+__all__ = ["BeamRouting", "uses_beam"]
+
+
+def uses_beam(cfg) -> bool:
+    """Whether ``cfg.eval`` asks ``fetched`` to choose among candidates."""
+    return int(cfg.eval.route_beam) > 1 or bool(cfg.eval.route_beam_generic)
+
+
+class BeamRouting:
+    """A memory provider: ``fetched`` by likelihood among beam candidates; other conditions as ``memory``."""
+
+    def __init__(self, fn: Any, params: Any, tokenizer: Any, memory: Any, cfg):
+        self.fn, self.params, self.tokenizer, self.memory = fn, params, tokenizer, memory
+        self.width = int(cfg.eval.route_beam)
+        self.with_generic = bool(cfg.eval.route_beam_generic)
+        self.batch = int(cfg.eval.batch_size)
+        self.max_len = int(cfg.model.max_seq_len)
+        self.gate = cfg.eval.route_gate
+        self._choice: dict[str, tuple[np.ndarray, bool, np.ndarray]] = {}  # text -> (path, generic?, scores)
+
+    @property
+    def available(self) -> tuple[str, ...]:
+        return self.memory.available
+
+    def _fetch(self, paths: np.ndarray) -> FetchedMemory:
+        m = self.memory
+        return m.tiers.gather(paths) if m.tiers is not None else m._gather(m.bank, jnp.asarray(paths))
+
+    def _generic(self) -> FetchedMemory:
+        return self.memory._gather(self.memory.generic, jnp.zeros((1, 1), jnp.int32))
+
+    def _score(self, texts: list[str]) -> None:
+        from memlm.retrieval import route_beam
+
+        rows = pad_to(texts, self.batch)
+        cand = route_beam(self.memory.tree, self.memory._embed(rows), self.width)  # [b, W, depth]
+        ids = [[int(t) for t in self.tokenizer.encode(s)][: self.max_len + 1] for s in rows]
+        t = bucket(max(max(len(x) - 1 for x in ids), 1), MIN_PROMPT_BUCKET)
+        b = len(rows)
+        inputs, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+        weights, lengths = np.zeros((b, t), np.float32), np.ones(b, np.int32)
+        for r, x in enumerate(ids):
+            n = len(x) - 1
+            if n > 0:
+                inputs[r, :n], targets[r, :n], weights[r, :n], lengths[r] = x[:-1], x[1:], 1.0, n
+        scores = [target_logprobs(self.fn, self.params, inputs, targets, weights, lengths,
+                                  self._fetch(cand[:, w]), np.arange(b)) for w in range(self.width)]
+        if self.with_generic:
+            scores.append(target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, self._generic(),
+                                          np.zeros(b, np.int32)))
+        scores = np.stack(scores, axis=1)  # [b, W (+1)]
+        best = np.argmax(scores, axis=1)  # the first maximum: the greedy path wins ties
+        for r, text in enumerate(texts):
+            generic = self.with_generic and best[r] == self.width
+            path = cand[r, 0] if generic else cand[r, best[r]]
+            self._choice[text] = (path, bool(generic), scores[r])
+
+    def _choose(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        missing = [s for s in dict.fromkeys(texts) if s not in self._choice]
+        for a in range(0, len(missing), self.batch):
+            self._score(missing[a:a + self.batch])
+        chosen = [self._choice[s] for s in texts]
+        return np.stack([c[0] for c in chosen]), np.array([c[1] for c in chosen], bool)
+
+    def paths(self, texts: list[str], condition: str = "fetched") -> np.ndarray:
+        """The chosen path under ``fetched`` (the greedy path where the generic memory was chosen)."""
+        if condition != "fetched":
+            return self.memory.paths(texts, condition)
+        return self._choose(texts)[0]
+
+    def gated(self, texts: list[str], paths: np.ndarray | None = None) -> np.ndarray:
+        """bool ``[n]``: the texts that get the generic memory (chosen by likelihood, or by ``eval.route_gate``)."""
+        chosen, generic = self._choose(texts)
+        if self.gate != "off":
+            generic = generic | self.memory.gated(texts, chosen if paths is None else paths)
+        return generic
+
+    def __call__(self, texts: list[str], condition: str) -> FetchedMemory | None:
+        if condition != "fetched":
+            return self.memory(texts, condition)
+        paths = self.paths(texts)
+        memory = self._fetch(paths)
+        use_generic = self.gated(texts, paths)
+        if use_generic.any():
+            memory = self.memory._mix(memory, self._generic(), jnp.asarray(use_generic))
+        return memory
