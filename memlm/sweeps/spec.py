@@ -97,8 +97,20 @@ class RunSpec:
 
     @property
     def config_sha(self) -> str:
-        """A digest of the resolved config (a changed sweep file is noticed on rerun)."""
-        text = json.dumps(json.loads(self.cfg.to_json()), sort_keys=True)
+        """A digest of the resolved config's departures from memlm's defaults, so a changed sweep file is
+        noticed on rerun while a memlm upgrade that only adds keys (at their defaults) is not."""
+        from memlm.config import default_config
+
+        def flat(tree: dict, prefix: str = "") -> dict:
+            out = {}
+            for k, v in tree.items():
+                out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+            return out
+
+        base = flat(json.loads(default_config().to_json()))
+        mine = flat(json.loads(self.cfg.to_json()))
+        changed = {k: v for k, v in mine.items() if k not in base or base[k] != v}
+        text = json.dumps(changed, sort_keys=True)
         return hashlib.sha256(f"{text}|{self.init_from}".encode()).hexdigest()[:16]
 
 
