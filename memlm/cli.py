@@ -144,9 +144,14 @@ def _cmd_compile(args, cfg) -> None:
 
 
 def _cmd_prepare(args, cfg) -> None:
-    from memlm.data.prepare import prepare
+    if args.workers is None and not args.pipeline_options:
+        from memlm.data.prepare import prepare
 
-    prepare(cfg, args.corpus, args.out)
+        prepare(cfg, args.corpus, args.out)
+        return
+    from memlm.data.pipeline import prepare_sharded
+
+    prepare_sharded(cfg, args.corpus, args.out, workers=args.workers or 1, pipeline_options=args.pipeline_options)
 
 
 def _cmd_train(args, cfg) -> None:
@@ -253,8 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp = add("prepare", "tokenize, embed, cluster, route and pack a corpus")
     sp.add_argument("--corpus", default="facts",
-                    help="a .jsonl / parquet file, a folder of .txt, or a generated corpus: 'facts' or 'bios'")
+                    help="a file, folder or glob of .jsonl / .jsonl.gz / .jsonl.zst / parquet / .txt shards "
+                         "(local or a URL such as gs://...), or a generated corpus: 'facts' or 'bios'")
     sp.add_argument("--out", default=DEFAULT_DATA)
+    sp.add_argument("--workers", type=int, default=None,
+                    help="run prepare as an Apache Beam pipeline of resumable work units on N local worker "
+                         "processes (default: one process, no engine)")
+    sp.add_argument("--pipeline-options", default="",
+                    help="Beam pipeline options for a cluster runner, e.g. "
+                         "'--runner=DataflowRunner --project=P --region=R --temp_location=gs://...'")
     sp = add("train", "train an anchor and / or its memory bank")
     sp.add_argument("--data", default=DEFAULT_DATA)
     sp.add_argument("--workdir", default=DEFAULT_RUN)

@@ -124,6 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
             embed_window=2048,
             embed_batch=64,
             embed_max_tokens=256,  # encoder window; longer texts are split and averaged
+            fit_sample=4_000_000,  # the tree is fitted on at most this many units, drawn uniformly (all when fewer)
         )
     )
 
@@ -136,6 +137,7 @@ def default_config() -> ml_collections.ConfigDict:
             facts_documents=20_000,
             seed=0,
             records_per_shard=4096,
+            unit_shards=1,  # `prepare --workers N`: input shards per work unit (the unit of resumable work)
             entity_field="entity",  # document field naming what a document is about (routing diagnostics); "": off
             shuffle_buffer=0,
             num_threads=2,
@@ -386,7 +388,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               "stay on device: move fewer levels off device or replicate fewer")
 
     _check_positive(cfg, "tree", ("k", "depth", "kmeans_steps", "kmeans_batch", "balance_factor", "embed_window",
-                                  "embed_batch", "embed_max_tokens"))
+                                  "embed_batch", "embed_max_tokens", "fit_sample"))
     if cfg.tree.k < 2:
         _fail("tree.k", cfg.tree.k, "a tree needs at least 2 children per node")
     _check_choice(cfg, "tree.embed_unit", EMBED_UNITS)
@@ -395,7 +397,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("tree.balance_factor", cfg.tree.balance_factor, "must be at least 1.0")
 
     _check_positive(cfg, "data", ("seq_len", "tokenizer_vocab", "facts_documents", "records_per_shard",
-                                  "num_threads", "prefetch"))
+                                  "num_threads", "prefetch", "unit_shards"))
     if cfg.data.seq_len > m.max_seq_len:
         _fail("data.seq_len", cfg.data.seq_len, f"exceeds model.max_seq_len = {m.max_seq_len}")
 

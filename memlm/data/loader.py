@@ -68,7 +68,8 @@ class Loader:
         shards = [self.data_dir / s for s in self.manifest["shards"]]
         missing = [s for s in shards if not s.exists()]
         if missing:
-            raise FileNotFoundError(f"data directory {str(data_dir)!r} lacks shard {str(missing[0])!r} (in its manifest)")
+            raise FileNotFoundError(f"data directory {str(data_dir)!r} lacks shard {str(missing[0])!r} "
+                                    "(in its manifest)")
         self.batch_size = batch_size
         self.host_batch_size = batch_size // process_count
         self.seed, self.generic_prob = seed, generic_prob

@@ -50,6 +50,7 @@ from memlm.data.records import MANIFEST, ShardWriter, encode_sequence, write_jso
 from memlm.data.records import VERSION as RECORD_VERSION
 from memlm.data.stages import Stages, stage_key
 from memlm.data.tokenizer import Tokenizer, train_bpe
+from memlm.data.units import unit_spans
 
 TOKENIZER_TRAIN_CHARS = 1_000_000_000  # the BPE sees at most this much text (the first documents)
 ENCODE_BATCH = 1024
@@ -75,19 +76,66 @@ def _training_docs(source: str, heldout: set[int]) -> Iterator[Document]:
             yield doc
 
 
-def _units(offsets: np.ndarray, unit: str, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(doc, start, stop, ends_document) per unit: whole documents, or windows of ``window`` tokens."""
-    lengths = np.diff(offsets)
-    if unit == "document":
-        n = len(lengths)
-        return np.arange(n, dtype=np.int64), np.zeros(n, np.int64), lengths.astype(np.int64), np.ones(n, bool)
-    per_doc = np.maximum(1, -(-lengths // window))
-    doc = np.repeat(np.arange(len(lengths), dtype=np.int64), per_doc)
-    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
-    start = (np.arange(len(doc)) - first) * window
-    stop = np.minimum(start + window, lengths[doc])
-    ends = stop == lengths[doc]
-    return doc, start, stop, ends
+def _training_texts(source: str, heldout: set[int]) -> Iterator[str]:
+    for doc in _training_docs(source, heldout):
+        yield doc.text
+
+
+def tokenizer_stage(cfg, out: Path, stages: Stages, read_key: str, training_texts, n_train: int, console):
+    """The tokenizer stage: ``data.tokenizer`` loaded, or a byte-level BPE trained on the first
+    training documents (``training_texts()`` streams them); returns (tokenizer, stage info)."""
+    dc = cfg.data
+    if dc.tokenizer:
+        src = Path(dc.tokenizer)
+        if not src.is_file():
+            raise DataError(f"config key 'data.tokenizer' = {dc.tokenizer!r}: no such file")
+        tok_key = stage_key("tokenizer-file", hashlib.sha256(src.read_bytes()).hexdigest(), cfg.model.vocab_multiple)
+    else:
+        tok_key = stage_key("tokenizer-bpe", read_key, dc.tokenizer_vocab, cfg.model.vocab_multiple)
+    tok_info = stages.lookup("tokenizer", tok_key)
+    if tok_info is None:
+        if dc.tokenizer:
+            tok = Tokenizer.from_file(dc.tokenizer, cfg.model.vocab_multiple)
+        else:
+            def texts() -> Iterator[str]:
+                seen = 0
+                for text in training_texts():
+                    if seen >= TOKENIZER_TRAIN_CHARS:
+                        return
+                    seen += len(text)
+                    bar.advance(task)
+                    yield text
+
+            with _progress(console) as bar:
+                task = bar.add_task("training tokenizer", total=n_train)
+                tok = train_bpe(texts(), dc.tokenizer_vocab, cfg.model.vocab_multiple, length=n_train)
+        tok.save(out / "tokenizer.json")
+        tok_info = stages.done("tokenizer", tok_key, {"id": tok.id, "eot_id": tok.eot_id, "eot": tok.eot,
+                                                      "tokenizer_vocab": tok.raw_vocab_size,
+                                                      "vocab_size": tok.vocab_size}, ["tokenizer.json"])
+    tok = Tokenizer.from_file(out / "tokenizer.json", cfg.model.vocab_multiple)
+    if tok.vocab_size > cfg.model.vocab_size:
+        console.print(f"[yellow]warning[/]: the tokenizer needs a vocabulary of {tok.vocab_size} (padded), more "
+                      f"than model.vocab_size = {cfg.model.vocab_size}; train with "
+                      f"--config.model.vocab_size={tok.vocab_size}")
+    return tok, tok_info
+
+
+def generated_corpus(cfg, corpus: str, out: Path, stages: Stages, console):
+    """(source to read, corpus identity for stage keys, generator module or None): a generated corpus
+    (``facts``, ``bios``) is written once as JSONL under ``out/corpus``; any other is read in place."""
+    dc = cfg.data
+    gen = generated.module(corpus) if generated.is_generated(corpus) else None
+    if gen is None:
+        return corpus, stage_key("files", corpus_fingerprint(corpus)), None
+    key = stage_key("corpus", gen.GENERATOR_VERSION, dc.facts_documents, dc.seed, gen.source_versions(),
+                    *([corpus] if corpus != "facts" else []))
+    if stages.lookup("corpus", key) is None:
+        (out / "corpus").mkdir(exist_ok=True)
+        with console.status(f"generating the {corpus} corpus"):
+            n = generated.write_corpus(corpus, out / "corpus" / f"{corpus}.jsonl", dc.facts_documents, dc.seed)
+        stages.done("corpus", key, {"documents": n, "sources": gen.source_versions()}, [f"corpus/{corpus}.jsonl"])
+    return str(out / "corpus" / f"{corpus}.jsonl"), key, gen
 
 
 def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data", *, console=None) -> dict[str, Any]:
@@ -105,20 +153,7 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     tc, dc, ec = cfg.tree, cfg.data, cfg.eval
 
     # 1. corpus ------------------------------------------------------------------------------------
-    gen = generated.module(corpus) if generated.is_generated(corpus) else None
-    if gen is not None:
-        key = stage_key("corpus", gen.GENERATOR_VERSION, dc.facts_documents, dc.seed, gen.source_versions(),
-                        *([corpus] if corpus != "facts" else []))
-        info = stages.lookup("corpus", key)
-        if info is None:
-            (out / "corpus").mkdir(exist_ok=True)
-            with console.status(f"generating the {corpus} corpus"):
-                n = generated.write_corpus(corpus, out / "corpus" / f"{corpus}.jsonl", dc.facts_documents, dc.seed)
-            info = stages.done("corpus", key, {"documents": n, "sources": gen.source_versions()},
-                               [f"corpus/{corpus}.jsonl"])
-        source, corpus_id = str(out / "corpus" / f"{corpus}.jsonl"), key
-    else:
-        source, corpus_id = corpus, stage_key("files", corpus_fingerprint(corpus))
+    source, corpus_id, gen = generated_corpus(cfg, corpus, out, stages, console)
 
     # 2. read + held-out split ---------------------------------------------------------------------
     read_key = stage_key("read", corpus_id, ec.heldout_documents, dc.seed)
@@ -145,39 +180,8 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     n_train = int(read["training"])
 
     # 3. tokenizer ---------------------------------------------------------------------------------
-    if dc.tokenizer:
-        src = Path(dc.tokenizer)
-        if not src.is_file():
-            raise DataError(f"config key 'data.tokenizer' = {dc.tokenizer!r}: no such file")
-        tok_key = stage_key("tokenizer-file", hashlib.sha256(src.read_bytes()).hexdigest(), cfg.model.vocab_multiple)
-    else:
-        tok_key = stage_key("tokenizer-bpe", read_key, dc.tokenizer_vocab, cfg.model.vocab_multiple)
-    tok_info = stages.lookup("tokenizer", tok_key)
-    if tok_info is None:
-        if dc.tokenizer:
-            tok = Tokenizer.from_file(dc.tokenizer, cfg.model.vocab_multiple)
-        else:
-            def texts() -> Iterator[str]:
-                seen = 0
-                for doc in _training_docs(source, heldout_set):
-                    if seen >= TOKENIZER_TRAIN_CHARS:
-                        return
-                    seen += len(doc.text)
-                    bar.advance(task)
-                    yield doc.text
-
-            with _progress(console) as bar:
-                task = bar.add_task("training tokenizer", total=n_train)
-                tok = train_bpe(texts(), dc.tokenizer_vocab, cfg.model.vocab_multiple, length=n_train)
-        tok.save(out / "tokenizer.json")
-        tok_info = stages.done("tokenizer", tok_key, {"id": tok.id, "eot_id": tok.eot_id, "eot": tok.eot,
-                                                      "tokenizer_vocab": tok.raw_vocab_size,
-                                                      "vocab_size": tok.vocab_size}, ["tokenizer.json"])
-    tok = Tokenizer.from_file(out / "tokenizer.json", cfg.model.vocab_multiple)
-    if tok.vocab_size > cfg.model.vocab_size:
-        console.print(f"[yellow]warning[/]: the tokenizer needs a vocabulary of {tok.vocab_size} (padded), more "
-                      f"than model.vocab_size = {cfg.model.vocab_size}; train with "
-                      f"--config.model.vocab_size={tok.vocab_size}")
+    tok, tok_info = tokenizer_stage(cfg, out, stages, read_key, lambda: _training_texts(source, heldout_set), n_train,
+                                    console)
 
     # 4. tokens ------------------------------------------------------------------------------------
     token_dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
@@ -218,7 +222,7 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
               else np.zeros(0, tokens_info["dtype"]))
 
     # units: documents or windows ------------------------------------------------------------------
-    unit_doc, unit_start, unit_stop, unit_ends = _units(np.asarray(offsets), tc.embed_unit, tc.embed_window)
+    unit_doc, unit_start, unit_stop, unit_ends = unit_spans(np.asarray(offsets), tc.embed_unit, tc.embed_window)
     n_units, leaves = len(unit_doc), tc.k**tc.depth
     if n_units < leaves:
         what = "documents" if tc.embed_unit == "document" else "windows"
@@ -273,11 +277,16 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     from memlm.retrieval import Tree, fit_tree, route
 
     tree_key = stage_key("tree", embed_key, tc.k, tc.depth, tc.kmeans_steps, tc.kmeans_batch, tc.balance_factor,
-                         tc.seed)
+                         tc.seed, *([tc.fit_sample] if n_units > tc.fit_sample else []))
     tree_info = stages.lookup("tree", tree_key)
     if tree_info is None:
-        with console.status(f"fitting the tree (k = {tc.k}, depth = {tc.depth}) on {n_units} embeddings"):
-            tree = fit_tree(embeddings, k=tc.k, depth=tc.depth, steps=tc.kmeans_steps, batch=tc.kmeans_batch,
+        fit_points = embeddings  # at most tree.fit_sample units, drawn as the sharded prepare draws them
+        if n_units > tc.fit_sample:
+            fit_points = embeddings[np.sort(np.random.default_rng([tc.seed, 7]).choice(n_units, size=tc.fit_sample,
+                                                                                       replace=False))]
+        with console.status(f"fitting the tree (k = {tc.k}, depth = {tc.depth}) on {len(fit_points)} of {n_units} "
+                            "embeddings"):
+            tree = fit_tree(fit_points, k=tc.k, depth=tc.depth, steps=tc.kmeans_steps, batch=tc.kmeans_batch,
                             balance_factor=tc.balance_factor, seed=tc.seed, embedder_name=embed_info["embedder"])
         tree.save(out / "tree.npz")
         tree_info = stages.done("tree", tree_key, {"id": tree.id}, ["tree.npz"])
@@ -328,41 +337,64 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
             stages.done("entities", entities_key, entities, [entities["path"]] if entities["path"] else [])
 
     # 10. probes -----------------------------------------------------------------------------------
-    probes = None
-    if gen is not None:
-        probes_key = stage_key("probes", read_key)
-        probes = stages.lookup("probes", probes_key)
-        if probes is None:
-            ents = gen.entities()
-            with _progress(console) as bar:
-                task = bar.add_task("counting mentions", total=n_train)
-
-                def texts_counted() -> Iterator[str]:
-                    for doc in _training_docs(source, heldout_set):
-                        bar.advance(task)
-                        yield doc.text
-
-                counts = facts_mod.count_mentions(texts_counted(), [e.name for e in ents])
-            files = facts_mod.write_probes(out / "probes", gen.probe_items(ents, counts))
-            probes = {"files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
-                      "mentions": counts, "histogram": facts_mod.mention_histogram(counts)}
-            stages.done("probes", probes_key, probes, list(probes["files"].values()))
-        console.print(facts_mod.format_histogram(probes["mentions"]), markup=False, highlight=False)
+    probes = probes_stage(gen, read_key, out, stages, lambda: _training_texts(source, heldout_set), n_train, console)
 
     # manifest -------------------------------------------------------------------------------------
-    manifest = {
+    manifest = build_manifest(cfg, corpus, read, n_tokens=n_tokens, pack=pack, tok_info=tok_info, tree=tree,
+                              tree_info=tree_info, embed_info=embed_info, route_info=route_info, entities=entities,
+                              probes=probes, stages=stages.status)
+    write_json(out / MANIFEST, manifest)
+    report(console, out, manifest, time.time() - t_start)
+    return manifest
+
+
+def probes_stage(gen, read_key: str, out: Path, stages: Stages, training_texts, n_train: int, console
+                 ) -> dict[str, Any] | None:
+    """(A generated corpus) entity mentions counted in the training documents, probe files written
+    with frequency buckets; None for any other corpus."""
+    if gen is None:
+        return None
+    probes_key = stage_key("probes", read_key)
+    probes = stages.lookup("probes", probes_key)
+    if probes is None:
+        ents = gen.entities()
+        with _progress(console) as bar:
+            task = bar.add_task("counting mentions", total=n_train)
+
+            def texts_counted() -> Iterator[str]:
+                for text in training_texts():
+                    bar.advance(task)
+                    yield text
+
+            counts = facts_mod.count_mentions(texts_counted(), [e.name for e in ents])
+        files = facts_mod.write_probes(out / "probes", gen.probe_items(ents, counts))
+        probes = {"files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
+                  "mentions": counts, "histogram": facts_mod.mention_histogram(counts)}
+        stages.done("probes", probes_key, probes, list(probes["files"].values()))
+    console.print(facts_mod.format_histogram(probes["mentions"]), markup=False, highlight=False)
+    return probes
+
+
+def build_manifest(cfg, corpus: str, read: dict[str, Any], *, n_tokens: int, pack: dict[str, Any],
+                   tok_info: dict[str, Any], tree, tree_info: dict[str, Any], embed_info: dict[str, Any],
+                   route_info: dict[str, Any], entities: dict[str, Any] | None, probes: dict[str, Any] | None,
+                   stages: dict[str, Any]) -> dict[str, Any]:
+    """The prepared data's manifest (version ``MANIFEST_VERSION``), from every stage's info."""
+    tc, dc = cfg.tree, cfg.data
+    return {
         "version": MANIFEST_VERSION,
         "corpus": corpus,
         "documents": {k: read[k] for k in ("documents", "skipped_empty", "undecodable", "files", "heldout",
                                             "training")},
         "problems": read["problems"],
+        "documents_per_shard": read.get("shards", {}),  # kept, empty and undecodable per input shard
         "tokens": {"training": n_tokens, "packed": pack["packed_tokens"], "padding": pack["padding_tokens"],
                    "fill": pack["fill"]},
         "tokenizer": {"path": "tokenizer.json", **tok_info},
         "tree": {"path": "tree.npz", "id": tree_info["id"], "k": tc.k, "depth": tc.depth,
                  "embedder": embed_info["embedder"], "dim": embed_info["dim"], "embed_unit": tc.embed_unit,
                  "embed_window": tc.embed_window if tc.embed_unit == "window" else None,
-                 "embed_max_tokens": tc.embed_max_tokens, "units": n_units, "seed": tree.seed,
+                 "embed_max_tokens": tc.embed_max_tokens, "units": embed_info["units"], "seed": tree.seed,
                  "fit": {**tree.fit, "levels": {str(lv): tree.stats[f"level_{lv}"] for lv in range(1, tc.depth + 1)
                                                 if f"level_{lv}" in tree.stats}},
                  "routed": route_info.get("distances", {})},
@@ -377,11 +409,8 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
         "heldout": "heldout.jsonl",
         "probes": probes["files"] if probes else {},
         "mention_histogram": probes["histogram"] if probes else {},
-        "stages": stages.status,
+        "stages": stages,
     }
-    write_json(out / MANIFEST, manifest)
-    _report(console, out, manifest, time.time() - t_start)
-    return manifest
 
 
 def _entity_leaves(out: Path, docs: Iterator[Document], field: str, unit_doc: np.ndarray, paths: np.ndarray,
@@ -462,7 +491,7 @@ def _pack(out: Path, tokens, offsets, units, paths, eot_id: int, leaves: int, se
             "leaf_sequences": leaf_sequences, "leaf_units": leaf_units}
 
 
-def _report(console, out: Path, manifest: dict[str, Any], seconds: float) -> None:
+def report(console, out: Path, manifest: dict[str, Any], seconds: float) -> None:
     """Say where everything went, and which stages were reused."""
     from rich.table import Table
 

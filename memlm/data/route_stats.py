@@ -52,6 +52,20 @@ class RouteStats:
                 self.hist[level] += np.bincount(bins[:, level], minlength=BINS)
             self.n += len(paths)
 
+    def save(self, path) -> None:
+        """The accumulated counts (not the carry: a saved part ends with whole documents)."""
+        np.savez(path, units=self.units, documents=self.documents, hist=self.hist, dist_sum=self.dist_sum,
+                 n=np.int64(self.n))
+
+    def merge(self, path) -> None:
+        """Add the counts of a part saved by :meth:`save` (its documents are not in this one)."""
+        with np.load(path) as part:
+            self.units += part["units"]
+            self.documents += part["documents"]
+            self.hist += part["hist"]
+            self.dist_sum += part["dist_sum"]
+            self.n += int(part["n"])
+
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"leaf_units": self.units.tolist(), "leaf_documents": self.documents.tolist()}
         if self.n:

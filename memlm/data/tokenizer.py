@@ -7,8 +7,8 @@ end-of-sequence token as its EOT: ``eos_token`` of the ``tokenizer_config.json``
 none falls back to the usual names. Saving writes a ``tokenizer_config.json`` beside the file
 naming the EOT, so a prepared data directory reloads with the same one. The vocabulary the model
 sees is the tokenizer's size padded up to ``model.vocab_multiple`` (``memlm.config.padded_vocab``);
-ids past the tokenizer's own size never occur in data. Corpus text is encoded with special-token parsing off, so a literal
-``<|endoftext|>`` in a document is plain text, never a document boundary.
+ids past the tokenizer's own size never occur in data. Corpus text is encoded with special-token
+parsing off, so a literal ``<|endoftext|>`` in a document is plain text, never a document boundary.
 """
 
 from __future__ import annotations
