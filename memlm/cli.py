@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp = add("prepare", "tokenize, embed, cluster, route and pack a corpus")
     sp.add_argument("--corpus", default="facts",
-                    help="a .jsonl / parquet file, a folder of .txt, or a generated corpus: 'facts' or 'bios'")
+                    help="a corpus file (.jsonl[.gz|.zst] / parquet / .txt), a folder or glob of them (local or URL), "
+                         "or a generated corpus: 'facts' or 'bios'")
     sp.add_argument("--out", default=DEFAULT_DATA)
     sp = add("train", "train an anchor and / or its memory bank")
     sp.add_argument("--data", default=DEFAULT_DATA)
