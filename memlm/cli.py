@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp = add("prepare", "tokenize, embed, cluster, route and pack a corpus")
     sp.add_argument("--corpus", default="facts",
-                    help="a file, folder or glob of .jsonl / .jsonl.gz / .jsonl.zst / parquet / .txt shards "
-                         "(local or a URL such as gs://...), or a generated corpus: 'facts' or 'bios'")
+                    help="a corpus file (.jsonl[.gz|.zst] / parquet / .txt), a folder or glob of them (local or URL), "
+                         "or a generated corpus: 'facts' or 'bios'")
     sp.add_argument("--out", default=DEFAULT_DATA)
     sp.add_argument("--workers", type=int, default=None,
                     help="run prepare as an Apache Beam pipeline of resumable work units on N local worker "

@@ -1,12 +1,26 @@
 """Corpus readers and the tokenizer: documents kept, bad input counted or refused, round trips exact."""
 
+import gzip
 import importlib.util
 import json
+import os
+import pickle
+import random
+import zlib
 
 import numpy as np
 import pytest
+import zstandard
 
-from memlm.data.readers import CorpusError, ReadStats, corpus_fingerprint, iter_documents
+from memlm.data.readers import (
+    MAX_REPORTED,
+    CorpusError,
+    ReadStats,
+    corpus_fingerprint,
+    corpus_shards,
+    iter_documents,
+    iter_shard,
+)
 from memlm.data.tokenizer import EOT, Tokenizer, TokenizerError, train_bpe
 
 
@@ -117,6 +131,189 @@ def test_fingerprint_changes_when_the_corpus_changes(tmp_path):
     assert corpus_fingerprint(src) == before
     write_lines(tmp_path / "c.jsonl", [b'{"text": "a"}', b'{"text": "b"}'])
     assert corpus_fingerprint(src) != before
+
+
+# -- sharded corpora: folders, globs, compressed shards ---------------------------------------------
+
+
+def make_records(n: int, seed: int = 0) -> list[dict]:
+    """Records with a text and the same other fields (parquet needs one schema), one of them long."""
+    rng = random.Random(seed)
+    words = ["iron", "köln", "日本語", "tab\there", "line\nbreak", "✓", "paris", "26"]
+    records = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 40))), "id": i,
+                "lang": rng.choice(["en", "de", "ja"])} for i in range(n)]
+    # in the .zst shard of write_sharded, longer than the zstd reader's input chunk even compressed
+    records[3 * n // 5 + 1]["text"] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz .") for _ in range(400_000))
+    records[3 * n // 5 + 2]["text"] = "memory bank " * 300_000  # compresses ~1000x: one input chunk, many reads
+    return records
+
+
+def jsonl_bytes(records: list[dict]) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+
+
+def write_sharded(folder, records: list[dict]) -> dict[str, list[dict]]:
+    """3 .jsonl.gz (one of two gzip members) + 1 .jsonl.zst (two frames) + 1 parquet shard, written
+    in an order unlike their names; returns {relative name: records} in the expected reading order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    k = len(records) // 5
+    parts = {"a/00.jsonl.gz": records[:k], "a/01.jsonl.gz": records[k:2 * k], "b-x.jsonl.gz": records[2 * k:3 * k],
+             "b.jsonl.zst": records[3 * k:4 * k], "c.parquet": records[4 * k:]}
+    (folder / "a").mkdir(parents=True)
+    for name in reversed(parts):
+        rs, path = parts[name], folder / name
+        if name.endswith(".gz"):
+            path.write_bytes(gzip.compress(jsonl_bytes(rs[:3])) + gzip.compress(jsonl_bytes(rs[3:])))
+        elif name.endswith(".zst"):
+            c = zstandard.ZstdCompressor(write_checksum=True)
+            path.write_bytes(c.compress(jsonl_bytes(rs[:4])) + c.compress(jsonl_bytes(rs[4:])))
+        else:
+            pq.write_table(pa.Table.from_pylist(rs), path, row_group_size=7)
+    (folder / "README.md").write_text("not a shard")
+    (folder / "dataset_info.json").write_text('{"features": {}}')  # metadata, not a shard
+    return parts
+
+
+def as_pairs(docs) -> list[tuple[str, dict]]:
+    return [(d.text, d.fields) for d in docs]
+
+
+def test_sharded_folder_reads_the_same_documents_as_one_plain_jsonl(tmp_path):
+    pytest.importorskip("pyarrow")
+    records = make_records(40)
+    parts = write_sharded(tmp_path / "corpus", records)
+    plain = tmp_path / "all.jsonl"
+    plain.write_bytes(jsonl_bytes(records))
+    expected = [(r["text"], {k: v for k, v in r.items() if k != "text"}) for r in records]
+
+    shards = corpus_shards(str(tmp_path / "corpus"))
+    assert [s.name for s in shards] == list(parts)  # by relative path parts: 'a/..' before 'b-x..'
+    assert [(s.kind, s.compression) for s in shards] == [("jsonl", "gz")] * 3 + [("jsonl", "zst"), ("parquet", None)]
+    stats = ReadStats()
+    by_shard = [as_pairs(iter_shard(s, stats, report=None)) for s in shards]
+    assert by_shard == [[(r["text"], {k: v for k, v in r.items() if k != "text"}) for r in rs] for rs in parts.values()]
+    assert sum(by_shard, []) == expected
+    assert as_pairs(read_all(str(tmp_path / "corpus"))[0]) == expected
+    assert as_pairs(read_all(str(plain))[0]) == expected
+    assert (stats.documents, stats.files, stats.undecodable, stats.corrupt_shards) == (40, 5, 0, 0)
+    assert stats.shards == {name: {"documents": len(rs), "skipped_empty": 0, "undecodable": 0}
+                            for name, rs in parts.items()}
+    assert pickle.loads(pickle.dumps(shards)) == shards
+
+
+def test_glob_selects_matching_shards_in_order(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    for name, text in [("s-2.jsonl.gz", "two"), ("s-10.jsonl.gz", "ten"), ("s-1.jsonl.gz", "one"),
+                       ("sub/s-3.jsonl.gz", "deep")]:
+        (folder / name).write_bytes(gzip.compress(jsonl_bytes([{"text": text}])))
+    write_lines(folder / "s-4.jsonl", [b'{"text": "plain"}'])
+    shards = corpus_shards(str(folder / "s-*.jsonl.gz"))
+    assert [s.name for s in shards] == ["s-1.jsonl.gz", "s-10.jsonl.gz", "s-2.jsonl.gz"]
+    assert shards[0].path == str(folder / "s-1.jsonl.gz")
+    assert [d.text for d in read_all(str(folder / "s-?.jsonl*"))[0]] == ["one", "two", "plain"]
+    assert [s.name for s in corpus_shards(str(folder / "*/s-*.jsonl.gz"))] == ["sub/s-3.jsonl.gz"]
+    # a matched folder is read recursively
+    assert [d.text for d in read_all(str(tmp_path / "corp*"))[0]] == ["one", "ten", "two", "plain", "deep"]
+
+
+def test_per_shard_counts_and_merge(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    write_lines(folder / "x.jsonl", [b'{"text": "x1"}', b'{"text": "bad \xff"}', b'{"text": "x3"}'])
+    (folder / "y.jsonl.gz").write_bytes(gzip.compress(b'{"text": "y1"}\n{"text": ""}\n{broken\n{"text": "y4"}\n'))
+    write_lines(folder / "z.jsonl", [b'{"text": "z1"}'])
+    messages = []
+    docs, stats = read_all(str(folder), report=messages.append)
+    assert [d.text for d in docs] == ["x1", "x3", "y1", "y4", "z1"]
+    assert stats.shards == {"x.jsonl": {"documents": 2, "skipped_empty": 0, "undecodable": 1},
+                            "y.jsonl.gz": {"documents": 2, "skipped_empty": 1, "undecodable": 1},
+                            "z.jsonl": {"documents": 1, "skipped_empty": 0, "undecodable": 0}}
+    assert (stats.documents, stats.skipped_empty, stats.undecodable, stats.files) == (5, 1, 2, 3)
+    assert messages[0].startswith(f"{folder / 'x.jsonl'}:2: not UTF-8")
+    assert messages[1].startswith(f"{folder / 'y.jsonl.gz'}:3: not JSON")
+    assert json.loads(json.dumps(stats.as_dict())) == stats.as_dict()
+
+    merged = ReadStats()
+    for shard in corpus_shards(str(folder)):
+        part = ReadStats()
+        list(iter_shard(shard, part, report=None))
+        assert merged.merge(part) is merged
+    assert merged.as_dict() == stats.as_dict()
+    merged.merge(merged.__class__(documents=1, problems=["p"] * MAX_REPORTED, shards={"z.jsonl": {"documents": 1}}))
+    assert merged.documents == 6 and merged.shards["z.jsonl"]["documents"] == 2
+    assert len(merged.problems) == MAX_REPORTED and merged.problems[:2] == stats.problems
+
+
+@pytest.mark.parametrize("codec", ["gz", "zst"])
+def test_truncated_compressed_shard_keeps_earlier_lines_and_is_counted(tmp_path, codec):
+    records = [{"text": f"document {i} " + "word " * (i % 50), "id": i} for i in range(3000)]
+    data = jsonl_bytes(records)
+    blob = gzip.compress(data) if codec == "gz" else zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    cut = blob[: len(blob) // 2]
+    # independent reference: the complete lines a one-shot decompressor recovers from the cut stream
+    recoverable = (zlib.decompressobj(31).decompress(cut) if codec == "gz"
+                   else zstandard.ZstdDecompressor().decompressobj().decompress(cut)).count(b"\n")
+    assert 0 < recoverable < len(records)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / f"a.jsonl.{codec}").write_bytes(cut)
+    write_lines(folder / "b.jsonl", [b'{"text": "after the damage"}'])
+    messages = []
+    docs, stats = read_all(str(folder), report=messages.append)
+    assert [d.text for d in docs] == [r["text"] for r in records[:recoverable]] + ["after the damage"]
+    assert stats.corrupt_shards == 1 and stats.undecodable == 0
+    assert stats.shards[f"a.jsonl.{codec}"]["documents"] == recoverable
+    assert messages == [f"shard {folder / f'a.jsonl.{codec}'}: truncated/corrupt compressed stream "
+                        f"after line {recoverable}" + messages[0].split(str(recoverable), 1)[1]]
+    assert stats.as_dict()["corrupt_shards"] == 1
+
+    (folder / f"a.jsonl.{codec}").write_bytes(b"this is not compressed at all\n")
+    docs, stats = read_all(str(folder))
+    assert [d.text for d in docs] == ["after the damage"] and stats.corrupt_shards == 1
+    assert "after line 0" in stats.problems[0]
+
+
+def test_unusable_shard_sources_fail_clearly(tmp_path):
+    write_lines(tmp_path / "a.jsonl", [b'{"text": "a"}'])
+    with pytest.raises(CorpusError, match="matches nothing"):
+        corpus_shards(str(tmp_path / "*.jsonl.gz"))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(CorpusError, match="matches 1 paths, none a supported corpus file"):
+        corpus_shards(str(tmp_path / "*.csv"))
+    (tmp_path / "x.txt.gz").write_bytes(gzip.compress(b"text"))
+    with pytest.raises(CorpusError, match="unknown file type '.txt.gz'"):
+        corpus_shards(str(tmp_path / "x.txt.gz"))
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "info.json").write_text("{}")
+    with pytest.raises(CorpusError, match="holds no .txt files"):
+        corpus_shards(str(tmp_path / "meta"))
+    with pytest.raises(CorpusError, match="unsupported URL scheme"):
+        corpus_shards("ftp://host/corpus.jsonl")
+    assert [s.kind for s in corpus_shards(str(tmp_path / "meta" / "*.json"))] == ["jsonl"]  # named: a shard
+
+
+def test_shard_order_and_fingerprint_are_deterministic(tmp_path):
+    names = ["b/2.jsonl", "a.txt", "b/10.jsonl", "a b.jsonl", "a/z.jsonl", "B.jsonl", "a-b/1.jsonl"]
+    for order in (names, names[::-1]):
+        folder = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        for name in order:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(json.dumps({"text": name}) + "\n" if name.endswith(".jsonl") else name)
+    first, second = (corpus_shards(str(tmp_path / c)) for c in ("c0", "c1"))
+    expected = sorted(names, key=lambda n: n.split("/"))
+    assert [s.name for s in first] == [s.name for s in second] == expected
+    assert [d.text for d in read_all(str(tmp_path / "c0"))[0]] == expected
+    assert corpus_shards(str(tmp_path / "c0")) == first
+
+    fp = corpus_fingerprint(str(tmp_path / "c0"))
+    assert fp == corpus_fingerprint(str(tmp_path / "c0"))
+    st = os.stat(tmp_path / "c0" / expected[0])
+    assert fp[0] == [os.path.realpath(tmp_path / "c0" / expected[0]), st.st_size, st.st_mtime_ns]
+    (tmp_path / "c0" / "b" / "2.jsonl").write_text('{"text": "changed"}\n')
+    assert corpus_fingerprint(str(tmp_path / "c0")) != fp
 
 
 TEXTS = ["The atomic number of iron is 26.", "Grüße aus Köln — ünïcödé ✓ 日本語", "tabs\tand\nnewlines  ",

@@ -8,7 +8,7 @@ imported where they are used, so ``import memlm.data`` stays light.
 from memlm.data.loader import Loader, make_loader
 from memlm.data.packing import Piece, materialize, plan_leaf, segment_arrays
 from memlm.data.prepare import DataError, prepare
-from memlm.data.readers import CorpusError, Document, ReadStats, iter_documents
+from memlm.data.readers import CorpusError, Document, ReadStats, Shard, corpus_shards, iter_documents, iter_shard
 from memlm.data.records import RecordError, decode_sequence, encode_sequence, read_manifest
 from memlm.data.tokenizer import EOT, Tokenizer, TokenizerError, load_tokenizer, train_bpe
 
@@ -21,11 +21,14 @@ __all__ = [
     "Piece",
     "ReadStats",
     "RecordError",
+    "Shard",
     "Tokenizer",
     "TokenizerError",
+    "corpus_shards",
     "decode_sequence",
     "encode_sequence",
     "iter_documents",
+    "iter_shard",
     "load_tokenizer",
     "make_loader",
     "materialize",
