@@ -57,11 +57,11 @@ def shards(tmp_path_factory):
     from memlm.data import generated
 
     root = tmp_path_factory.mktemp("corpus")
-    docs = list(generated.module("facts").generate(400, 0))
+    docs = list(generated.module("facts").generate(800, 0))
     folder = root / "shards"
     folder.mkdir()
     for i in range(8):
-        lines = [json.dumps(d).encode() for d in docs[i * 50:(i + 1) * 50]]
+        lines = [json.dumps(d).encode() for d in docs[i * 100:(i + 1) * 100]]
         if i in (2, 5):
             lines.insert(3, b"{not json")
         (folder / f"part-{i:03d}.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
@@ -99,7 +99,7 @@ def test_one_and_two_workers_and_one_process_give_the_same_records(shards, one_w
     with np.load(one_worker / "tree.npz") as x, np.load(two / "tree.npz") as y:
         assert x.files == y.files and all(np.array_equal(x[f], y[f]) for f in x.files)
     assert a["documents"] == b["documents"] and a["documents"]["undecodable"] == 2
-    assert a["documents"]["heldout"] == 12 and a["documents"]["training"] == 400 - 12
+    assert a["documents"]["heldout"] == 12 and a["documents"]["training"] == 800 - 12
     assert (one_worker / "heldout.jsonl").read_bytes() == (two / "heldout.jsonl").read_bytes()
     assert a["leaf_histogram"] == b["leaf_histogram"] and a["tree"]["routed"] == b["tree"]["routed"]
     assert (one_worker / "entity_leaves.json").read_text() == (two / "entity_leaves.json").read_text()

@@ -142,7 +142,7 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
     from rich.console import Console
 
     from memlm.config import validate
-    from memlm.data import prepare as P
+    from memlm.data.prepare import DataError, build_manifest, generated_corpus, probes_stage, report, tokenizer_stage
 
     validate(cfg)
     if workers < 1:
@@ -157,7 +157,7 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
     tc, dc, ec = cfg.tree, cfg.data, cfg.eval
     options = beam_options(workers, pipeline_options)
     corpus = str(corpus or dc.corpus)
-    source, corpus_id, gen = P.generated_corpus(cfg, corpus, out, stages, console)
+    source, corpus_id, gen = generated_corpus(cfg, corpus, out, stages, console)
 
     # 1. scan -------------------------------------------------------------------------------------
     plan = U.plan_units(corpus_shards(source), int(dc.unit_shards))
@@ -198,7 +198,7 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
                         yield doc.text
                     g += 1
 
-    tok, tok_info = P.tokenizer_stage(cfg, out, stages, read_key, training_texts, n - n_heldout, console)
+    tok, tok_info = tokenizer_stage(cfg, out, stages, read_key, training_texts, n - n_heldout, console)
     token_dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
 
     # 3. encode -----------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
     n_units, leaves = sum(unit_counts), tc.k ** tc.depth
     if n_units < leaves:
         what = "documents" if tc.embed_unit == "document" else "windows"
-        raise P.DataError(f"corpus {corpus!r} has {n_units} training {what}, fewer than the tree's "
+        raise DataError(f"corpus {corpus!r} has {n_units} training {what}, fewer than the tree's "
                           f"{leaves} leaves (tree.k = {tc.k}, tree.depth = {tc.depth}): use a larger corpus or "
                           f"lower tree.depth / tree.k")
     embedder_name, dim = enc[0]["embedder"], int(enc[0]["dim"])
@@ -303,13 +303,13 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
                      for name in sorted(entity_counts)}
             write_json(out / "entity_leaves.json", {"field": str(dc.entity_field), "leaves": table})
             entities.update(path="entity_leaves.json", values=len(table))
-    probes = P.probes_stage(gen, read_key, out, stages, training_texts, n - n_heldout, console)
-    manifest = P.build_manifest(cfg, corpus, read, n_tokens=sum(int(enc[i]["tokens"]) for i in range(len(plan))),
+    probes = probes_stage(gen, read_key, out, stages, training_texts, n - n_heldout, console)
+    manifest = build_manifest(cfg, corpus, read, n_tokens=sum(int(enc[i]["tokens"]) for i in range(len(plan))),
                                 pack=pack, tok_info=tok_info, tree=tree, tree_info=tree_info, embed_info=embed_info,
                                 route_info=route_info, entities=entities, probes=probes, stages=stages.status)
     manifest["engine"] = {"runner": "beam", "workers": workers, "work_units": len(plan), "pack_ranges": ranges,
                           "fit_points": int(min(n_units, int(tc.fit_sample))),
                           "driver_max_rss_bytes": U._max_rss()}
     write_json(out / MANIFEST, manifest)
-    P.report(console, out, manifest, time.time() - t_start)
+    report(console, out, manifest, time.time() - t_start)
     return manifest
