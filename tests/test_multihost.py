@@ -81,10 +81,11 @@ def reference(facts_data, tmp_path_factory):
     return ref
 
 
-def test_kill_one_process_mid_bank_save_then_resume_on_2x2_1x4_and_1x2(facts_data, reference, tmp_path):
+def test_kill_one_process_mid_bank_save_then_resume_on_2x2_and_1x2(facts_data, reference, tmp_path):
     """2 processes x 2 devices: process 1 is SIGKILLed while the step-6 bank version is being written.
     The step-6 version never exists; a restart of both resumes from step 3 and gives the uninterrupted
-    losses; the same step-3 checkpoint also continues on 1 process x 4 devices and 1 x 2."""
+    losses; the same step-3 checkpoint also continues on 1 process x 2 devices (another process and
+    device count)."""
     run = tmp_path / "run"
     args = train_args(facts_data, run, "--config.train.mode=scratch")
     procs = launch(args, processes=2, kill_at="bank-delta-written:6:1")
@@ -102,15 +103,14 @@ def test_kill_one_process_mid_bank_save_then_resume_on_2x2_1x4_and_1x2(facts_dat
     manifest = json.loads((run / "bank" / MANIFEST_KEY).read_text())
     assert [e["version"] for e in manifest["versions"]][-1] == 1, manifest  # step 3's version, not step 6's
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [3]
-    for name in ("one_by_4", "one_by_2"):
-        shutil.copytree(run, tmp_path / name)
+    shutil.copytree(run, tmp_path / "one_by_2")
 
     finish(launch(args, processes=2))
     got = losses(run)
     assert sorted(got) == list(range(1, 10))
     np.testing.assert_allclose([got[s] for s in range(1, 10)], [reference[s] for s in range(1, 10)], rtol=1e-5)
 
-    for name, devices in (("one_by_4", 4), ("one_by_2", 2)):
+    for name, devices in (("one_by_2", 2),):
         other = tmp_path / name
         finish(launch(train_args(facts_data, other, "--config.train.mode=scratch"), devices=devices))
         got = losses(other)

@@ -71,7 +71,9 @@ def assert_states_close(a, b, rtol=2e-4, atol=2e-5):
                                                atol=atol, err_msg=f"{lv.key}/{name}")
 
 
-@pytest.mark.parametrize("mode", ["anchor", "frozen", "cotrain", "scratch"])
+# "scratch" is left out: the step treats it exactly as "cotrain" (the modes differ only in how the loop
+# initialises the anchor, which test_train covers), so it would compile and check the same step twice.
+@pytest.mark.parametrize("mode", ["anchor", "frozen", "cotrain"])
 def test_accumulated_step_equals_the_whole_batch_step_and_the_reference(mode):
     """Four micro-steps of 4 equal one step of 16 and an independent whole-batch reference (full
     logits, per-sequence fetched memory, optax AdamW, the single-device sparse AdamW)."""

@@ -15,16 +15,18 @@ The flow (``units.py`` holds what each work unit does, and its on-disk markers):
 4. tree     (driver)  fitted on a sample of ``tree.fit_sample`` units (all of them when fewer),
             drawn with ``tree.seed``: the same sample gives the same tree whatever the workers.
 5. route    (engine, per work unit)  paths and statistics; per leaf a payload of the unit's
-            members and tokens, keyed by the leaf's pack range.
+            members (global ids, lengths, document ends, token offsets: ~30 bytes a unit), keyed by
+            the leaf's pack range.
 6. pack     (engine shuffle: payloads grouped by pack range)  each range's leaves packed in global
-            unit order into its own ArrayRecord shards.
+            unit order into its own ArrayRecord shards; a leaf's tokens are read from the units'
+            ``tokens.bin`` files, one leaf at a time.
 7. manifest (driver)  merged statistics, shards in leaf order, the same manifest as one process.
 
 Pack ranges are ``min(leaves, work units)`` runs of leaves: a property of the corpus and the
 config, never of the worker count, so 1 and N workers write the same records to the same shards.
 A finished unit or range is never redone (its marker holds its stage key); the driver says which
 it reused. The driver holds per-unit counts only, never a per-document array of the corpus; a
-worker holds one work unit, or one pack range (about one work unit's tokens).
+worker holds one work unit, or one pack range's payloads and one leaf's tokens.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Stages per work unit (a range of ``data.unit_shards`` consecutive input shards):
               ``doc_offsets.npy``), cut into units (documents or windows) and embedded
               (``embeddings.npy``); the entity field's value per document.
 - ``route``   the units' paths (``paths.npy``), routing statistics, entity counts per leaf, and
-              per leaf a payload (global unit ids, lengths, document ends, tokens) for the packer.
+              per leaf a payload (global unit ids, lengths, document ends, token offsets) for the packer.
 - ``pack``    per leaf range (not per work unit): the payloads of its leaves from every work unit,
               in global unit order, packed into ArrayRecord shards ``shards/train-rRRRRR-NNNNN``.
 
@@ -329,12 +329,12 @@ def _entity_counts(values: list[str | None], doc: np.ndarray, leaf: np.ndarray) 
 
 
 def _payloads(unit: int, spec: RouteSpec, depth: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Per leaf of a pending pack range: this unit's members in order, with their tokens."""
+    """Per leaf of a pending pack range: this unit's members in order and where their tokens lie in
+    the unit's ``tokens.bin`` (the packer reads them from there: the shuffle carries ~30 bytes a unit)."""
     enc = unit_dir(spec.root, "encode", unit)
     paths = np.load(unit_dir(spec.root, "route", unit) / "paths.npy")
     spans = np.load(enc / "spans.npz")
     offsets = np.load(enc / "doc_offsets.npy")
-    tokens = np.fromfile(enc / "tokens.bin", dtype=spec.token_dtype)
     leaf = paths[:, -1].astype(np.int64)
     order = np.argsort(leaf, kind="stable")
     bounds = np.searchsorted(leaf[order], np.arange(spec.leaves + 1))
@@ -343,13 +343,11 @@ def _payloads(unit: int, spec: RouteSpec, depth: int) -> Iterator[tuple[int, dic
         if r not in spec.pending_ranges:
             continue
         members = order[bounds[lf]:bounds[lf + 1]]
-        base = offsets[spans["doc"][members]]
         start, stop = spans["start"][members], spans["stop"][members]
-        pieces = [tokens[b + a:b + c] for b, a, c in zip(base.tolist(), start.tolist(), stop.tolist(), strict=True)]
         yield r, {"leaf": lf, "unit": unit, "path": paths[members[0]].copy(),
                   "ids": members.astype(np.int64) + spec.first_unit[unit],
                   "lengths": (stop - start).astype(np.int64), "ends": spans["ends"][members].copy(),
-                  "tokens": np.concatenate(pieces) if pieces else np.zeros(0, spec.token_dtype)}
+                  "first_token": (offsets[spans["doc"][members]] + start).astype(np.int64)}
 
 
 # pack --------------------------------------------------------------------------------------------
@@ -367,6 +365,17 @@ class PackSpec:
 
 def shard_prefix(r: int) -> str:
     return f"train-r{r:05d}"
+
+
+def _member_tokens(spec: PackSpec, part: dict[str, Any]) -> np.ndarray:
+    """The tokens of one payload's members, read from its unit's ``tokens.bin`` (a memmap)."""
+    dtype = "<u2" if spec.token_bytes == 2 else "<u4"
+    path = unit_dir(spec.root, "encode", int(part["unit"])) / "tokens.bin"
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype)
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    return np.concatenate([tokens[a:a + n] for a, n in zip(part["first_token"].tolist(), part["lengths"].tolist(),
+                                                           strict=True)] or [np.zeros(0, dtype)])
 
 
 def pack_range(r: int, payloads: list[dict[str, Any]], spec: PackSpec) -> dict[str, Any]:
@@ -396,7 +405,7 @@ def pack_range(r: int, payloads: list[dict[str, Any]], spec: PackSpec) -> dict[s
             ids = np.concatenate([p["ids"] for p in parts])
             lengths = np.concatenate([p["lengths"] for p in parts])
             ends = np.concatenate([p["ends"] for p in parts])
-            tokens = np.concatenate([p["tokens"] for p in parts])
+            tokens = np.concatenate([_member_tokens(spec, p) for p in parts])  # this leaf's tokens only
             starts = np.concatenate([[0], np.cumsum(lengths)])
 
             def unit_tokens(u: int, tokens=tokens, starts=starts) -> np.ndarray:
