@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], int]] = {
                                          "200000", "--depth", "2"], 300),
     "compile": ("compile_presets.py", [], 300),
     "tiers": ("bench_tiers.py", ["--rank", "4", "--steps", "4"], 300),
+    "prepare": ("bench_prepare.py", ["--sizes", "2000,20000", "--embedder", "hash"], 300),
     "ablate": ("step_ablate.py", ["--rounds", "1", "--steps", "3"], 400),
 }
 

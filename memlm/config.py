@@ -30,6 +30,7 @@ DTYPES = ("float32", "bfloat16")
 EMBED_UNITS = ("document", "window")
 CONDITIONS = ("none", "generic", "fetched", "blocked")
 EMBEDDERS = ("minilm", "hash")
+EMBED_DTYPES = ("auto", "float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
             embed_window=2048,
             embed_batch=64,
             embed_max_tokens=256,  # encoder window; longer texts are split and averaged
+            embed_dtype="auto",  # MiniLM matmuls: "auto" = bfloat16 on GPU / TPU, float32 on CPU; or either
             fit_sample=4_000_000,  # the tree is fitted on at most this many units, drawn uniformly (all when fewer)
         )
     )
@@ -393,6 +395,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("tree.k", cfg.tree.k, "a tree needs at least 2 children per node")
     _check_choice(cfg, "tree.embed_unit", EMBED_UNITS)
     _check_choice(cfg, "tree.embedder", EMBEDDERS)
+    _check_choice(cfg, "tree.embed_dtype", EMBED_DTYPES)
     if cfg.tree.balance_factor < 1.0:
         _fail("tree.balance_factor", cfg.tree.balance_factor, "must be at least 1.0")
 

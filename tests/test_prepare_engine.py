@@ -109,6 +109,7 @@ def test_one_and_two_workers_and_one_process_give_the_same_records(shards, one_w
     c = read_manifest(single)
     assert _records(single) == _records(one_worker)
     assert c["leaf_histogram"] == a["leaf_histogram"] and c["documents"] == a["documents"]
+    assert c["tree"]["embed_dtype"] == a["tree"]["embed_dtype"] == "float32"  # what eval embeds queries in
     assert (single / "heldout.jsonl").read_bytes() == (one_worker / "heldout.jsonl").read_bytes()
     assert (single / "entity_leaves.json").read_text() == (one_worker / "entity_leaves.json").read_text()
 

@@ -81,6 +81,26 @@ def test_minilm_sharded_over_the_data_axis_matches_one_device(minilm, golden):
     np.testing.assert_allclose(sharded.embed(texts), minilm.embed(texts), atol=2e-6)
 
 
+def test_minilm_in_bfloat16_stays_close_to_sentence_transformers(golden, minilm):
+    """``tree.embed_dtype = "bfloat16"`` (accelerators' default): bfloat16 matmul operands with float32
+    accumulation; still unit vectors, within cosine 0.995 of the real library, and not the float32 path."""
+    from memlm.retrieval.minilm import resolve_dtype
+
+    cfg = default_config()
+    cfg.tree.update(embed_dtype="bfloat16", embed_batch=16, embed_max_tokens=int(golden["max_tokens"]))
+    bf16 = get_embedder(cfg)
+    assert bf16.dtype == "bfloat16" and bf16.params["layers"]["ff_in"][0].dtype == jax.numpy.bfloat16
+    texts = golden["texts"][:12]
+    vecs = bf16.embed(texts)
+    assert vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert np.sum(vecs * golden["embeddings"][:12], axis=1).min() > 0.995
+    assert not np.array_equal(vecs, minilm.embed(texts))
+    assert resolve_dtype("auto") == "float32"  # on CPU: XLA's bfloat16 matmuls are no faster there
+    with pytest.raises(EmbedderError, match="embed_dtype = 'fp8'"):
+        resolve_dtype("fp8")
+
+
 def test_split_windows_fewest_equal_windows():
     for n, window in [(0, 254), (1, 254), (254, 254), (255, 254), (509, 254), (1000, 7)]:
         pieces = list(range(n))

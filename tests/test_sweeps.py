@@ -89,6 +89,30 @@ def test_expansion_is_deterministic_and_names_follow_the_template():
             assert abs(spent / r.budget - 1) < 0.05, (r.name, spent, r.budget)
 
 
+def test_config_digest_ignores_new_keys_at_their_default_but_not_a_changed_value(monkeypatch):
+    """A memlm upgrade that adds a key (the default and every resolved config gain it at its default) keeps
+    finished runs' digests, so a rerun does not redo them; a changed value in the run's config does not."""
+    import memlm.config
+
+    run = expand(load_sweep(REPO / "experiments" / "sweeps" / "tiny.py"))[3]
+    before = run.config_sha
+    original = memlm.config.default_config
+
+    def upgraded():
+        cfg = original()
+        cfg.train.new_knob = 7
+        return cfg
+
+    monkeypatch.setattr(memlm.config, "default_config", upgraded)
+    run.cfg.train.new_knob = 7
+    assert run.config_sha == before
+    run.cfg.train.new_knob = 8  # the sweep sets the new key away from its default: a different run
+    assert run.config_sha != before
+    run.cfg.train.new_knob = 7
+    run.cfg.train.lr = run.cfg.train.lr * 2
+    assert run.config_sha != before
+
+
 @pytest.mark.parametrize("runs,needles", [
     ('[{"model.dmodel": 4}]', ("stage 'grid'", "model.dmodel")),
     ('[{"train.steps": "ten"}]', ("train.steps", "ten")),

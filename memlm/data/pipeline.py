@@ -144,7 +144,15 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
     from rich.console import Console
 
     from memlm.config import validate
-    from memlm.data.prepare import DataError, build_manifest, generated_corpus, probes_stage, report, tokenizer_stage
+    from memlm.data.prepare import (
+        DataError,
+        build_manifest,
+        embed_dtype_key,
+        generated_corpus,
+        probes_stage,
+        report,
+        tokenizer_stage,
+    )
 
     validate(cfg)
     if workers < 1:
@@ -205,11 +213,12 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
 
     # 3. encode -----------------------------------------------------------------------------------
     unit_key = (tc.embed_unit, tc.embed_window if tc.embed_unit == "window" else None)
-    embed_key = stage_key("encode", read_key, tok.id, unit_key, tc.embedder, tc.embed_max_tokens, dc.entity_field)
+    embed_key = stage_key("encode", read_key, tok.id, unit_key, tc.embedder, tc.embed_max_tokens, dc.entity_field,
+                          *embed_dtype_key(tc))
     spec = U.EncodeSpec(root=root, key=embed_key, tokenizer=str(out / "tokenizer.json"),
                         vocab_multiple=int(cfg.model.vocab_multiple), token_dtype=token_dtype,
                         tree={k: tc[k] for k in ("embedder", "embed_unit", "embed_window", "embed_batch",
-                                                 "embed_max_tokens")},
+                                                 "embed_max_tokens", "embed_dtype")},
                         entity_field=str(dc.entity_field), first_document=first_document,
                         heldout=tuple(heldout.tolist()))
     todo = _split(plan, _markers(root, "encode", range(len(plan)), embed_key), "encode", console)
@@ -223,7 +232,11 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
                           f"{leaves} leaves (tree.k = {tc.k}, tree.depth = {tc.depth}): use a larger corpus or "
                           f"lower tree.depth / tree.k")
     embedder_name, dim = enc[0]["embedder"], int(enc[0]["dim"])
-    embed_info = {"units": n_units, "embedder": embedder_name, "dim": dim}
+    dtypes = {str(enc[i].get("embed_dtype", "float32")) for i in range(len(plan))}
+    if len(dtypes) > 1:  # "auto" resolved differently on CPU and accelerator workers
+        raise DataError(f"work units were embedded in different dtypes ({', '.join(sorted(dtypes))}): set "
+                        f"tree.embed_dtype to one of them explicitly and rerun")
+    embed_info = {"units": n_units, "embedder": embedder_name, "dim": dim, "embed_dtype": dtypes.pop()}
 
     # 4. tree on a sample --------------------------------------------------------------------------
     from memlm.retrieval import Tree, fit_tree

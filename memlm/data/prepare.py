@@ -69,6 +69,17 @@ def _progress(console):
                     console=console, transient=False, disable=console.quiet)
 
 
+def embed_dtype_key(tc) -> tuple[str, ...]:
+    """The embed stage key's dtype part: empty for "auto" (so data prepared before the key existed stays
+    valid; the dtype "auto" gave is recorded with the stage), else the configured dtype."""
+    return () if tc.get("embed_dtype", "auto") == "auto" else (str(tc.embed_dtype),)
+
+
+def embed_dtype_of(embedder) -> str:
+    """The dtype an embedder computes in (the hashing embedder: float32)."""
+    return str(getattr(embedder, "dtype", "float32"))
+
+
 def _training_docs(source: str, heldout: set[int]) -> Iterator[Document]:
     """The corpus documents not held out, in corpus order (a fresh streaming pass, silent)."""
     for i, doc in enumerate(iter_documents(source, report=None)):
@@ -234,12 +245,13 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     embedder = None
     unit_key = (tc.embed_unit, tc.embed_window if tc.embed_unit == "window" else None)
     embed_key = stage_key("embed", tokens_key if tc.embed_unit == "window" else read_key, unit_key, tc.embedder,
-                          tc.embed_max_tokens)
+                          tc.embed_max_tokens, *embed_dtype_key(tc))
     embed_info = stages.lookup("embed", embed_key)
     if embed_info is None:
         from memlm.retrieval import get_embedder
+        from memlm.retrieval.embedder import local_embed_mesh
 
-        embedder = get_embedder(cfg)
+        embedder = get_embedder(cfg, mesh=local_embed_mesh())
         emb = np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=np.float32,
                                         shape=(n_units, embedder.dim))
         chunk = max(int(tc.embed_batch) * 64, 1024)  # large calls: few part-filled batches per length bucket
@@ -269,7 +281,8 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
         emb.flush()
         del emb
         embed_info = stages.done("embed", embed_key, {"units": n_units, "embedder": embedder.name,
-                                                      "dim": embedder.dim}, ["embeddings.npy"])
+                                                      "dim": embedder.dim, "embed_dtype": embed_dtype_of(embedder)},
+                                 ["embeddings.npy"])
     embeddings = np.load(out / "embeddings.npy", mmap_mode="r")
 
     # 6. tree --------------------------------------------------------------------------------------
@@ -394,7 +407,8 @@ def build_manifest(cfg, corpus: str, read: dict[str, Any], *, n_tokens: int, pac
         "tree": {"path": "tree.npz", "id": tree_info["id"], "k": tc.k, "depth": tc.depth,
                  "embedder": embed_info["embedder"], "dim": embed_info["dim"], "embed_unit": tc.embed_unit,
                  "embed_window": tc.embed_window if tc.embed_unit == "window" else None,
-                 "embed_max_tokens": tc.embed_max_tokens, "units": embed_info["units"], "seed": tree.seed,
+                 "embed_max_tokens": tc.embed_max_tokens, "embed_dtype": embed_info.get("embed_dtype", "float32"),
+                 "units": embed_info["units"], "seed": tree.seed,
                  "fit": {**tree.fit, "levels": {str(lv): tree.stats[f"level_{lv}"] for lv in range(1, tc.depth + 1)
                                                 if f"level_{lv}" in tree.stats}},
                  "routed": route_info.get("distances", {})},

@@ -154,10 +154,11 @@ def _embedder(tree: dict[str, Any]):
     import ml_collections
 
     from memlm.retrieval import get_embedder
+    from memlm.retrieval.embedder import local_embed_mesh
 
     name = json.dumps(tree, sort_keys=True)
     if name not in _EMBEDDERS:
-        _EMBEDDERS[name] = get_embedder(ml_collections.ConfigDict({"tree": tree}))
+        _EMBEDDERS[name] = get_embedder(ml_collections.ConfigDict({"tree": tree}), mesh=local_embed_mesh())
     return _EMBEDDERS[name]
 
 
@@ -237,7 +238,8 @@ def encode_unit(unit: WorkUnit, spec: EncodeSpec) -> dict[str, Any]:
     del emb
     info = _mark(spec.root, "encode", unit.index, spec.key,
                  {"documents": len(lengths), "heldout": n_heldout, "units": len(doc), "tokens": int(offsets[-1]),
-                  "embedder": embedder.name, "dim": embedder.dim, "tokenize_seconds": t_tok - t0,
+                  "embedder": embedder.name, "dim": embedder.dim,
+                  "embed_dtype": str(getattr(embedder, "dtype", "float32")), "tokenize_seconds": t_tok - t0,
                   "embed_seconds": time.time() - t_embed}, t0)
     say(f"encode unit {unit.index}: {len(lengths)} documents, {len(doc)} units embedded "
         f"({len(doc) / max(info['embed_seconds'], 1e-9):.0f} units/s)")

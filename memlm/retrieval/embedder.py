@@ -37,7 +37,8 @@ def get_embedder(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None 
     """The embedder named by ``cfg.tree.embedder`` ("minilm" or "hash").
 
     MiniLM uses ``cfg.tree.embed_batch`` texts per jitted call and windows of at most
-    ``cfg.tree.embed_max_tokens`` word pieces; ``mesh`` (with a ``data`` axis) shards its batches.
+    ``cfg.tree.embed_max_tokens`` word pieces, in ``cfg.tree.embed_dtype``; ``mesh`` (with a ``data``
+    axis) shards its batches.
     """
     name = cfg.tree.embedder
     if name == "hash":
@@ -47,5 +48,17 @@ def get_embedder(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None 
     if name == "minilm":
         from memlm.retrieval.minilm import MiniLMEmbedder
 
-        return MiniLMEmbedder(batch=int(cfg.tree.embed_batch), max_tokens=int(cfg.tree.embed_max_tokens), mesh=mesh)
+        return MiniLMEmbedder(batch=int(cfg.tree.embed_batch), max_tokens=int(cfg.tree.embed_max_tokens), mesh=mesh,
+                              dtype=str(cfg.tree.get("embed_dtype", "float32")))
     raise EmbedderError(f"tree.embedder = {name!r}: unknown embedder; choose 'minilm' or 'hash'")
+
+
+def local_embed_mesh() -> jax.sharding.Mesh | None:
+    """A ``data`` mesh over this process's accelerators, so one prepare worker embeds on all of them;
+    None on CPU (XLA already runs one CPU device on every core) or with a single device."""
+    import jax
+
+    devices = jax.local_devices()
+    if jax.default_backend() == "cpu" or len(devices) < 2:
+        return None
+    return jax.sharding.Mesh(np.asarray(devices), ("data",))

@@ -95,8 +95,24 @@ def _layer_norm(x: jax.Array, gain_bias: tuple[jax.Array, jax.Array]) -> jax.Arr
     return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * gain_bias[0] + gain_bias[1]
 
 
-def encode(params: dict, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Token ids ``[B, L]`` (with [CLS]/[SEP]) and a 0/1 mask -> unit sentence vectors ``[B, 384]``."""
+def _matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
+    """``x @ w`` in float32, or with bfloat16 operands and float32 accumulation (``dtype`` "bfloat16")."""
+    if dtype == "float32":
+        return x @ w
+    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype: str) -> jax.Array:
+    if dtype == "float32":
+        return jnp.einsum(spec, a, b)
+    return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def encode(params: dict, ids: jax.Array, mask: jax.Array, dtype: str = "float32") -> jax.Array:
+    """Token ids ``[B, L]`` (with [CLS]/[SEP]) and a 0/1 mask -> unit sentence vectors ``[B, 384]``.
+
+    ``dtype`` "bfloat16" runs the matmuls and attention contractions on bfloat16 operands with float32
+    accumulation (accelerators' fast path); LayerNorm, softmax, GELU and pooling stay float32."""
     b, length = ids.shape
     maskf = mask.astype(jnp.float32)
     x = params["word"][ids] + params["position"][:length] + params["token_type"]
@@ -107,14 +123,14 @@ def encode(params: dict, ids: jax.Array, mask: jax.Array) -> jax.Array:
 
     def block(x, lp):
         def heads(wb):
-            return (x @ wb[0] + wb[1]).reshape(b, length, N_HEADS, head_dim)
+            return (_matmul(x, wb[0], dtype) + wb[1]).reshape(b, length, N_HEADS, head_dim)
 
         q, k, v = heads(lp["q"]), heads(lp["k"]), heads(lp["v"])
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim) + bias
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, length, DIM)
-        x = _layer_norm(x + ctx @ lp["o"][0] + lp["o"][1], lp["attn_ln"])
-        h = jax.nn.gelu(x @ lp["ff_in"][0] + lp["ff_in"][1], approximate=False)
-        x = _layer_norm(x + h @ lp["ff_out"][0] + lp["ff_out"][1], lp["ff_ln"])
+        scores = _einsum("bqhd,bkhd->bhqk", q, k, dtype) / math.sqrt(head_dim) + bias
+        ctx = _einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v, dtype).reshape(b, length, DIM)
+        x = _layer_norm(x + _matmul(ctx, lp["o"][0], dtype) + lp["o"][1], lp["attn_ln"])
+        h = jax.nn.gelu(_matmul(x, lp["ff_in"][0], dtype) + lp["ff_in"][1], approximate=False)
+        x = _layer_norm(x + _matmul(h, lp["ff_out"][0], dtype) + lp["ff_out"][1], lp["ff_ln"])
         return x, None
 
     x, _ = jax.lax.scan(block, x, params["layers"])
@@ -122,7 +138,19 @@ def encode(params: dict, ids: jax.Array, mask: jax.Array) -> jax.Array:
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
-_encode_one_device = jax.jit(encode)  # shared by every unsharded instance: one compilation per bucket
+# shared by every unsharded instance: one compilation per bucket and dtype
+_encode_one_device = jax.jit(encode, static_argnames="dtype")
+DTYPES = ("auto", "float32", "bfloat16")  # memlm.config.EMBED_DTYPES
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``tree.embed_dtype``: "auto" is bfloat16 on GPU / TPU and float32 on CPU (where XLA's bfloat16
+    matmuls are no faster: bench/RESULTS.md, "Sharded prepare")."""
+    if dtype not in DTYPES:
+        raise EmbedderError(f"tree.embed_dtype = {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return dtype
 
 
 def bucket_lengths(max_tokens: int) -> tuple[int, ...]:
@@ -147,7 +175,7 @@ class MiniLMEmbedder:
     dim = DIM
 
     def __init__(self, batch: int = 64, max_tokens: int = 256, mesh: jax.sharding.Mesh | None = None,
-                 path: str | Path | None = None):
+                 path: str | Path | None = None, dtype: str = "float32"):
         if not 3 <= max_tokens <= MAX_POSITIONS:
             raise EmbedderError(f"tree.embed_max_tokens = {max_tokens}: must be in [3, {MAX_POSITIONS}] for MiniLM")
         if batch < 1:
@@ -162,11 +190,15 @@ class MiniLMEmbedder:
         self.sep_id = self.tokenizer.token_to_id("[SEP]")
         self.max_tokens = int(max_tokens)
         self.buckets = bucket_lengths(self.max_tokens)
+        self.dtype = resolve_dtype(dtype)
         params = load_params(path)
+        if self.dtype != "float32":  # the layers' matrices in bfloat16 (half the device copy)
+            params = {**params, "layers": jax.tree.map(
+                lambda a: a.astype(jnp.bfloat16) if a.ndim == 3 else a, params["layers"])}
         if mesh is None:
             self.batch = int(batch)
             self.params = jax.device_put(params)
-            self._encode = _encode_one_device
+            self._encode = functools.partial(_encode_one_device, dtype=self.dtype)
         else:
             from jax.sharding import NamedSharding, PartitionSpec
 
@@ -177,7 +209,8 @@ class MiniLMEmbedder:
             replicated = NamedSharding(mesh, PartitionSpec())
             rows = NamedSharding(mesh, PartitionSpec("data"))
             self.params = jax.device_put(params, replicated)
-            self._encode = jax.jit(encode, in_shardings=(replicated, rows, rows), out_shardings=rows)
+            self._encode = jax.jit(functools.partial(encode, dtype=self.dtype), in_shardings=(replicated, rows, rows),
+                                   out_shardings=rows)
 
     def windows(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
         """Word-piece windows of every text (no special tokens) and the index of the text each belongs to."""

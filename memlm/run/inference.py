@@ -75,6 +75,7 @@ class RunMemory:
                                   expect_embedder=tree_info["embedder"])
             ecfg = ml_collections.ConfigDict(cfg.to_dict())
             ecfg.tree.embedder = tree_info["embedder"]
+            ecfg.tree.embed_dtype = tree_info.get("embed_dtype", "float32")  # as the documents were embedded
             self.embedder = get_embedder(ecfg)
             # The bank version the loaded checkpoint pairs with (a later, unpaired save is not used).
             meta = meta or {}
