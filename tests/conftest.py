@@ -2,7 +2,11 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests compile many small programs, each once: XLA's cheapest backend optimisation compiles them about
+# 1.7x faster and runs these shapes no slower (tests/test_step.py from an empty cache: 242 s -> 144 s).
+# Subprocesses that set their own device count pass the rest on through MEMLM_TEST_XLA_FLAGS.
+os.environ.setdefault("MEMLM_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + os.environ["MEMLM_TEST_XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax")

@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 def _env(devices: int, extra: dict | None = None) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {os.environ['MEMLM_TEST_XLA_FLAGS']}")
     env.update(extra or {})
     return env
 

@@ -26,7 +26,7 @@ FLAGS = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.mod
 
 def cli(*args, check=True):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = os.environ["MEMLM_TEST_XLA_FLAGS"]  # one CPU device
     p = subprocess.run([sys.executable, "-m", "memlm.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     if check:

@@ -168,7 +168,7 @@ SWEEP = Sweep(
 )
 ''')
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per trainer
+    env = dict(os.environ, XLA_FLAGS=os.environ["MEMLM_TEST_XLA_FLAGS"])  # one device per trainer
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "memlm.cli", "sweep", "run", str(path), "--out", str(out)]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

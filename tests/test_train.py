@@ -75,7 +75,7 @@ def test_batch_not_divisible_by_the_data_axis_fails_before_compiling():
 
 def _cli(*args, env_extra=None, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    env.pop("XLA_FLAGS", None)  # the training CLI runs on one CPU device
+    env["XLA_FLAGS"] = os.environ["MEMLM_TEST_XLA_FLAGS"]  # the training CLI runs on one CPU device
     return subprocess.Popen([sys.executable, "-m", "memlm.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 

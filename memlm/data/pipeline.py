@@ -151,6 +151,7 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
         generated_corpus,
         probes_stage,
         report,
+        require_units_for_tree,
         tokenizer_stage,
     )
 
@@ -225,12 +226,8 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
     _run_units(options, "encode", todo, U.encode_unit, spec)
     enc = _require(root, "encode", list(range(len(plan))), embed_key)
     unit_counts = [int(enc[i]["units"]) for i in range(len(plan))]
-    n_units, leaves = sum(unit_counts), tc.k ** tc.depth
-    if n_units < leaves:
-        what = "documents" if tc.embed_unit == "document" else "windows"
-        raise DataError(f"corpus {corpus!r} has {n_units} training {what}, fewer than the tree's "
-                          f"{leaves} leaves (tree.k = {tc.k}, tree.depth = {tc.depth}): use a larger corpus or "
-                          f"lower tree.depth / tree.k")
+    n_units = sum(unit_counts)
+    leaves = require_units_for_tree(corpus, n_units, tc)
     embedder_name, dim = enc[0]["embedder"], int(enc[0]["dim"])
     dtypes = {str(enc[i].get("embed_dtype", "float32")) for i in range(len(plan))}
     if len(dtypes) > 1:  # "auto" resolved differently on CPU and accelerator workers

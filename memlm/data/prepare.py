@@ -69,6 +69,17 @@ def _progress(console):
                     console=console, transient=False, disable=console.quiet)
 
 
+def require_units_for_tree(corpus: str, n_units: int, tc) -> int:
+    """The tree's leaf count ``k ** depth``; a clear error when there are fewer training units."""
+    leaves = tc.k**tc.depth
+    if n_units < leaves:
+        what = "documents" if tc.embed_unit == "document" else "windows"
+        raise DataError(f"corpus {corpus!r} has {n_units} training {what}, fewer than the tree's "
+                        f"{leaves} leaves (tree.k = {tc.k}, tree.depth = {tc.depth}): use a larger corpus or "
+                        f"lower tree.depth / tree.k")
+    return leaves
+
+
 def embed_dtype_key(tc) -> tuple[str, ...]:
     """The embed stage key's dtype part: empty for "auto" (so data prepared before the key existed stays
     valid; the dtype "auto" gave is recorded with the stage), else the configured dtype."""
@@ -234,12 +245,8 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
 
     # units: documents or windows ------------------------------------------------------------------
     unit_doc, unit_start, unit_stop, unit_ends = unit_spans(np.asarray(offsets), tc.embed_unit, tc.embed_window)
-    n_units, leaves = len(unit_doc), tc.k**tc.depth
-    if n_units < leaves:
-        what = "documents" if tc.embed_unit == "document" else "windows"
-        raise DataError(f"corpus {corpus!r} has {n_units} training {what}, fewer than the tree's "
-                        f"{leaves} leaves (tree.k = {tc.k}, tree.depth = {tc.depth}): use a larger corpus or "
-                        f"lower tree.depth / tree.k")
+    n_units = len(unit_doc)
+    leaves = require_units_for_tree(corpus, n_units, tc)
 
     # 5. embed -------------------------------------------------------------------------------------
     embedder = None
