@@ -86,11 +86,6 @@ def embed_dtype_key(tc) -> tuple[str, ...]:
     return () if tc.get("embed_dtype", "auto") == "auto" else (str(tc.embed_dtype),)
 
 
-def embed_dtype_of(embedder) -> str:
-    """The dtype an embedder computes in (the hashing embedder: float32)."""
-    return str(getattr(embedder, "dtype", "float32"))
-
-
 def _training_docs(source: str, heldout: set[int]) -> Iterator[Document]:
     """The corpus documents not held out, in corpus order (a fresh streaming pass, silent)."""
     for i, doc in enumerate(iter_documents(source, report=None)):
@@ -256,7 +251,7 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     embed_info = stages.lookup("embed", embed_key)
     if embed_info is None:
         from memlm.retrieval import get_embedder
-        from memlm.retrieval.embedder import local_embed_mesh
+        from memlm.retrieval.embedder import embed_dtype_of, local_embed_mesh
 
         embedder = get_embedder(cfg, mesh=local_embed_mesh())
         emb = np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=np.float32,

@@ -38,6 +38,7 @@ import numpy as np
 
 from memlm.data.readers import Document, ReadStats, Shard, iter_shard
 from memlm.data.records import ShardWriter, encode_sequence, write_json
+from memlm.retrieval.embedder import embed_dtype_of
 
 ENCODE_BATCH = 1024
 UNITS_DIR = ".units"
@@ -239,7 +240,7 @@ def encode_unit(unit: WorkUnit, spec: EncodeSpec) -> dict[str, Any]:
     info = _mark(spec.root, "encode", unit.index, spec.key,
                  {"documents": len(lengths), "heldout": n_heldout, "units": len(doc), "tokens": int(offsets[-1]),
                   "embedder": embedder.name, "dim": embedder.dim,
-                  "embed_dtype": str(getattr(embedder, "dtype", "float32")), "tokenize_seconds": t_tok - t0,
+                  "embed_dtype": embed_dtype_of(embedder), "tokenize_seconds": t_tok - t0,
                   "embed_seconds": time.time() - t_embed}, t0)
     say(f"encode unit {unit.index}: {len(lengths)} documents, {len(doc)} units embedded "
         f"({len(doc) / max(info['embed_seconds'], 1e-9):.0f} units/s)")

@@ -62,3 +62,8 @@ def local_embed_mesh() -> jax.sharding.Mesh | None:
     if jax.default_backend() == "cpu" or len(devices) < 2:
         return None
     return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+def embed_dtype_of(embedder: Embedder) -> str:
+    """The dtype an embedder computes in (the hashing embedder: float32)."""
+    return str(getattr(embedder, "dtype", "float32"))

@@ -103,6 +103,7 @@ def _matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
 
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype: str) -> jax.Array:
+    """``jnp.einsum`` as ``_matmul`` does it: float32, or bfloat16 operands with float32 accumulation."""
     if dtype == "float32":
         return jnp.einsum(spec, a, b)
     return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
@@ -140,14 +141,15 @@ def encode(params: dict, ids: jax.Array, mask: jax.Array, dtype: str = "float32"
 
 # shared by every unsharded instance: one compilation per bucket and dtype
 _encode_one_device = jax.jit(encode, static_argnames="dtype")
-DTYPES = ("auto", "float32", "bfloat16")  # memlm.config.EMBED_DTYPES
 
 
 def resolve_dtype(dtype: str) -> str:
     """``tree.embed_dtype``: "auto" is bfloat16 on GPU / TPU and float32 on CPU (where XLA's bfloat16
     matmuls are no faster: bench/RESULTS.md, "Sharded prepare")."""
-    if dtype not in DTYPES:
-        raise EmbedderError(f"tree.embed_dtype = {dtype!r}: choose one of {', '.join(DTYPES)}")
+    from memlm.config import EMBED_DTYPES
+
+    if dtype not in EMBED_DTYPES:
+        raise EmbedderError(f"tree.embed_dtype = {dtype!r}: choose one of {', '.join(EMBED_DTYPES)}")
     if dtype == "auto":
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return dtype
