@@ -154,6 +154,11 @@ def default_config() -> ml_collections.ConfigDict:
             batch_size=32,
             microbatch_size=0,  # global sequences per micro-step (gradient accumulation); 0: the whole batch
             subtree=-1,  # >= 0: train only level-1 subtree i's blocks on its sequences (frozen per-subtree jobs)
+            # Misrouting robustness: this share of the fetching sequences reads a sibling's path instead
+            # of its own (a uniform other node at level sibling_path_level, uniform below it); those
+            # blocks do not learn from it, so only the anchor learns to cope with a block it did not get.
+            sibling_path_prob=0.0,
+            sibling_path_level=1,
             loss_chunk=4096,  # tokens per device whose logits are held at once by the loss (never [B, T, vocab])
             seed=0,
             lr=5e-3,
@@ -420,6 +425,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   "set memory.generic=false for per-subtree jobs")
     elif t.subtree != -1:
         _fail("train.subtree", t.subtree, "must be -1 (all subtrees) or a level-1 node")
+    if not isinstance(t.sibling_path_prob, (int, float)) or not 0.0 <= t.sibling_path_prob < 1.0:
+        _fail("train.sibling_path_prob", t.sibling_path_prob, "must be a probability in [0, 1)")
+    if not isinstance(t.sibling_path_level, int) or not 1 <= t.sibling_path_level <= cfg.tree.depth:
+        _fail("train.sibling_path_level", t.sibling_path_level, f"must be a tree level in 1..{cfg.tree.depth}")
+    if t.sibling_path_prob and t.mode == "frozen":
+        _fail("train.sibling_path_prob", t.sibling_path_prob, "trains nothing with a frozen anchor (the blocks of a "
+              "sibling-path row do not learn from it): use train.mode=cotrain")
     if t.microbatch_size and t.batch_size % t.microbatch_size:
         _fail("train.microbatch_size", t.microbatch_size, f"must divide train.batch_size = {t.batch_size}")
     _check_positive(cfg, "train", ("min_lr", "warmup_steps", "weight_decay", "memory_min_lr",

@@ -37,13 +37,15 @@ class SlotMemory(NamedTuple):
     ``index[i]``: ``[G, B // G]`` int32, the slot within its group that each sequence reads;
     ``generic``: ``{name: [G, *shape(R)]}`` (the one generic block, a copy per group, so its
     gradient stays per group until the step sums it) or None; ``use_generic``: ``[B]`` bool, the
-    sequences that read the generic memory instead of their levels (or None).
+    sequences that read the generic memory instead of their levels (or None); ``frozen``: ``[B]``
+    bool, sequences whose fetched blocks get no gradient from them (sibling paths), or None.
     """
 
     levels: tuple[dict[str, Any], ...]
     index: tuple[Any, ...]
     generic: dict[str, Any] | None = None
     use_generic: Any | None = None
+    frozen: Any | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memlm.config import default_config, validate
 from memlm.memspec import block_arrays, fetched_rank
@@ -81,6 +82,8 @@ def reference_step(cfg, state, batch):
     memory = state.bank is not None
     train_anchor = t.mode != "frozen"
     use_generic = jnp.asarray(batch["generic"]) if state.generic is not None else jnp.zeros((b,), bool)
+    # sibling-path rows read their (sibling's) blocks but leave them untouched: masked out of the bank's update
+    touched = ~use_generic & ~jnp.asarray(batch.get("sibling", np.zeros(b, bool)))
     fetched = None
     if memory:
         fetched = gather(state.bank, paths)
@@ -100,7 +103,7 @@ def reference_step(cfg, state, batch):
     if g_params is not None:
         sq = sq + optax.tree_utils.tree_norm(g_params, squared=True)
     if g_mem is not None:
-        sq = sq + fetched_grad_sq_norm(state.bank.layout, paths, g_mem, ~use_generic)
+        sq = sq + fetched_grad_sq_norm(state.bank.layout, paths, g_mem, touched)
         if state.generic is not None:
             sq = sq + fetched_grad_sq_norm(state.generic.layout, jnp.zeros((b, 1), jnp.int32), g_mem, use_generic)
     scale = jnp.minimum(1.0, t.clip_norm / (jnp.sqrt(sq) + 1e-6))
@@ -112,7 +115,7 @@ def reference_step(cfg, state, batch):
         g_mem = jax.tree.map(lambda g: g * scale, g_mem)
         lr = cosine_with_warmup(t.memory_lr, t.memory_min_lr, t.memory_warmup_steps, t.steps)(state.step)
         kw = dict(lr=lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.memory_weight_decay)
-        bank = sparse_adamw(bank, paths, g_mem, ~use_generic, **kw)
+        bank = sparse_adamw(bank, paths, g_mem, touched, **kw)
         if generic is not None:
             generic = sparse_adamw(generic, jnp.zeros((b, 1), jnp.int32), g_mem, use_generic, **kw)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, bank=bank, generic=generic), value

@@ -140,3 +140,13 @@ def test_a_run_recorded_before_a_key_existed_opens_with_its_default():
     record["config"]["eval"]["route_beem"] = 2
     with pytest.raises(ConfigError, match="eval.route_beem"):
         config_from_record(record)
+
+
+def test_sibling_paths_need_a_probability_below_one_and_a_tree_level():
+    _bad({"train.sibling_path_prob": "1.0"}, "train.sibling_path_prob", "[0, 1)")
+    _bad({"train.sibling_path_prob": "-0.1"}, "train.sibling_path_prob", "[0, 1)")
+    _bad({"train.sibling_path_level": "3"}, "train.sibling_path_level", "1..2")
+    _bad({"train.sibling_path_prob": "0.1", "train.mode": "frozen"}, "train.sibling_path_prob", "frozen")
+    cfg = load_config("experiments/tiny.py")
+    apply_overrides(cfg, {"train.sibling_path_prob": "0.1", "train.sibling_path_level": "2"})
+    validate(cfg)

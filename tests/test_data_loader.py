@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from memlm.data.loader import Loader, generic_draw
+from memlm.data.loader import Loader, generic_draw, sibling_leaves
 from memlm.data.records import ShardWriter, encode_sequence, write_json
 
 SEQ_LEN, DEPTH, N = 16, 2, 40
@@ -137,6 +137,52 @@ def test_generic_flag_follows_the_draw_and_is_off_at_probability_zero(data_dir):
     assert flags.tolist() == [generic_draw(9, int(p)) < 0.5 for p in positions]
     off = Loader(data_dir, batch_size=8, seed=9, generic_prob=0.0)
     assert not any(off.batch_at(s)["generic"].any() for s in range(5))
+
+
+def test_sibling_leaves_change_the_asked_level_only_at_the_asked_rate():
+    """Depth 3, k = 5: a drawn row's leaf keeps its ancestors above the level, takes another child
+    there (each other child about equally often), and ineligible (generic) rows never change."""
+    k, depth, n = 5, 3, 20_000
+    rng = np.random.default_rng(0)
+    leaves, eligible = rng.integers(0, k**depth, n), rng.random(n) < 0.9
+    drawn = {}
+    for level in (1, 2, 3):
+        new, flags = drawn[level] = sibling_leaves(3, np.arange(n), leaves, eligible, prob=0.2, level=level, k=k,
+                                                   depth=depth)
+        assert not flags[~eligible].any() and (new[~flags] == leaves[~flags]).all()
+        assert abs(flags[eligible].mean() - 0.2) < 0.015
+        own, got = leaves[flags] // k ** (depth - level), new[flags] // k ** (depth - level)
+        assert (own // k == got // k).all() and (own != got).all()
+        offsets = np.bincount((got - own) % k, minlength=k)[1:]
+        assert offsets.min() > 0.8 * offsets.mean()
+        if level < depth:  # below the level, children are drawn, not copied
+            assert (new[flags] % k != leaves[flags] % k).mean() > 0.7
+    again = sibling_leaves(3, np.arange(n), leaves, eligible, prob=0.2, level=2, k=k, depth=depth)
+    other = sibling_leaves(4, np.arange(n), leaves, eligible, prob=0.2, level=2, k=k, depth=depth)
+    assert (again[0] == drawn[2][0]).all() and (again[1] == drawn[2][1]).all()
+    assert (other[1] != again[1]).any()
+
+
+def test_sibling_paths_in_batches_match_global_leaves_and_split_over_hosts(data_dir):
+    """The paths a batch carries are the leaves the bank tiers prefetch (``global_leaves``), on one
+    process and on four; generic rows keep their own path."""
+    single = Loader(data_dir, batch_size=8, seed=5, generic_prob=0.3, sibling_prob=0.5)
+    hosts = [Loader(data_dir, batch_size=8, seed=5, generic_prob=0.3, sibling_prob=0.5, process_index=h,
+                    process_count=4) for h in range(4)]
+    flagged = 0
+    for step in range(5):
+        glob = single.batch_at(step)
+        leaves, generic = single.global_leaves(step)
+        assert (glob["paths"][:, -1] == leaves).all() and (glob["paths"][:, 0] == leaves // 4).all()
+        assert not (glob["sibling"] & glob["generic"]).any()
+        own = np.array([leaf(i) for i in ids(glob)])
+        assert ((own != leaves) == glob["sibling"]).all() and ((own // 4 != leaves // 4) == glob["sibling"]).all()
+        flagged += glob["sibling"].sum()
+        for h, part in enumerate(hosts):
+            for key in glob:
+                assert np.array_equal(part.batch_at(step)[key], glob[key][2 * h:2 * h + 2]), (step, h, key)
+    assert 0 < flagged < 40
+    assert "sibling" not in Loader(data_dir, batch_size=8, seed=5, generic_prob=0.3).batch_at(0)
 
 
 def test_bad_loader_arguments_and_missing_data_fail_clearly(data_dir, tmp_path):

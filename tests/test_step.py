@@ -126,6 +126,38 @@ def test_a_level_with_fewer_nodes_than_shards_is_padded_and_still_sharded():
     assert_states_close(state, ref_state)
 
 
+def test_sibling_path_rows_train_the_anchor_but_touch_no_block():
+    """Sibling-path rows (``train.sibling_path_prob``) on 8 devices, a sharded level included: the anchor
+    learns from them, their blocks do not (the step equals the reference with those rows masked out of
+    the bank update), and a node only sibling rows fetch keeps its row, moments and counter."""
+    cfg = config("cotrain", 32)
+    cfg.train.sibling_path_prob = 0.25
+    fns = build(cfg, make_mesh((4, 2, 1)))
+    assert "sibling" in fns.batch_shardings
+    batches = []
+    for i in range(2):
+        b = make_batch(cfg, 32, seed=i)
+        leaf = b["paths"][:, -1]
+        b["sibling"] = (np.arange(32) % 4 == 1) & ~b["generic"]  # row 1 shares its node with row 0
+        leaf = np.where(leaf == 15, 14, leaf)
+        leaf[b["sibling"] & (np.arange(32) >= 8)] = 15  # level-2 node 15: fetched by sibling rows only
+        b["paths"] = np.stack([leaf // 4, leaf], 1).astype(np.int32)
+        assert (leaf[~b["generic"]] == 15).sum() >= 4  # as ordinary rows they would have trained node 15
+        batches.append(b)
+    state, ref = fns.init(0), fns.init(0)
+    init = jax.device_get(state)
+    for b in batches:
+        state, m = fns.step(state, device_batch(b, fns.batch_shardings))
+        assert float(m["sibling_fraction"]) == b["sibling"].mean()
+        ref, _ = reference_step(cfg, ref, b)
+    got = jax.device_get(state)
+    assert_states_close(got, jax.device_get(ref), atol=5e-5)
+    assert got.bank.count["level2"][15] == 0
+    for tree_got, tree_init in ((got.bank.params, init.bank.params), (got.bank.mu, init.bank.mu)):
+        for name, a in tree_got["level2"].items():
+            np.testing.assert_array_equal(a[15], tree_init["level2"][name][15])
+
+
 def _abstract_batch(cfg, fns):
     b, s, depth = cfg.train.batch_size, cfg.data.seq_len, cfg.tree.depth
     shapes = {"tokens": (b, s), "segment_ids": (b, s), "positions": (b, s), "paths": (b, depth), "generic": (b,)}

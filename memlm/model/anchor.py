@@ -269,7 +269,7 @@ class Anchor(nnx.Module):
             if a == start and z == end and end > start:
                 seg_mem = _layer_major(memory)
                 if isinstance(memory, SlotMemory):
-                    fixed = (memory.index, memory.use_generic)
+                    fixed = (memory.index, memory.use_generic, memory.frozen)
             seg_cache = None if cache is None else (cache["k"][a:z], cache["v"][a:z])
             seg_flags = None if flags is None else flags[a:z]
             x, kv = self._scan(x, seg_params, seg_mem, seg_cache, ctx, fixed, seg_flags)
@@ -345,12 +345,13 @@ def _layer_major(memory: Mapping[str, jax.Array] | SlotMemory) -> Mapping[str, j
     return (levels, generic)
 
 
-def _sequence_memory(s: AnchorSpec, layer_mem, index, use_generic) -> dict[str, jax.Array]:
+def _sequence_memory(s: AnchorSpec, layer_mem, index, use_generic, frozen=None) -> dict[str, jax.Array]:
     """One layer's per-sequence memory ``{name: [B, *block]}`` from its slots.
 
     Each group (data-parallel shard) gathers from its own slots only: a batched gather whose
     batch axis is the sharded group axis, so the partitioner keeps it local. Levels concatenate
-    along the rank axis; sequences flagged ``use_generic`` read the generic block instead.
+    along the rank axis; sequences flagged ``use_generic`` read the generic block instead, and those
+    flagged ``frozen`` read their blocks under ``stop_gradient`` (the blocks do not learn from them).
     """
     levels, generic = layer_mem
     out = {}
@@ -360,6 +361,8 @@ def _sequence_memory(s: AnchorSpec, layer_mem, index, use_generic) -> dict[str, 
             rows = jax.vmap(lambda slot, i: jnp.take(slot, i, axis=0))(lv[name], ix)  # [G, B/G, *block]
             parts.append(rows.reshape(-1, *rows.shape[2:]))
         x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+        if frozen is not None:
+            x = jnp.where(frozen.reshape((-1,) + (1,) * (x.ndim - 1)), jax.lax.stop_gradient(x), x)
         if generic is not None:
             g = generic[name]  # [G, *block]: each group reads its own copy
             grouped = x.reshape(g.shape[0], -1, *x.shape[1:])

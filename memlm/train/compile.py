@@ -87,9 +87,10 @@ def abstract_batch(cfg: ml_collections.ConfigDict, shardings: dict, plan=None) -
     import jax.numpy as jnp
 
     b, s, depth = cfg.train.batch_size, cfg.data.seq_len, cfg.tree.depth
-    shapes = {"tokens": (b, s), "segment_ids": (b, s), "positions": (b, s), "paths": (b, depth), "generic": (b,)}
-    out = {k: jax.ShapeDtypeStruct(v, jnp.bool_ if k == "generic" else jnp.int32, sharding=shardings[k])
-           for k, v in shapes.items()}
+    shapes = {"tokens": (b, s), "segment_ids": (b, s), "positions": (b, s), "paths": (b, depth), "generic": (b,),
+              "sibling": (b,)}
+    out = {k: jax.ShapeDtypeStruct(v, jnp.bool_ if k in ("generic", "sibling") else jnp.int32, sharding=shardings[k])
+           for k, v in shapes.items() if k in shardings}
     if plan is not None and "slots" in shardings:
         out["slots"] = {k: jax.ShapeDtypeStruct((pl.shards, pl.slots), jnp.int32, sharding=shardings["slots"][k])
                         for k, pl in plan.off_device.items()}

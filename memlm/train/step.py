@@ -60,6 +60,7 @@ from memlm.bank.device import (
 from memlm.bank.layout import BankLayout
 from memlm.bank.optimizer import update_owned_rows
 from memlm.config import ConfigError
+from memlm.data.loader import uses_sibling_paths
 from memlm.memspec import SlotMemory
 from memlm.model.anchor import BIASES
 from memlm.model.functional import AnchorFunctional
@@ -67,6 +68,12 @@ from memlm.train.loss import chunk_length, chunked_nll
 from memlm.train.schedule import cosine_with_warmup
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "paths", "generic")
+FLAG_KEYS = ("generic", "sibling")  # [B] bool per sequence; "sibling" only with sibling paths on
+
+
+def batch_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The keys of a step's batch: ``sibling`` joins them when the run trains with sibling paths."""
+    return BATCH_KEYS + (("sibling",) if uses_sibling_paths(cfg) else ())
 
 
 @struct.dataclass
@@ -253,7 +260,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
     bank_sh = bank_shardings(bank_layout, mesh, replicate_levels=replicate, slots=tier_slots) if memory else None
     gen_sh = bank_shardings(generic_layout, mesh, replicate_levels=1) if generic_layout else None
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, bank=bank_sh, generic=gen_sh)
-    batch_sh = {k: NamedSharding(mesh, P(DP_AXES, None) if k != "generic" else P(DP_AXES)) for k in BATCH_KEYS}
+    batch_sh = {k: NamedSharding(mesh, P(DP_AXES) if k in FLAG_KEYS else P(DP_AXES, None)) for k in batch_keys(cfg)}
     if plan.off_device:  # per step: each shard's slot ids (the owned nodes the batch touches), [shards, slots]
         batch_sh["slots"] = {k: NamedSharding(mesh, P(DP_AXES, None)) for k in plan.off_device}
 
@@ -297,18 +304,19 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
         """Per level, each sequence's node (-1 for sequences that read the generic memory)."""
         return {k: jnp.where(use_generic, -1, paths[:, lvs[k].level - 1]).astype(jnp.int32) for k in keys}
 
-    def owners_plan(paths: jax.Array, use_generic: jax.Array) -> tuple[dict, jax.Array]:
-        """Per level, the nodes each owner's accumulator covers this step; whether any row is generic."""
-        def local(paths, use_generic):
+    def owners_plan(paths: jax.Array, untouched: jax.Array, use_generic: jax.Array) -> tuple[dict, jax.Array]:
+        """Per level, the nodes each owner's accumulator covers this step (those of the sequences not
+        ``untouched``); whether any row is generic."""
+        def local(paths, untouched, use_generic):
             me = jax.lax.axis_index(DP_AXES)
             out = {}
-            for k, ids in level_ids(paths, use_generic).items():
+            for k, ids in level_ids(paths, untouched).items():
                 all_ids = jax.lax.all_gather(ids, DP_AXES, tiled=True)
                 out[k] = exchange.owned_touched(all_ids, plan.levels[k], me, plan.owned[k])[None]
             any_generic = jax.lax.psum(jnp.sum(use_generic.astype(jnp.int32)), DP_AXES) > 0
             return out, any_generic
 
-        return _shard_map(mesh, local, (dp, dp), ({k: dp for k in keys}, P()))(paths, use_generic)
+        return _shard_map(mesh, local, (dp, dp, dp), ({k: dp for k in keys}, P()))(paths, untouched, use_generic)
 
     def fetch_micro(bank_params: dict, gen_params: dict | None, paths: jax.Array, use_generic: jax.Array,
                     slot_ids: dict):
@@ -431,7 +439,9 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
         zeros_like_params = jax.tree.map(lambda s, sh: jax.lax.with_sharding_constraint(
             jnp.zeros(s.shape, jnp.float32), sh), fn.shapes, param_sh)
         if memory:
-            acc_ids, any_generic = owners_plan(batch["paths"], batch["generic"])
+            # A sibling-path sequence reads its blocks but touches none of them (no gradient, no update).
+            untouched = batch["generic"] | batch["sibling"] if "sibling" in batch else batch["generic"]
+            acc_ids, any_generic = owners_plan(batch["paths"], untouched, batch["generic"])
             acc0 = {k: {a.name: jnp.zeros((plan.shards, plan.owned[k], *a.shape(lvs[k].rank)), jnp.float32)
                         for a in bank_layout.arrays} for k in keys}
             gen0 = {a.name: jnp.zeros((plan.shards, *a.shape(generic_layout.fetched_rank)), jnp.float32)
@@ -454,7 +464,8 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
 
                 def loss_memory(params, slots, gen):
                     mem = SlotMemory(levels=tuple(slots[k] for k in keys), index=tuple(index[k] for k in keys),
-                                     generic=gen, use_generic=mb["generic"] if gen is not None else None)
+                                     generic=gen, use_generic=mb["generic"] if gen is not None else None,
+                                     frozen=mb.get("sibling"))
                     return loss_terms(params, mb, mem)
 
                 argnums = (0, 1, 2) if train_anchor else (1, 2)
@@ -510,6 +521,8 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
                 generic = update_bank(generic, gacc, gen_ids, gen_plan, inv * scale, dict(hp, lr=lr))
             metrics["lr_memory"] = lr
             metrics["generic_fraction"] = jnp.mean(batch["generic"].astype(jnp.float32))
+            if "sibling" in batch:
+                metrics["sibling_fraction"] = jnp.mean(batch["sibling"].astype(jnp.float32))
             metrics["bank/remote_rows"] = carry["remote"]
         metrics["loss"] = carry["nll"] * inv
         metrics["tokens"] = n_tok
@@ -533,7 +546,7 @@ def _node_spec(pl: LevelPlacement) -> P:
 def device_batch(batch: dict, shardings: dict) -> dict:
     """A host batch (this process's rows) as global device arrays in the step's shardings; with levels
     off device, ``batch["slots"]`` holds every shard's slot ids (the same on every process)."""
-    out = {k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in BATCH_KEYS}
+    out = {k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in shardings if k != "slots"}
     if "slots" in shardings:
         out["slots"] = {k: jax.make_array_from_callback(v.shape, shardings["slots"][k], lambda idx, v=v: v[idx])
                         for k, v in batch["slots"].items()}
