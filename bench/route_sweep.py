@@ -6,7 +6,8 @@
 Loads the run once and scores its built-in probes under ``none``, ``generic`` and plain greedy
 ``fetched``, then ``fetched`` again under each setting: ``MODE:LEVEL:THRESHOLD`` for the
 confidence gate (``eval.route_gate*``), ``beam:W`` or ``beam:W:generic`` for beam routing
-(``eval.route_beam*``), each alone. ``--quantiles`` adds distance and margin gates at those
+(``eval.route_beam*``), ``descent`` or ``descent:generic`` for the likelihood descent
+(``eval.route_descent``), each alone. ``--quantiles`` adds distance and margin gates at those
 quantiles of the probes' own distances to their level's node (the farthest share gated) and
 margins to its nearest sibling (the closest calls gated). The pick: the setting that keeps every
 bucket at or above ``none`` and the rarest bucket at least at plain greedy's accuracy, with the
@@ -27,6 +28,8 @@ def parse_setting(text: str) -> dict:
     parts = text.strip().split(":")
     if parts[0] == "off":
         return {"route_gate": "off"}
+    if parts[0] == "descent":
+        return {"route_gate": "off", "route_descent": "likelihood", "route_beam_generic": parts[1:] == ["generic"]}
     if parts[0] == "beam":
         return {"route_gate": "off", "route_beam": int(parts[1]), "route_beam_generic": parts[2:] == ["generic"]}
     mode, level, threshold = parts
@@ -34,6 +37,8 @@ def parse_setting(text: str) -> dict:
 
 
 def label(setting: dict) -> str:
+    if setting.get("route_descent") == "likelihood":
+        return "descent" + (":generic" if setting.get("route_beam_generic") else "")
     if setting.get("route_beam", 1) > 1 or setting.get("route_beam_generic"):
         return f"beam:{setting['route_beam']}" + (":generic" if setting.get("route_beam_generic") else "")
     if setting["route_gate"] == "off":
@@ -98,9 +103,10 @@ def main() -> None:
                   " ".join(f"{100 * v:5.1f}" for v in r["by_bucket"].values()))
     for setting in settings:
         t = time.time()
-        for key in ("route_gate", "route_gate_level", "route_gate_threshold", "route_beam", "route_beam_generic"):
-            ev[key] = setting.get(key, {"route_gate": "off", "route_gate_level": 1, "route_gate_threshold": 0.0,
-                                        "route_beam": 1, "route_beam_generic": False}[key])
+        defaults = {"route_gate": "off", "route_gate_level": 1, "route_gate_threshold": 0.0, "route_beam": 1,
+                    "route_beam_generic": False, "route_descent": "embedding"}
+        for key, default in defaults.items():
+            ev[key] = setting.get(key, default)
         provider = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg) if uses_beam(run.cfg) \
             else run.memory
         res = score(("fetched",), provider)

@@ -198,6 +198,10 @@ def default_config() -> ml_collections.ConfigDict:
             # likelihood; route_beam_generic adds the generic memory as one more candidate.
             route_beam=1,
             route_beam_generic=False,
+            # "likelihood": descend the tree by the anchor's likelihood of the retrieval text instead of
+            # by centroid distance: at each level the k children of the node chosen so far (each
+            # completed greedily below) are scored and the likeliest kept (depth x k forwards a text).
+            route_descent="embedding",
         )
     )
 
@@ -454,6 +458,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("eval.route_gate_level", cfg.eval.route_gate_level, f"must be a tree level in 1..{cfg.tree.depth}")
     if not isinstance(cfg.eval.route_beam, int) or isinstance(cfg.eval.route_beam, bool) or cfg.eval.route_beam < 1:
         _fail("eval.route_beam", cfg.eval.route_beam, "must be an integer >= 1 (1: greedy routing)")
+    if cfg.eval.route_descent not in ("embedding", "likelihood"):
+        _fail("eval.route_descent", cfg.eval.route_descent, "choose from 'embedding' or 'likelihood'")
+    if cfg.eval.route_descent == "likelihood" and cfg.eval.route_beam > 1:
+        _fail("eval.route_beam", cfg.eval.route_beam, "is a beam by centroid distance: it does not combine with "
+              "eval.route_descent='likelihood' (set route_beam=1)")
     if cfg.eval.route_beam_generic and mem.type != "none" and not mem.generic:
         _fail("eval.route_beam_generic", True, "needs the generic memory: set memory.generic=true")
     if gate != "off" and mem.type != "none" and not mem.generic:

@@ -120,6 +120,8 @@ def test_paper_rows_carry_their_recipes():
 def test_route_beam_needs_a_width_and_its_generic_candidate_a_generic_memory():
     _bad({"eval.route_beam": "0"}, "eval.route_beam", "0")
     _bad({"eval.route_beam_generic": "true", "memory.generic": "false"}, "eval.route_beam_generic", "generic")
+    _bad({"eval.route_descent": "sideways"}, "eval.route_descent", "sideways")
+    _bad({"eval.route_descent": "likelihood", "eval.route_beam": "2"}, "eval.route_beam", "route_descent")
     cfg = load_config("experiments/tiny.py")
     apply_overrides(cfg, {"eval.route_beam": "4", "eval.route_beam_generic": "true"})
     validate(cfg)

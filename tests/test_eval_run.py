@@ -183,3 +183,51 @@ def test_route_beam_keeps_per_text_the_candidate_under_which_the_anchor_finds_th
                                               plain.cfg).paths(texts), plain.memory.paths(texts))
     for name in fetched_all:
         assert memory[name].shape == fetched_all[name].shape
+
+
+def test_likelihood_descent_keeps_per_level_the_child_under_which_the_text_is_likeliest(trained_run):
+    """``eval.route_descent=likelihood`` against a numpy brute force: per level, each child of the node
+    chosen so far, completed below by nearest centroid, scored by the text's log-likelihood."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from memlm.eval.beam import BeamRouting
+    from memlm.eval.run import load_run
+
+    texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "Peru"]
+    run = load_run(trained_run, overrides={"eval.route_descent": "likelihood"})
+    got = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg).paths(texts)
+    tree = run.memory.tree
+    k, depth = tree.k, tree.depth
+    emb = np.asarray(run.memory._embed(texts), np.float64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+
+    def loglik(text, path):
+        ids = np.asarray(run.tokenizer.encode(text), np.int32)
+        t = len(ids) - 1
+        memory = run.memory._gather(run.memory.bank, jnp.asarray(np.asarray(path, np.int32)[None]))
+        logits = np.asarray(run.fn.apply(run.params, jnp.asarray(ids[None, :-1]), jnp.ones((1, t), jnp.int32),
+                                         jnp.arange(t, dtype=jnp.int32)[None], memory=memory), np.float64)[0]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        return logp[np.arange(t), ids[1:]].sum()
+
+    def nearest(x, parent, level):  # level is 1-based
+        children = parent * k + np.arange(k)
+        return int(children[np.argmin(np.linalg.norm(tree.centroids[level - 1][children] - x, axis=1))])
+
+    for i, text in enumerate(texts):
+        path = []
+        for level in range(1, depth + 1):
+            parent = path[-1] if path else 0
+            best, best_score = None, -np.inf
+            for child in parent * k + np.arange(k):
+                cand = path + [int(child)]
+                while len(cand) < depth:
+                    cand.append(nearest(emb[i], cand[-1], len(cand) + 1))
+                s = loglik(text, cand)
+                if s > best_score + 1e-4:  # the kernel's float32 sums vs numpy float64: no near-ties expected
+                    best, best_score = cand, s
+            path = best[:level]
+        assert got[i].tolist() == path, (text, got[i], path)
+    assert (got != run.memory.paths(texts)).any(), "the likelihood descent should leave the greedy path somewhere"

@@ -1,7 +1,9 @@
 """Beam routing for ``fetched``: of several candidate paths, keep the one the anchor finds most likely.
 
 Greedy descent commits to one path from the retrieval text's embedding alone, and a query worded
-unlike its documents often takes a wrong turn. With ``eval.route_beam`` = W > 1, ``fetched``
+unlike its documents often takes a wrong turn. Two ways to generate the candidates:
+
+- ``eval.route_beam`` = W > 1: ``fetched``
 takes the W best paths of a beam over the tree (``retrieval.route_beam``, the greedy path
 first), scores the retrieval text itself under each path's fetched memory (the summed
 log-probability of its tokens after the first, one forward per candidate), and keeps the most
@@ -10,6 +12,13 @@ so a text no block explains gets the generic memory. Ties keep the earlier candi
 greedy path first). Only the retrieval text is scored, never a probe's answer; a held-out
 document's perplexity, though, is then measured under the memory chosen by that document's own
 likelihood, an optimistic figure.
+- ``eval.route_descent = "likelihood"``: the descent itself is by likelihood. At level l the
+  candidates are the k children of the level-(l-1) node chosen so far, each completed below by
+  greedy centroid descent (so every candidate is a whole path to fetch); the likeliest child is
+  kept (the embedding's own choice first, so it wins ties, e.g. at a level without memory). A
+  text costs depth x k forwards, whatever the tree's size, and the embedding only decides
+  inside the chosen subtree below the level being scored. ``route_beam_generic`` then compares
+  the final path with the generic memory.
 
 :class:`BeamRouting` wraps a run's :class:`~memlm.run.inference.RunMemory` as a memory provider;
 every other condition passes through to it unchanged. Choices are cached per text.
@@ -32,7 +41,7 @@ __all__ = ["BeamRouting", "uses_beam"]
 
 def uses_beam(cfg) -> bool:
     """Whether ``cfg.eval`` asks ``fetched`` to choose among candidates."""
-    return int(cfg.eval.route_beam) > 1 or bool(cfg.eval.route_beam_generic)
+    return int(cfg.eval.route_beam) > 1 or bool(cfg.eval.route_beam_generic) or cfg.eval.route_descent == "likelihood"
 
 
 class BeamRouting:
@@ -41,6 +50,7 @@ class BeamRouting:
     def __init__(self, fn: Any, params: Any, tokenizer: Any, memory: Any, cfg):
         self.fn, self.params, self.tokenizer, self.memory = fn, params, tokenizer, memory
         self.width = int(cfg.eval.route_beam)
+        self.descent = str(cfg.eval.route_descent)
         self.with_generic = bool(cfg.eval.route_beam_generic)
         self.batch = int(cfg.eval.batch_size)
         self.max_len = int(cfg.model.max_seq_len)
@@ -59,10 +69,7 @@ class BeamRouting:
         return self.memory._gather(self.memory.generic, jnp.zeros((1, 1), jnp.int32))
 
     def _score(self, texts: list[str]) -> None:
-        from memlm.retrieval import route_beam
-
         rows = pad_to(texts, self.batch)
-        cand = route_beam(self.memory.tree, self.memory._embed(rows), self.width)  # [b, W, depth]
         ids = [[int(t) for t in self.tokenizer.encode(s)][: self.max_len + 1] for s in rows]
         t = bucket(max(max(len(x) - 1 for x in ids), 1), MIN_PROMPT_BUCKET)
         b = len(rows)
@@ -72,17 +79,52 @@ class BeamRouting:
             n = len(x) - 1
             if n > 0:
                 inputs[r, :n], targets[r, :n], weights[r, :n], lengths[r] = x[:-1], x[1:], 1.0, n
-        scores = [target_logprobs(self.fn, self.params, inputs, targets, weights, lengths,
-                                  self._fetch(cand[:, w]), np.arange(b)) for w in range(self.width)]
+
+        def score(memory: FetchedMemory, index: np.ndarray) -> np.ndarray:
+            return target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, memory, index)
+
+        emb = self.memory._embed(rows)
+        if self.descent == "likelihood":
+            cand, scores = self._descend(emb, lambda paths: score(self._fetch(paths), np.arange(b)))
+        else:
+            from memlm.retrieval import route_beam
+
+            cand = route_beam(self.memory.tree, emb, self.width)  # [b, W, depth]
+            scores = [score(self._fetch(cand[:, w]), np.arange(b)) for w in range(self.width)]
         if self.with_generic:
-            scores.append(target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, self._generic(),
-                                          np.zeros(b, np.int32)))
+            scores.append(score(self._generic(), np.zeros(b, np.int32)))
         scores = np.stack(scores, axis=1)  # [b, W (+1)]
         best = np.argmax(scores, axis=1)  # the first maximum: the greedy path wins ties
+        width = cand.shape[1]
         for r, text in enumerate(texts):
-            generic = self.with_generic and best[r] == self.width
+            generic = self.with_generic and best[r] == width
             path = cand[r, 0] if generic else cand[r, best[r]]
             self._choice[text] = (path, bool(generic), scores[r])
+
+    def _descend(self, emb: np.ndarray, score) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Likelihood descent (module docstring): the chosen path as candidates ``[b, 1, depth]`` and
+        its score, one array ``[b]``."""
+        from memlm.retrieval.routing import descend_levels
+
+        tree, k = self.memory.tree, self.memory.tree.k
+        b = len(emb)
+        chosen = np.zeros((b, 0), np.int32)
+        parent = np.zeros(b, np.int32)
+        for level in range(1, tree.depth + 1):
+            own = descend_levels(tree.centroids[level - 1:level], k, emb, first_parent=parent)[:, 0]
+            children = [own] + [parent * k + (own - parent * k + j) % k for j in range(1, k)]  # embedding's first
+            cands, scores = [], []
+            for child in children:
+                below = (descend_levels(tree.centroids[level:], k, emb, first_parent=child) if level < tree.depth
+                         else np.zeros((b, 0), np.int32))
+                cands.append(np.concatenate([chosen, child[:, None], below], axis=1).astype(np.int32))
+                scores.append(score(cands[-1]))
+            pick = np.argmax(np.stack(scores, axis=1), axis=1)
+            rows = np.arange(b)
+            path = np.stack(cands, axis=1)[rows, pick]
+            best = np.stack(scores, axis=1)[rows, pick]
+            chosen, parent = path[:, :level], path[:, level - 1].astype(np.int32)
+        return path[:, None], [best]
 
     def _choose(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         missing = [s for s in dict.fromkeys(texts) if s not in self._choice]
