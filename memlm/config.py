@@ -202,6 +202,7 @@ def default_config() -> ml_collections.ConfigDict:
             # by centroid distance: at each level the k children of the node chosen so far (each
             # completed greedily below) are scored and the likeliest kept (depth x k forwards a text).
             route_descent="embedding",
+            route_descent_width=1,  # partial paths the likelihood descent keeps per level
         )
     )
 
@@ -460,6 +461,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("eval.route_beam", cfg.eval.route_beam, "must be an integer >= 1 (1: greedy routing)")
     if cfg.eval.route_descent not in ("embedding", "likelihood"):
         _fail("eval.route_descent", cfg.eval.route_descent, "choose from 'embedding' or 'likelihood'")
+    w = cfg.eval.route_descent_width
+    if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+        _fail("eval.route_descent_width", w, "must be an integer >= 1")
     if cfg.eval.route_descent == "likelihood" and cfg.eval.route_beam > 1:
         _fail("eval.route_beam", cfg.eval.route_beam, "is a beam by centroid distance: it does not combine with "
               "eval.route_descent='likelihood' (set route_beam=1)")

@@ -185,9 +185,12 @@ def test_route_beam_keeps_per_text_the_candidate_under_which_the_anchor_finds_th
         assert memory[name].shape == fetched_all[name].shape
 
 
-def test_likelihood_descent_keeps_per_level_the_child_under_which_the_text_is_likeliest(trained_run):
-    """``eval.route_descent=likelihood`` against a numpy brute force: per level, each child of the node
-    chosen so far, completed below by nearest centroid, scored by the text's log-likelihood."""
+def test_likelihood_descent_keeps_per_level_the_children_under_which_the_text_is_likeliest(trained_run):
+    """``eval.route_descent=likelihood`` (widths 1 and 2) against a numpy brute force: per level, each
+    child of every kept node, completed below by nearest centroid, scored by the text's log-likelihood;
+    the ``width`` likeliest kept."""
+    import functools
+
     import jax.numpy as jnp
     import numpy as np
 
@@ -195,13 +198,13 @@ def test_likelihood_descent_keeps_per_level_the_child_under_which_the_text_is_li
     from memlm.eval.run import load_run
 
     texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "Peru"]
-    run = load_run(trained_run, overrides={"eval.route_descent": "likelihood"})
-    got = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg).paths(texts)
+    run = load_run(trained_run)
     tree = run.memory.tree
     k, depth = tree.k, tree.depth
     emb = np.asarray(run.memory._embed(texts), np.float64)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
 
+    @functools.cache
     def loglik(text, path):
         ids = np.asarray(run.tokenizer.encode(text), np.int32)
         t = len(ids) - 1
@@ -216,18 +219,22 @@ def test_likelihood_descent_keeps_per_level_the_child_under_which_the_text_is_li
         children = parent * k + np.arange(k)
         return int(children[np.argmin(np.linalg.norm(tree.centroids[level - 1][children] - x, axis=1))])
 
-    for i, text in enumerate(texts):
-        path = []
-        for level in range(1, depth + 1):
-            parent = path[-1] if path else 0
-            best, best_score = None, -np.inf
-            for child in parent * k + np.arange(k):
-                cand = path + [int(child)]
-                while len(cand) < depth:
-                    cand.append(nearest(emb[i], cand[-1], len(cand) + 1))
-                s = loglik(text, cand)
-                if s > best_score + 1e-4:  # the kernel's float32 sums vs numpy float64: no near-ties expected
-                    best, best_score = cand, s
-            path = best[:level]
-        assert got[i].tolist() == path, (text, got[i], path)
-    assert (got != run.memory.paths(texts)).any(), "the likelihood descent should leave the greedy path somewhere"
+    for width in (1, 2):
+        got = BeamRouting(run.fn, run.params, run.tokenizer, run.memory,
+                          load_run(trained_run, overrides={"eval.route_descent": "likelihood",
+                                                           "eval.route_descent_width": str(width)}).cfg).paths(texts)
+        for i, text in enumerate(texts):
+            kept = [()]
+            for level in range(1, depth + 1):
+                scored = []
+                for prefix in kept:
+                    for child in (prefix[-1] if prefix else 0) * k + np.arange(k):
+                        cand = [*prefix, int(child)]
+                        while len(cand) < depth:
+                            cand.append(nearest(emb[i], cand[-1], len(cand) + 1))
+                        scored.append((loglik(text, tuple(cand)), tuple(cand[:level])))
+                scored.sort(key=lambda c: -c[0])  # the float32 kernel vs float64 here: no near-ties expected
+                kept = [c[1] for c in scored[:width]]
+            assert tuple(got[i].tolist()) == kept[0], (width, text, got[i], kept)
+        if width == 1:
+            assert (got != run.memory.paths(texts)).any(), "the likelihood descent should leave the greedy path"

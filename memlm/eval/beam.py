@@ -16,9 +16,10 @@ likelihood, an optimistic figure.
   candidates are the k children of the level-(l-1) node chosen so far, each completed below by
   greedy centroid descent (so every candidate is a whole path to fetch); the likeliest child is
   kept (the embedding's own choice first, so it wins ties, e.g. at a level without memory). A
-  text costs depth x k forwards, whatever the tree's size, and the embedding only decides
-  inside the chosen subtree below the level being scored. ``route_beam_generic`` then compares
-  the final path with the generic memory.
+  text costs about depth x W x k forwards, whatever the tree's size, and the embedding only decides
+  inside the chosen subtree below the level being scored. ``route_descent_width`` = W keeps the
+  W likeliest partial paths per level instead of one (W x k candidates a level); the likeliest
+  final path wins. ``route_beam_generic`` then compares it with the generic memory.
 
 :class:`BeamRouting` wraps a run's :class:`~memlm.run.inference.RunMemory` as a memory provider;
 every other condition passes through to it unchanged. Choices are cached per text.
@@ -51,6 +52,7 @@ class BeamRouting:
         self.fn, self.params, self.tokenizer, self.memory = fn, params, tokenizer, memory
         self.width = int(cfg.eval.route_beam)
         self.descent = str(cfg.eval.route_descent)
+        self.descent_width = int(cfg.eval.route_descent_width)
         self.with_generic = bool(cfg.eval.route_beam_generic)
         self.batch = int(cfg.eval.batch_size)
         self.max_len = int(cfg.model.max_seq_len)
@@ -102,29 +104,28 @@ class BeamRouting:
             self._choice[text] = (path, bool(generic), scores[r])
 
     def _descend(self, emb: np.ndarray, score) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Likelihood descent (module docstring): the chosen path as candidates ``[b, 1, depth]`` and
-        its score, one array ``[b]``."""
+        """Likelihood descent (module docstring) keeping ``route_descent_width`` = W partial paths per
+        level: the final W paths as candidates ``[b, W, depth]``, likeliest first, and their scores."""
         from memlm.retrieval.routing import descend_levels
 
         tree, k = self.memory.tree, self.memory.tree.k
-        b = len(emb)
-        chosen = np.zeros((b, 0), np.int32)
-        parent = np.zeros(b, np.int32)
+        b, rows = len(emb), np.arange(len(emb))[:, None]
+        kept = np.zeros((b, 1, 0), np.int32)  # [b, w, level]: the partial paths kept so far
         for level in range(1, tree.depth + 1):
-            own = descend_levels(tree.centroids[level - 1:level], k, emb, first_parent=parent)[:, 0]
-            children = [own] + [parent * k + (own - parent * k + j) % k for j in range(1, k)]  # embedding's first
             cands, scores = [], []
-            for child in children:
-                below = (descend_levels(tree.centroids[level:], k, emb, first_parent=child) if level < tree.depth
-                         else np.zeros((b, 0), np.int32))
-                cands.append(np.concatenate([chosen, child[:, None], below], axis=1).astype(np.int32))
-                scores.append(score(cands[-1]))
-            pick = np.argmax(np.stack(scores, axis=1), axis=1)
-            rows = np.arange(b)
-            path = np.stack(cands, axis=1)[rows, pick]
-            best = np.stack(scores, axis=1)[rows, pick]
-            chosen, parent = path[:, :level], path[:, level - 1].astype(np.int32)
-        return path[:, None], [best]
+            for w in range(kept.shape[1]):
+                parent = kept[:, w, -1] if level > 1 else np.zeros(b, np.int32)
+                own = descend_levels(tree.centroids[level - 1:level], k, emb, first_parent=parent)[:, 0]
+                for j in range(k):  # the embedding's own child first, so it wins ties
+                    child = parent * k + (own - parent * k + j) % k
+                    below = (descend_levels(tree.centroids[level:], k, emb, first_parent=child)
+                             if level < tree.depth else np.zeros((b, 0), np.int32))
+                    cands.append(np.concatenate([kept[:, w], child[:, None], below], axis=1).astype(np.int32))
+                    scores.append(score(cands[-1]))
+            order = np.argsort(-np.stack(scores, axis=1), axis=1, kind="stable")[:, : self.descent_width]
+            paths, best = np.stack(cands, axis=1)[rows, order], np.stack(scores, axis=1)[rows, order]
+            kept = paths[:, :, :level]
+        return paths, list(best.T)
 
     def _choose(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         missing = [s for s in dict.fromkeys(texts) if s not in self._choice]
