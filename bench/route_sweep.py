@@ -6,8 +6,10 @@
 Loads the run once and scores its built-in probes under ``none``, ``generic`` and plain greedy
 ``fetched``, then ``fetched`` again under each setting: ``MODE:LEVEL:THRESHOLD`` for the
 confidence gate (``eval.route_gate*``), ``beam:W`` or ``beam:W:generic`` for beam routing
-(``eval.route_beam*``), ``descent[:W][:generic]`` for the likelihood descent
-(``eval.route_descent``, ``route_descent_width`` W), each alone. ``--quantiles`` adds distance and margin gates at those
+(``eval.route_beam*``), ``descent[:W][:generic][:pQ][:none]`` for the likelihood
+descent (``eval.route_descent``, ``route_descent_width`` W, ``route_posterior`` Q, ``route_fallback``
+none), each alone.
+``--quantiles`` adds distance and margin gates at those
 quantiles of the probes' own distances to their level's node (the farthest share gated) and
 margins to its nearest sibling (the closest calls gated). The pick: the setting that keeps every
 bucket at or above ``none`` and the rarest bucket at least at plain greedy's accuracy, with the
@@ -28,10 +30,13 @@ def parse_setting(text: str) -> dict:
     parts = text.strip().split(":")
     if parts[0] == "off":
         return {"route_gate": "off"}
-    if parts[0] == "descent":  # descent[:W][:generic]
-        width = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 1
+    if parts[0] == "descent":  # descent[:W][:generic][:pQ][:none]
+        opts = parts[1:]
+        width = next((int(o) for o in opts if o.isdigit()), 1)
+        post = next((float(o[1:]) for o in opts if o.startswith("p")), 0.0)
         return {"route_gate": "off", "route_descent": "likelihood", "route_descent_width": width,
-                "route_beam_generic": parts[-1] == "generic"}
+                "route_beam_generic": "generic" in opts, "route_posterior": post,
+                "route_fallback": "none" if "none" in opts else "generic"}
     if parts[0] == "beam":
         return {"route_gate": "off", "route_beam": int(parts[1]), "route_beam_generic": parts[2:] == ["generic"]}
     mode, level, threshold = parts
@@ -42,7 +47,9 @@ def label(setting: dict) -> str:
     if setting.get("route_descent") == "likelihood":
         width = setting.get("route_descent_width", 1)
         generic = ":generic" if setting.get("route_beam_generic") else ""
-        return "descent" + (f":{width}" if width > 1 else "") + generic
+        post = f":p{setting['route_posterior']:g}" if setting.get("route_posterior") else ""
+        fallback = ":none" if setting.get("route_fallback") == "none" else ""
+        return "descent" + (f":{width}" if width > 1 else "") + generic + post + fallback
     if setting.get("route_beam", 1) > 1 or setting.get("route_beam_generic"):
         return f"beam:{setting['route_beam']}" + (":generic" if setting.get("route_beam_generic") else "")
     if setting["route_gate"] == "off":
@@ -108,7 +115,8 @@ def main() -> None:
     for setting in settings:
         t = time.time()
         defaults = {"route_gate": "off", "route_gate_level": 1, "route_gate_threshold": 0.0, "route_beam": 1,
-                    "route_beam_generic": False, "route_descent": "embedding", "route_descent_width": 1}
+                    "route_beam_generic": False, "route_descent": "embedding", "route_descent_width": 1,
+                    "route_posterior": 0.0, "route_fallback": "generic"}
         for key, default in defaults.items():
             ev[key] = setting.get(key, default)
         provider = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg) if uses_beam(run.cfg) \

@@ -203,6 +203,12 @@ def default_config() -> ml_collections.ConfigDict:
             # completed greedily below) are scored and the likeliest kept (depth x k forwards a text).
             route_descent="embedding",
             route_descent_width=1,  # partial paths the likelihood descent keeps per level
+            # > 0: keep the likeliest candidate only when its posterior (softmax of the candidates' and
+            # the generic memory's log-likelihoods of the retrieval text) reaches this; else generic
+            route_posterior=0.0,
+            # what a text falls back to (route_beam_generic, route_posterior, route_gate): "generic", the
+            # generic memory; "none", zero blocks: the anchor alone
+            route_fallback="generic",
         )
     )
 
@@ -467,9 +473,18 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if cfg.eval.route_descent == "likelihood" and cfg.eval.route_beam > 1:
         _fail("eval.route_beam", cfg.eval.route_beam, "is a beam by centroid distance: it does not combine with "
               "eval.route_descent='likelihood' (set route_beam=1)")
-    if cfg.eval.route_beam_generic and mem.type != "none" and not mem.generic:
+    q = cfg.eval.route_posterior
+    if not isinstance(q, (int, float)) or isinstance(q, bool) or not 0.0 <= q <= 1.0:
+        _fail("eval.route_posterior", q, "must be a probability in [0, 1] (0: off)")
+    if cfg.eval.route_fallback not in ("generic", "none"):
+        _fail("eval.route_fallback", cfg.eval.route_fallback, "choose from 'generic' or 'none'")
+    needs_generic = mem.type != "none" and not mem.generic and cfg.eval.route_fallback == "generic"
+    if q > 0 and needs_generic:
+        _fail("eval.route_posterior", q, "falls back to the generic memory: set memory.generic=true "
+              "(or eval.route_fallback=none)")
+    if cfg.eval.route_beam_generic and needs_generic:
         _fail("eval.route_beam_generic", True, "needs the generic memory: set memory.generic=true")
-    if gate != "off" and mem.type != "none" and not mem.generic:
+    if gate != "off" and needs_generic:
         _fail("eval.route_gate", gate, "falls back to the generic memory: set memory.generic=true")
     if cfg.eval.block_level > cfg.tree.depth:
         _fail("eval.block_level", cfg.eval.block_level, f"deeper than tree.depth = {cfg.tree.depth}")

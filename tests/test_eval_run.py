@@ -238,3 +238,55 @@ def test_likelihood_descent_keeps_per_level_the_children_under_which_the_text_is
             assert tuple(got[i].tolist()) == kept[0], (width, text, got[i], kept)
         if width == 1:
             assert (got != run.memory.paths(texts)).any(), "the likelihood descent should leave the greedy path"
+
+
+def test_route_posterior_falls_back_unless_one_candidate_holds_the_asked_posterior(trained_run):
+    """``eval.route_posterior`` with ``route_fallback=none`` against numpy: the softmax of the beam
+    candidates' and the anchor alone's log-likelihoods; a text keeps its likeliest path only when that
+    posterior reaches q, and a text that falls back reads blocks that change no logit (the anchor alone)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from memlm.eval.beam import BeamRouting
+    from memlm.eval.run import load_run
+    from memlm.retrieval import route_beam
+
+    texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "Peru", "tin"]
+    base = load_run(trained_run)
+    cand = route_beam(base.memory.tree, base.memory._embed(texts), 3)
+
+    def logits(text, memory):
+        ids = np.asarray(base.tokenizer.encode(text), np.int32)
+        t = len(ids) - 1
+        out = base.fn.apply(base.params, jnp.asarray(ids[None, :-1]), jnp.ones((1, t), jnp.int32),
+                            jnp.arange(t, dtype=jnp.int32)[None], memory=memory)
+        return np.asarray(out, np.float64)[0], ids
+
+    def loglik(text, memory):
+        lg, ids = logits(text, memory)
+        lp = lg - lg.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        return lp[np.arange(len(ids) - 1), ids[1:]].sum()
+
+    scores = np.array([[loglik(s, base.memory._gather(base.memory.bank, jnp.asarray(cand[i, w][None])))
+                        for w in range(3)] + [loglik(s, None)] for i, s in enumerate(texts)])
+    post = np.exp(scores - scores.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+    best = scores.argmax(1)
+    top = np.sort(post.max(1))
+    m = int(np.argmax(np.diff(top)))  # this barely trained model's posteriors are near uniform: q in their widest gap
+    split = float(top[m] + top[m + 1]) / 2
+    for q in (split, 0.9):
+        run = load_run(trained_run, overrides={"eval.route_beam": "3", "eval.route_posterior": str(q),
+                                               "eval.route_fallback": "none"})
+        beam = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg)
+        gated, paths = beam.gated(texts), beam.paths(texts)
+        want = (best == 3) | (post[np.arange(len(texts)), best] < q)
+        assert want.any() and (q == 0.9 or not want.all()), "the test needs texts on both sides of q"
+        np.testing.assert_array_equal(gated, want, err_msg=f"q={q}: posteriors {post.round(3)}")
+        for i in np.flatnonzero(~want):
+            np.testing.assert_array_equal(paths[i], cand[i, best[i]])
+        memory = beam(texts, "fetched")
+        for i in np.flatnonzero(want):
+            row = {n: a[i:i + 1] for n, a in memory.items()}
+            np.testing.assert_allclose(logits(texts[i], row)[0], logits(texts[i], None)[0], rtol=1e-5, atol=1e-5)

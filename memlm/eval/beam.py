@@ -21,6 +21,18 @@ likelihood, an optimistic figure.
   W likeliest partial paths per level instead of one (W x k candidates a level); the likeliest
   final path wins. ``route_beam_generic`` then compares it with the generic memory.
 
+``eval.route_posterior`` = q > 0 (either way of generating candidates) turns the scores into a
+posterior over the candidates and the generic memory (a softmax of the summed log-likelihoods,
+a uniform prior), and keeps the likeliest path only when its posterior reaches q; otherwise the
+text gets the generic memory. One candidate standing out keeps its block; several explaining the
+text about equally (a text the anchor already knows, or none that any block explains) fall back.
+q = 1/2 asks for a path more likely than all the alternatives together.
+
+``eval.route_fallback = "none"`` makes the fallback (the extra candidate, the posterior's and the
+confidence gate's) all-zero blocks instead of the generic memory: memory of this form adds
+``act(u W1) W2`` (or a low-rank product) to the anchor, so a zero block adds nothing and the text
+is answered by the anchor alone, as under the ``none`` condition.
+
 :class:`BeamRouting` wraps a run's :class:`~memlm.run.inference.RunMemory` as a memory provider;
 every other condition passes through to it unchanged. Choices are cached per text.
 """
@@ -42,7 +54,9 @@ __all__ = ["BeamRouting", "uses_beam"]
 
 def uses_beam(cfg) -> bool:
     """Whether ``cfg.eval`` asks ``fetched`` to choose among candidates."""
-    return int(cfg.eval.route_beam) > 1 or bool(cfg.eval.route_beam_generic) or cfg.eval.route_descent == "likelihood"
+    e = cfg.eval
+    return (int(e.route_beam) > 1 or bool(e.route_beam_generic) or e.route_descent == "likelihood"
+            or e.route_posterior > 0 or (e.route_fallback == "none" and e.route_gate != "off"))
 
 
 class BeamRouting:
@@ -53,7 +67,9 @@ class BeamRouting:
         self.width = int(cfg.eval.route_beam)
         self.descent = str(cfg.eval.route_descent)
         self.descent_width = int(cfg.eval.route_descent_width)
-        self.with_generic = bool(cfg.eval.route_beam_generic)
+        self.posterior = float(cfg.eval.route_posterior)
+        self.with_generic = bool(cfg.eval.route_beam_generic) or self.posterior > 0
+        self.fallback = str(cfg.eval.route_fallback)
         self.batch = int(cfg.eval.batch_size)
         self.max_len = int(cfg.model.max_seq_len)
         self.gate = cfg.eval.route_gate
@@ -67,7 +83,12 @@ class BeamRouting:
         m = self.memory
         return m.tiers.gather(paths) if m.tiers is not None else m._gather(m.bank, jnp.asarray(paths))
 
-    def _generic(self) -> FetchedMemory:
+    def _fallback(self) -> FetchedMemory:
+        """The one-row memory a text falls back to: the generic memory, or (``eval.route_fallback =
+        "none"``) all-zero blocks, through which the memory adds nothing: the anchor alone."""
+        if self.fallback == "none":
+            one = self._fetch(np.zeros((1, self.memory.tree.depth), np.int32))
+            return {n: jnp.zeros_like(a) for n, a in one.items()}
         return self.memory._gather(self.memory.generic, jnp.zeros((1, 1), jnp.int32))
 
     def _score(self, texts: list[str]) -> None:
@@ -94,18 +115,20 @@ class BeamRouting:
             cand = route_beam(self.memory.tree, emb, self.width)  # [b, W, depth]
             scores = [score(self._fetch(cand[:, w]), np.arange(b)) for w in range(self.width)]
         if self.with_generic:
-            scores.append(score(self._generic(), np.zeros(b, np.int32)))
+            scores.append(score(self._fallback(), np.zeros(b, np.int32)))
         scores = np.stack(scores, axis=1)  # [b, W (+1)]
         best = np.argmax(scores, axis=1)  # the first maximum: the greedy path wins ties
         width = cand.shape[1]
+        z = scores - scores.max(axis=1, keepdims=True)
+        posterior = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # over the candidates and the generic memory
         for r, text in enumerate(texts):
-            generic = self.with_generic and best[r] == width
+            generic = self.with_generic and (best[r] == width or posterior[r, best[r]] < self.posterior)
             path = cand[r, 0] if generic else cand[r, best[r]]
             self._choice[text] = (path, bool(generic), scores[r])
 
     def _descend(self, emb: np.ndarray, score) -> tuple[np.ndarray, list[np.ndarray]]:
         """Likelihood descent (module docstring) keeping ``route_descent_width`` = W partial paths per
-        level: the final W paths as candidates ``[b, W, depth]``, likeliest first, and their scores."""
+        level: every last-level candidate ``[b, W*k, depth]``, likeliest first, and their scores."""
         from memlm.retrieval.routing import descend_levels
 
         tree, k = self.memory.tree, self.memory.tree.k
@@ -122,10 +145,10 @@ class BeamRouting:
                              if level < tree.depth else np.zeros((b, 0), np.int32))
                     cands.append(np.concatenate([kept[:, w], child[:, None], below], axis=1).astype(np.int32))
                     scores.append(score(cands[-1]))
-            order = np.argsort(-np.stack(scores, axis=1), axis=1, kind="stable")[:, : self.descent_width]
-            paths, best = np.stack(cands, axis=1)[rows, order], np.stack(scores, axis=1)[rows, order]
-            kept = paths[:, :, :level]
-        return paths, list(best.T)
+            order = np.argsort(-np.stack(scores, axis=1), axis=1, kind="stable")
+            paths, ranked = np.stack(cands, axis=1)[rows, order], np.stack(scores, axis=1)[rows, order]
+            kept = paths[:, : self.descent_width, :level]
+        return paths, list(ranked.T)
 
     def _choose(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         missing = [s for s in dict.fromkeys(texts) if s not in self._choice]
@@ -154,5 +177,5 @@ class BeamRouting:
         memory = self._fetch(paths)
         use_generic = self.gated(texts, paths)
         if use_generic.any():
-            memory = self.memory._mix(memory, self._generic(), jnp.asarray(use_generic))
+            memory = self.memory._mix(memory, self._fallback(), jnp.asarray(use_generic))
         return memory
