@@ -60,6 +60,9 @@ def test_generation_is_deterministic_for_a_seed(corpus):
     other = list(bios.generate(N_DOCS, seed=1))
     assert other != corpus and len(other) == N_DOCS
     assert [p.fields for p in bios.people()] == [p.fields for p in bios.people()]
+    fresh = {p.name for p in bios.people(1)}  # another seed: another corpus of other people
+    assert {d["entity"] for d in other} <= fresh and len(fresh & {p.name for p in bios.people()}) < 5
+    assert [p.name for p in bios.entities(1)] == [p.name for p in bios.people(1)]
 
 
 def test_people_are_distinct_and_every_document_is_about_its_person(corpus, people):

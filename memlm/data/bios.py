@@ -22,9 +22,11 @@ words, so a probe's retrieval key is nearly a copy of a training document. Real 
   three documents and the most frequent fifth dozens to hundreds. Buckets come from counting each
   name in the training documents (:func:`memlm.data.facts.count_mentions`), as for facts.
 
-Deterministic for (n_documents, seed): the people (names, towns, years, trades, ranks) are fixed
-by :data:`TABLE_SEED`; each document's text depends only on (seed, person, its index among the
-person's documents). No package data is read.
+Deterministic for (n_documents, seed): the people (names, towns, years, trades, ranks) come from
+:data:`TABLE_SEED` for seed 0 (the documented corpus) and from (TABLE_SEED, seed) for any other
+seed, so ``data.seed`` draws a fresh corpus of other people (a held-out check of settings chosen on
+seed 0); each document's text depends only on (seed, person, its index among the person's
+documents). No package data is read.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ MIN_DOCUMENTS = 2
 ZIPF = 2.0  # documents beyond the floor fall off as (rank + ZIPF_OFFSET) ** -ZIPF
 ZIPF_OFFSET = 20
 TABLE_SEED = 20261202
-GENERATOR_VERSION = 1  # bump when templates, tables or allocation change: invalidates cached corpora
+GENERATOR_VERSION = 2  # bump when templates, tables or allocation change: invalidates cached corpora
 FIRST_YEAR, LAST_YEAR = 1620, 1960
 
 
@@ -139,9 +141,9 @@ _TITLE_NOUN = ("Orchard", "Tide", "Lantern", "Garden", "Crossing", "Bell", "Rive
                "Gate", "Window", "Voyage", "Letter", "Spiral", "Meadow")
 
 
-def people() -> list[Person]:
-    """The fixed table of invented people (independent of the corpus seed), in name order."""
-    rng = np.random.default_rng(TABLE_SEED)
+def people(seed: int = 0) -> list[Person]:
+    """The table of invented people of corpus seed ``seed`` (0: the fixed default table), in name order."""
+    rng = np.random.default_rng(TABLE_SEED if seed == 0 else [TABLE_SEED, seed])
     taken: set[str] = set()
     towns = _unique_words(rng, N_TOWNS, (2, 3), taken)
     firsts = _unique_words(rng, N_PEOPLE, (1, 2), taken)
@@ -238,7 +240,7 @@ def documents_per_person(ps: list[Person], n_documents: int) -> np.ndarray:
 def generate(n_documents: int, seed: int) -> Iterator[dict[str, Any]]:
     """Yield ``n_documents`` documents ``{"text", "entity", "kind"}`` in a seeded random order
     (``kind``: "biography" or "questions")."""
-    ps = people()
+    ps = people(seed)
     counts = documents_per_person(ps, n_documents)
     owner = np.repeat(np.arange(len(ps)), counts)
     nth = np.concatenate([np.arange(c) for c in counts])
@@ -253,9 +255,9 @@ def source_versions() -> dict[str, str]:
     return {"bios": str(GENERATOR_VERSION)}
 
 
-def entities() -> list[Person]:
-    """All people of the corpus (the probes stage counts every name)."""
-    return people()
+def entities(seed: int = 0) -> list[Person]:
+    """All people of the corpus of ``seed`` (the probes stage counts every name)."""
+    return people(seed)
 
 
 def probe_items(ps: list[Person], counts: dict[str, int]) -> dict[str, list[dict[str, Any]]]:

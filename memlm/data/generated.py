@@ -2,7 +2,7 @@
 people asked about in words their documents never use).
 
 Each is a module with ``GENERATOR_VERSION``, ``source_versions()``, ``generate(n_documents, seed)``
-(documents ``{"text", "entity", "kind"}``), ``entities()`` (objects with a ``name``) and
+(documents ``{"text", "entity", "kind"}``), ``entities(seed)`` (objects with a ``name``) and
 ``probe_items(entities, mention_counts)``. ``prepare`` writes the corpus as JSONL, then the
 probes with frequency buckets counted in the training documents.
 """

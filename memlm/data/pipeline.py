@@ -315,7 +315,7 @@ def prepare_sharded(cfg, corpus: str | None, out_dir: str | os.PathLike, *, work
                      for name in sorted(entity_counts)}
             write_json(out / "entity_leaves.json", {"field": str(dc.entity_field), "leaves": table})
             entities.update(path="entity_leaves.json", values=len(table))
-    probes = probes_stage(gen, read_key, out, stages, training_texts, n - n_heldout, console)
+    probes = probes_stage(gen, read_key, out, stages, training_texts, n - n_heldout, console, seed=int(dc.seed))
     manifest = build_manifest(cfg, corpus, read, n_tokens=sum(int(enc[i]["tokens"]) for i in range(len(plan))),
                                 pack=pack, tok_info=tok_info, tree=tree, tree_info=tree_info, embed_info=embed_info,
                                 route_info=route_info, entities=entities, probes=probes, stages=stages.status)

@@ -352,7 +352,8 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
             stages.done("entities", entities_key, entities, [entities["path"]] if entities["path"] else [])
 
     # 10. probes -----------------------------------------------------------------------------------
-    probes = probes_stage(gen, read_key, out, stages, lambda: _training_texts(source, heldout_set), n_train, console)
+    probes = probes_stage(gen, read_key, out, stages, lambda: _training_texts(source, heldout_set), n_train, console,
+                          seed=int(dc.seed))
 
     # manifest -------------------------------------------------------------------------------------
     manifest = build_manifest(cfg, corpus, read, n_tokens=n_tokens, pack=pack, tok_info=tok_info, tree=tree,
@@ -363,8 +364,8 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     return manifest
 
 
-def probes_stage(gen, read_key: str, out: Path, stages: Stages, training_texts, n_train: int, console
-                 ) -> dict[str, Any] | None:
+def probes_stage(gen, read_key: str, out: Path, stages: Stages, training_texts, n_train: int, console,
+                 seed: int = 0) -> dict[str, Any] | None:
     """(A generated corpus) entity mentions counted in the training documents, probe files written
     with frequency buckets; None for any other corpus."""
     if gen is None:
@@ -372,7 +373,7 @@ def probes_stage(gen, read_key: str, out: Path, stages: Stages, training_texts, 
     probes_key = stage_key("probes", read_key)
     probes = stages.lookup("probes", probes_key)
     if probes is None:
-        ents = gen.entities()
+        ents = gen.entities(seed)
         with _progress(console) as bar:
             task = bar.add_task("counting mentions", total=n_train)
 
