@@ -98,6 +98,22 @@ def test_generate_prints_the_prompt_and_its_continuation(trained_run, capsys):
     assert "fetched memory [path" in out
 
 
+def test_generate_routes_as_eval_does_with_the_likelihood_descent(trained_run, capsys):
+    from memlm.eval.beam import BeamRouting
+    from memlm.eval.run import load_run
+    from memlm.serve.generate import generate_cli, generate_text
+
+    prompt, over = "The atomic number of tin is", {"eval.route_descent": "likelihood"}
+    text = generate_cli(str(trained_run), prompt, max_new_tokens=4, overrides=over)
+    run = load_run(trained_run, overrides=over)
+    beam = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg)
+    assert f"[path {beam.paths([prompt])[0].tolist()}]" in capsys.readouterr().out
+    assert text == generate_text(run.fn, run.params, run.tokenizer, [prompt], beam([prompt], "fetched"), 4)[0]
+    generate_cli(str(trained_run), prompt, max_new_tokens=4,
+                 overrides={**over, "eval.route_posterior": "1.0", "eval.route_fallback": "none"})
+    assert "[fallback: none]" in capsys.readouterr().out  # posterior 1 is never reached: every text falls back
+
+
 def test_demo_dense_baseline_has_anchor_plus_fetched_parameters():
     cfgs = demo_configs(load_config("experiments/tiny.py"))
     anchor, memory, dense = (accounting(cfgs[k]) for k in ("anchor", "memory", "dense"))

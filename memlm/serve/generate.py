@@ -171,7 +171,9 @@ def generate_cli(workdir: str, prompt: str, condition: str | None = "fetched", m
     """The ``memlm generate`` verb: route the prompt, fetch its memory, decode greedily, print.
 
     ``condition=None``: fetched memory when the run has a bank, else the anchor alone (a converted
-    or anchor-only run). ``overrides``: ``bank.*`` keys (e.g. deep levels off device) for this call."""
+    or anchor-only run). ``overrides``: ``bank.*`` keys (e.g. deep levels off device) and ``eval.*``
+    routing keys (``eval.route_descent``, ``route_posterior``, ...: routed as ``memlm eval`` routes)."""
+    from memlm.eval.run import provider_of
     from memlm.run.inference import load_run
 
     run = load_run(workdir, overrides=overrides)
@@ -182,11 +184,14 @@ def generate_cli(workdir: str, prompt: str, condition: str | None = "fetched", m
 
         raise ConditionError(f"condition {condition!r} is not available for {workdir} "
                              f"(available: {', '.join(run.conditions)})")
-    memory = run.memory([prompt], condition)
+    provider = provider_of(run)
+    memory = provider([prompt], condition)
     text = generate_text(run.fn, run.params, run.tokenizer, [prompt], memory, max_new_tokens)[0]
     where = ""
     if condition in ("fetched", "blocked"):
-        where = f" [path {run.memory.paths([prompt], condition)[0].tolist()}]"
+        fell_back = condition == "fetched" and bool(provider.gated([prompt])[0])
+        path = provider.paths([prompt], condition)[0].tolist()
+        where = f" [fallback: {run.cfg.eval.route_fallback}]" if fell_back else f" [path {path}]"
     print(f"{prompt}{text}")
     print(f"memlm generate: {condition} memory{where}, step {run.step} of {workdir}")
     return text
