@@ -22,9 +22,9 @@ likelihood, an optimistic figure.
   final path wins. ``route_beam_generic`` then compares it with the generic memory.
 
 ``eval.route_posterior`` = q > 0 (either way of generating candidates) turns the scores into a
-posterior over the candidates and the generic memory (a softmax of the summed log-likelihoods,
-a uniform prior), and keeps the likeliest path only when its posterior reaches q; otherwise the
-text gets the generic memory. One candidate standing out keeps its block; several explaining the
+posterior over the candidates and the fallback (a softmax of the summed log-likelihoods, a
+uniform prior), and keeps the likeliest path only when its posterior reaches q; otherwise the
+text gets the fallback (``eval.route_fallback``). One candidate standing out keeps its block; several explaining the
 text about equally (a text the anchor already knows, or none that any block explains) fall back.
 q = 1/2 asks for a path more likely than all the alternatives together.
 
@@ -70,6 +70,7 @@ class BeamRouting:
         self.posterior = float(cfg.eval.route_posterior)
         self.with_generic = bool(cfg.eval.route_beam_generic) or self.posterior > 0
         self.fallback = str(cfg.eval.route_fallback)
+        self._fallback_memory: FetchedMemory | None = None  # built once (a gather, or zeros of its shapes)
         self.batch = int(cfg.eval.batch_size)
         self.max_len = int(cfg.model.max_seq_len)
         self.gate = cfg.eval.route_gate
@@ -86,10 +87,13 @@ class BeamRouting:
     def _fallback(self) -> FetchedMemory:
         """The one-row memory a text falls back to: the generic memory, or (``eval.route_fallback =
         "none"``) all-zero blocks, through which the memory adds nothing: the anchor alone."""
-        if self.fallback == "none":
-            one = self._fetch(np.zeros((1, self.memory.tree.depth), np.int32))
-            return {n: jnp.zeros_like(a) for n, a in one.items()}
-        return self.memory._gather(self.memory.generic, jnp.zeros((1, 1), jnp.int32))
+        if self._fallback_memory is None:
+            if self.fallback == "none":
+                one = self._fetch(np.zeros((1, self.memory.tree.depth), np.int32))
+                self._fallback_memory = {n: jnp.zeros_like(a) for n, a in one.items()}
+            else:
+                self._fallback_memory = self.memory._gather(self.memory.generic, jnp.zeros((1, 1), jnp.int32))
+        return self._fallback_memory
 
     def _score(self, texts: list[str]) -> None:
         rows = pad_to(texts, self.batch)
@@ -120,7 +124,7 @@ class BeamRouting:
         best = np.argmax(scores, axis=1)  # the first maximum: the greedy path wins ties
         width = cand.shape[1]
         z = scores - scores.max(axis=1, keepdims=True)
-        posterior = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # over the candidates and the generic memory
+        posterior = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # over the candidates and the fallback
         for r, text in enumerate(texts):
             generic = self.with_generic and (best[r] == width or posterior[r, best[r]] < self.posterior)
             path = cand[r, 0] if generic else cand[r, best[r]]
