@@ -10,7 +10,7 @@ from memlm.config import load_config
 from memlm.model import init_cache
 from memlm.model.accounting import accounting
 from memlm.model.functional import AnchorFunctional
-from memlm.model.layers import attention_xla, document_mask
+from memlm.model.layers import attention_explicit, attention_xla, document_mask
 from memlm.sharding import make_mesh
 
 PAPER_COUNTS = {
@@ -141,8 +141,8 @@ def test_fast_attention_path_equals_the_xla_fallback(kv_heads):
     seg = jnp.array([[1] * 4 + [2] * 6, [1] * 10])
     idx = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = document_mask(seg, seg, idx, idx)
-    fast = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-    np.testing.assert_allclose(attention_xla(q, k, v, mask), fast, rtol=1e-5, atol=1e-5)
+    fast = attention_xla(q, k, v, mask)
+    np.testing.assert_allclose(attention_explicit(q, k, v, mask), fast, rtol=1e-5, atol=1e-5)
     # And against plain numpy for one head.
     qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
     s = qn[0, :, 0] @ kn[0, :, 0].T / np.sqrt(dh)
@@ -260,3 +260,37 @@ def test_hidden_states_projected_equal_the_logits():
     hidden = f.apply(params, tokens, return_hidden=True)
     assert hidden.shape == (2, 8, cfg.model.d_model)
     np.testing.assert_allclose(f.project(params, hidden), f.apply(params, tokens), rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_rope_and_gate_round_once_from_float32():
+    """RoPE and the FFN gate compute in float32 and round to bfloat16 once (not after every op)."""
+    from memlm.model.layers import gate, rope, rope_tables
+
+    x = jax.random.normal(jax.random.key(0), (2, 6, 3, 8), jnp.bfloat16)
+    tables = rope_tables(jnp.broadcast_to(jnp.arange(6), (2, 6)), 8, 10_000.0)
+    cos, sin = (np.asarray(a, np.float64) for a in tables)
+    xn = np.asarray(x, np.float64)
+    want = np.concatenate([xn[..., :4] * cos - xn[..., 4:] * sin, xn[..., 4:] * cos + xn[..., :4] * sin], -1)
+    got = rope(x, tables)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16)))
+    g, u = (jax.random.normal(k, (64,), jnp.bfloat16) for k in jax.random.split(jax.random.key(1)))
+    gn, un = np.asarray(g, np.float64), np.asarray(u, np.float64)
+    want = gn / (1 + np.exp(-gn)) * un
+    np.testing.assert_array_equal(np.asarray(gate(g, u)),
+                                  np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16)))
+
+
+def test_bfloat16_score_gradients_stay_bfloat16_matmuls():
+    """Float32 scores from bfloat16 operands: the backward contractions take bfloat16 inputs
+    (the BF16_BF16_F32 algorithm), not a float32 cotangent promoting the other operand."""
+    from memlm.model.layers import mixed_einsum
+
+    a, b = (jax.random.normal(k, (2, 16, 8), jnp.bfloat16) for k in jax.random.split(jax.random.key(2)))
+    loss = lambda a, b: jnp.sum(jnp.sin(mixed_einsum("xtd,xsd->xts", a, b)))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(a, b).as_text()
+    assert hlo.count("lhs_precision_type = bf16, rhs_precision_type = bf16, accumulation_type = f32") == 3  # fwd, 2 bwd
+    ga, gb = jax.grad(loss, argnums=(0, 1))(a, b)
+    ra, rb = jax.grad(loss, argnums=(0, 1))(a.astype(jnp.float32), b.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(ga, np.float32), ra, rtol=0.05, atol=0.15)
+    np.testing.assert_allclose(np.asarray(gb, np.float32), rb, rtol=0.05, atol=0.15)

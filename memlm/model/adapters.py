@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from memlm.model.layers import activation, gated_ffn
+from memlm.model.layers import gate, gated_ffn, mixed_einsum
 
 
 def _lora(x: jax.Array, a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
@@ -48,7 +48,7 @@ def attention_output(s, mem: Mapping[str, jax.Array], q: jax.Array, a: jax.Array
     b, t, h, dh = q.shape
     keys = mem["keys"].reshape(b, -1, h, dh)
     values = mem["values"].reshape(b, -1, h, dh)
-    scores = jnp.einsum("bthd,brhd->bhtr", q, keys, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
+    scores = mixed_einsum("bthd,brhd->bhtr", q, keys) / jnp.sqrt(dh)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     return a + jnp.einsum("bhtr,brhd->bthd", probs, values)
 
@@ -67,14 +67,13 @@ def ffn(s, mem: Mapping[str, jax.Array] | None, h: jax.Array, w1: jax.Array, w2:
     kind = s.ffn_activation
     if mem is None or s.memory_type not in ("ffn", "lora_ffn"):
         return gated_ffn(h, w1, w2, w3, kind)
-    fn = activation(kind)
     if s.memory_type == "ffn":
         y = gated_ffn(h, w1, w2, w3, kind)
         g = jnp.einsum("btd,bdr->btr", h, mem["w1"])
         u = jnp.einsum("btd,bdr->btr", h, mem["w2"])
-        return y + jnp.einsum("btr,brd->btd", fn(g) * u, mem["w3"])
+        return y + jnp.einsum("btr,brd->btd", gate(g, u, kind), mem["w3"])
     alpha = s.lora_alpha
     g = h @ w1 + _lora(h, mem["w1_a"], mem["w1_b"], alpha)
     u = h @ w2 + _lora(h, mem["w2_a"], mem["w2_b"], alpha)
-    act = fn(g) * u
+    act = gate(g, u, kind)
     return act @ w3 + _lora(act, mem["w3_a"], mem["w3_b"], alpha)

@@ -36,6 +36,7 @@ from memlm.model.layers import (
     attention,
     document_mask,
     layer_norm,
+    mixed_einsum,
     rope,
     rope_frequencies,
     rope_tables_from,
@@ -295,7 +296,7 @@ class Anchor(nnx.Module):
         s = self.spec
         head = self.embed[...].T if s.tied_embeddings else self.head[...]
         head = gathered(head.astype(s.dtype), ("embed", "vocab"))
-        logits = jnp.einsum("...d,dv->...v", hidden.astype(s.dtype), head, preferred_element_type=jnp.float32)
+        logits = mixed_einsum("...d,dv->...v", hidden.astype(s.dtype), head)
         if s.final_softcap:
             logits = jnp.tanh(logits / s.final_softcap) * s.final_softcap
         return logits

@@ -65,12 +65,14 @@ def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.A
 
 
 def rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Rotary embedding of ``x [B, T, H, dh]`` (half-split layout) with :func:`rope_tables`."""
+    """Rotary embedding of ``x [B, T, H, dh]`` (half-split layout) with :func:`rope_tables`.
+
+    The rotation is computed in float32 and rounded to ``x``'s dtype once (see :func:`gate`)."""
     cos, sin = tables
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def document_mask(q_segments: jax.Array, kv_segments: jax.Array, q_positions: jax.Array,
@@ -91,9 +93,41 @@ def window_mask(mask: jax.Array, q_positions: jax.Array, kv_positions: jax.Array
     return mask & near[:, None]
 
 
+def mixed_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum`` with float32 output whose backward contractions stay in the operands' dtype.
+
+    With bfloat16 (or float16) operands and only ``preferred_element_type=float32``, the transposed
+    contractions of the backward pass take the float32 cotangent and promote the other operand to
+    float32 (a float32 matmul, and on XLA:CPU one that misses the fast bfloat16 kernels). The
+    ``BF16_BF16_F32`` algorithm keeps both directions bfloat16 in, float32 accumulated (as
+    ``jax.nn.dot_product_attention`` does; jax issue 24047).
+    """
+    preset = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+              jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(a.dtype))
+    if preset is None or a.dtype != b.dtype:
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, a, b, precision=preset, preferred_element_type=jnp.float32)
+
+
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
                   softcap: float = 0.0) -> jax.Array:
-    """Explicit masked attention: ``q [B,T,H,dh]``, ``k, v [B,S,K,dh]`` (K divides H: grouped queries).
+    """Masked attention in plain XLA: ``q [B,T,H,dh]``, ``k, v [B,S,K,dh]`` (K divides H: grouped queries).
+
+    ``jax.nn.dot_product_attention``'s XLA implementation (contractions on the [B, T, H, dh]
+    layout, float32 scores from bfloat16 operands in both directions), or :func:`attention_explicit`
+    where scores are soft-capped. On the 2-core AMD EPYC host of bench/RESULTS.md the jax form
+    is ~5% faster per step than the explicit heads-major one, whose backward score contractions
+    XLA:CPU runs outside its fast matmul kernels; the AMX Xeon host of 2026-12-02 favoured the
+    heads-major form (1.4x), so both stay, and the faster one is a measurement, not a constant.
+    """
+    if softcap:
+        return attention_explicit(q, k, v, mask, scale, softcap)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+
+
+def attention_explicit(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
+                       softcap: float = 0.0) -> jax.Array:
+    """Explicit masked attention, shapes as :func:`attention_xla`.
 
     Scores are ``q.k / sqrt(dh)`` (or ``q.k * scale``), soft-capped to ``softcap * tanh(s / softcap)``
     when ``softcap`` is set (Gemma 2), then masked and softmaxed in float32.
@@ -102,11 +136,10 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
     kv = k.shape[2]
     g = h // kv
     # Heads-major operands, so every contraction is a batched matmul whose batch axes (b, kv head)
-    # lead: on XLA:CPU that is 1.4x faster than contracting the [B, T, H, dh] layout in place, and a
-    # rank-5 grouped einsum is slower still. Grouped queries fold their group into the query axis.
+    # lead. Grouped queries fold their group into the query axis.
     qh = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkud,bksd->bkus", qh, kh, preferred_element_type=jnp.float32)
+    scores = mixed_einsum("bkud,bksd->bkus", qh, kh)
     scores = scores / jnp.sqrt(dh) if scale is None else scores * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
@@ -153,9 +186,20 @@ def token_matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     return y.reshape(*lead, *w.shape[n_in:])
 
 
+def gate(g: jax.Array, u: jax.Array, act: str = "silu") -> jax.Array:
+    """``act(g) * u`` in float32, rounded to ``g``'s dtype once.
+
+    Matmuls run in the compute dtype; the elementwise chains between them run in float32, which
+    is more accurate (one rounding instead of one per op) and, where the hardware has no
+    bfloat16 vector arithmetic (XLA:CPU without AVX512-BF16 emulates every bfloat16 op with two
+    conversions), several times cheaper. On GPU and TPU the chain fuses either way.
+    """
+    return (activation(act)(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(g.dtype)
+
+
 def gated_ffn(h: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array, act: str = "silu") -> jax.Array:
     """``w3 (act(w1 h) * (w2 h))``: w1 is the gate, w2 the up projection, w3 the down projection."""
-    return (activation(act)(h @ w1) * (h @ w2)) @ w3
+    return gate(h @ w1, h @ w2, act) @ w3
 
 
 def swiglu(h: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array) -> jax.Array:
