@@ -135,9 +135,9 @@ class AnchorSpec:
     def dtype(self) -> jnp.dtype:
         return jnp.dtype(self.compute_dtype)
 
-    def normalize(self, x: jax.Array, gain: jax.Array) -> jax.Array:
-        """The block's norm (kind, epsilon and gain convention of this anchor)."""
-        return layer_norm(x, gain, self.norm_eps, self.norm, self.norm_offset)
+    def normalize(self, x: jax.Array, gain: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
+        """The block's norm (kind, epsilon and gain convention of this anchor); ``dtype``: the result's."""
+        return layer_norm(x, gain, self.norm_eps, self.norm, self.norm_offset, dtype)
 
     @property
     def attn_scale(self) -> float | None:
@@ -390,14 +390,15 @@ def layer(s: AnchorSpec, p: Mapping[str, jax.Array], x: jax.Array, mem: Mapping[
     if mem is not None:
         q, k, v = adapters.qkv(s, mem, h, q, k, v)
     if s.qk_norm and s.qk_norm_scope == "head":
-        q = s.normalize(q, p["q_norm"])
-        k = s.normalize(k, p["k_norm"])
+        q = s.normalize(q, p["q_norm"], jnp.float32)
+        k = s.normalize(k, p["k_norm"], jnp.float32)
     elif s.qk_norm:
-        q = s.normalize(q.reshape(b, t, -1), p["q_norm"]).reshape(q.shape)
-        k = s.normalize(k.reshape(b, t, -1), p["k_norm"]).reshape(k.shape)
-    q_unrotated = q
-    q = rope(q, ctx["rope"])
-    k = rope(k, ctx["rope"])
+        q = s.normalize(q.reshape(b, t, -1), p["q_norm"], jnp.float32).reshape(q.shape)
+        k = s.normalize(k.reshape(b, t, -1), p["k_norm"], jnp.float32).reshape(k.shape)
+    # QK-norm's float32 output goes to RoPE unrounded: the chain rounds to the compute dtype once.
+    q_unrotated = q.astype(dt)
+    q = rope(q, ctx["rope"]).astype(dt)
+    k = rope(k, ctx["rope"]).astype(dt)
     new_cache = None
     if cache is not None:
         write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (i, 0, 0)))

@@ -13,17 +13,19 @@ import jax.numpy as jnp
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
 
-def layer_norm(x: jax.Array, gain: jax.Array, eps: float, kind: str, offset: bool = False) -> jax.Array:
+def layer_norm(x: jax.Array, gain: jax.Array, eps: float, kind: str, offset: bool = False,
+               dtype: jnp.dtype | None = None) -> jax.Array:
     """Gain-only LayerNorm (OpenLM ``gain_only_lp_layer_norm``: no bias) or RMSNorm, in float32.
 
     ``offset``: the gain is stored as an offset from one and applied as ``(1 + gain)`` (Gemma).
+    The result has ``x``'s dtype, or ``dtype`` (QK-norm hands float32 straight to RoPE).
     """
     x32 = x.astype(jnp.float32)
     if kind == "layernorm":
         x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     g = gain.astype(jnp.float32)
-    return (y * (1.0 + g if offset else g)).astype(x.dtype)
+    return (y * (1.0 + g if offset else g)).astype(dtype or x.dtype)
 
 
 def rope_frequencies(head_dim: int, base: float, scaling: str = "none", factor: float = 1.0,
