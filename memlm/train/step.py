@@ -484,7 +484,10 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
             carry["tokens"] = carry["tokens"] + n.astype(jnp.int32)
             return carry, None
 
-        carry, _ = jax.lax.scan(body, carry0, micro)
+        if plan.micro_steps == 1:  # no loop around a single micro-step (XLA keeps a one-trip while)
+            carry, _ = body(carry0, jax.tree.map(lambda x: x[0], micro))
+        else:
+            carry, _ = jax.lax.scan(body, carry0, micro)
         n_tok = carry["tokens"]
         inv = 1.0 / jnp.maximum(n_tok, 1).astype(jnp.float32)
         sq = jnp.zeros((), jnp.float32)
