@@ -5,6 +5,7 @@ functions own the math, so the scanned layer, the KV-cache decoder and the tests
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -100,15 +101,34 @@ def mixed_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
     With bfloat16 (or float16) operands and only ``preferred_element_type=float32``, the transposed
     contractions of the backward pass take the float32 cotangent and promote the other operand to
-    float32 (a float32 matmul, and on XLA:CPU one that misses the fast bfloat16 kernels). The
-    ``BF16_BF16_F32`` algorithm keeps both directions bfloat16 in, float32 accumulated (as
-    ``jax.nn.dot_product_attention`` does; jax issue 24047).
+    float32 (a float32 matmul, and on XLA:CPU one that misses the fast bfloat16 kernels). Here the
+    cotangent is rounded to the operands' dtype once and the backward contractions are plain
+    low-precision einsums (float32 accumulation inside the kernel), as a bfloat16 model computes
+    them. A custom VJP rather than ``DotAlgorithmPreset.BF16_BF16_F32``: XLA:CPU runs a dot that
+    carries an algorithm outside its fast kernels when an operand is transposed (the output head's
+    weight gradient took 3x the time of the plain form on the 2-core AMD host, bench/RESULTS.md).
     """
-    preset = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
-              jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(a.dtype))
-    if preset is None or a.dtype != b.dtype:
+    if jnp.dtype(a.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or a.dtype != b.dtype:
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-    return jnp.einsum(spec, a, b, precision=preset, preferred_element_type=jnp.float32)
+    return _mixed_einsum(spec, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mixed_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(spec: str, a: jax.Array, b: jax.Array):
+    return _mixed_einsum(spec, a, b), (a, b)
+
+
+def _mixed_einsum_bwd(spec: str, res, g: jax.Array):
+    a, b = res
+    _, vjp = jax.vjp(lambda x, y: jnp.einsum(spec, x, y), a, b)
+    return vjp(g.astype(a.dtype))
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
