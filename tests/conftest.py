@@ -30,15 +30,3 @@ def facts_data(tmp_path_factory):
     prepare(cfg, "facts", str(out))
     return out
 
-
-# Modules whose tests run longest (multi-process runs, whole training loops) are collected first, so
-# under `pytest -n 2` (make test) they start early and the short tests fill in around them instead of
-# leaving one worker alone with a long test at the end (measured: 949 s with the default order).
-LONG_FIRST = ("test_multihost", "test_tiers", "test_rundir", "test_step", "test_prepare_engine", "test_train",
-              "test_convert_posthoc")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Stable reorder: the LONG_FIRST modules first, in that order; modules stay contiguous."""
-    rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(LONG_FIRST)))
