@@ -29,4 +29,3 @@ def facts_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("facts_data")
     prepare(cfg, "facts", str(out))
     return out
-
