@@ -8,7 +8,8 @@ Loads the run once and scores its built-in probes under ``none``, ``generic`` an
 confidence gate (``eval.route_gate*``), ``beam:W`` or ``beam:W:generic`` for beam routing
 (``eval.route_beam*``), ``descent[:W][:generic][:pQ][:none]`` for the likelihood
 descent (``eval.route_descent``, ``route_descent_width`` W, ``route_posterior`` Q, ``route_fallback``
-none), each alone.
+none), each alone; ``:aC`` after any of them adds the anchor gate (``eval.route_anchor_confidence`` C),
+e.g. ``off:none:a0.5`` (greedy, the anchor alone where it is confident) or ``descent:2:p0.5:none:a0.5``.
 ``--quantiles`` adds distance and margin gates at those
 quantiles of the probes' own distances to their level's node (the farthest share gated) and
 margins to its nearest sibling (the closest calls gated). The pick: the setting that keeps every
@@ -27,7 +28,13 @@ import numpy as np
 
 
 def parse_setting(text: str) -> dict:
+    """One setting; ``:aC`` after any of them adds the anchor gate (``route_anchor_confidence`` C)."""
     parts = text.strip().split(":")
+    anchor = [float(o[1:]) for o in parts[1:] if o.startswith("a")]
+    if anchor:
+        setting = parse_setting(":".join(o for o in parts if not o.startswith("a")))
+        fallback = {"route_fallback": "none"} if "none" in parts else {}
+        return {**setting, **fallback, "route_anchor_confidence": anchor[0]}
     if parts[0] == "off":
         return {"route_gate": "off"}
     if parts[0] == "descent":  # descent[:W][:generic][:pQ][:none]
@@ -44,6 +51,10 @@ def parse_setting(text: str) -> dict:
 
 
 def label(setting: dict) -> str:
+    if setting.get("route_anchor_confidence"):
+        plain = {k: v for k, v in setting.items() if k != "route_anchor_confidence"}
+        fallback = ":none" if setting.get("route_fallback") == "none" and ":none" not in label(plain) else ""
+        return label(plain) + fallback + f":a{setting['route_anchor_confidence']:g}"
     if setting.get("route_descent") == "likelihood":
         width = setting.get("route_descent_width", 1)
         generic = ":generic" if setting.get("route_beam_generic") else ""
@@ -116,7 +127,7 @@ def main() -> None:
         t = time.time()
         defaults = {"route_gate": "off", "route_gate_level": 1, "route_gate_threshold": 0.0, "route_beam": 1,
                     "route_beam_generic": False, "route_descent": "embedding", "route_descent_width": 1,
-                    "route_posterior": 0.0, "route_fallback": "generic"}
+                    "route_posterior": 0.0, "route_fallback": "generic", "route_anchor_confidence": 0.0}
         for key, default in defaults.items():
             ev[key] = setting.get(key, default)
         provider = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg) if uses_beam(run.cfg) \
@@ -128,7 +139,10 @@ def main() -> None:
             keys = [p.key for p in probes[name]]
             ok, margin = verdict(base[name]["none"], base[name]["fetched"], cand)
             row["probes"][name] = {**cand, "meets": ok, "worst_margin": margin,
-                                   "gated": float(np.mean(provider.gated(keys)))}
+                                   "gated": float(np.mean(provider.gated(keys))),
+                                   "anchor_confident": float(np.mean(provider.anchor_confidence(keys)
+                                                                     >= setting["route_anchor_confidence"]))
+                                   if setting.get("route_anchor_confidence") else 0.0}
         results["settings"].append(row)
         print(f"{row['setting']} ({time.time() - t:.0f} s)")
         for name, r in row["probes"].items():

@@ -206,7 +206,12 @@ def default_config() -> ml_collections.ConfigDict:
             # > 0: keep the likeliest candidate only when its posterior (softmax of the candidates' and
             # the generic memory's log-likelihoods of the retrieval text) reaches this; else generic
             route_posterior=0.0,
-            # what a text falls back to (route_beam_generic, route_posterior, route_gate): "generic", the
+            # > 0: a text whose greedy answer under the anchor alone has at least this probability gets
+            # the fallback whatever the routing chose (memlm/eval/beam.py): memory for what the anchor
+            # is unsure of
+            route_anchor_confidence=0.0,
+            # what a text falls back to (route_beam_generic, route_posterior, route_anchor_confidence,
+            # route_gate): "generic", the
             # generic memory; "none", zero blocks: the anchor alone
             route_fallback="generic",
         )
@@ -481,6 +486,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     needs_generic = mem.type != "none" and not mem.generic and cfg.eval.route_fallback == "generic"
     if q > 0 and needs_generic:
         _fail("eval.route_posterior", q, "falls back to the generic memory: set memory.generic=true "
+              "(or eval.route_fallback=none)")
+    c = cfg.eval.route_anchor_confidence
+    if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0.0 <= c <= 1.0:
+        _fail("eval.route_anchor_confidence", c, "must be a probability in [0, 1] (0: off)")
+    if c > 0 and needs_generic:
+        _fail("eval.route_anchor_confidence", c, "falls back to the generic memory: set memory.generic=true "
               "(or eval.route_fallback=none)")
     if cfg.eval.route_beam_generic and needs_generic:
         _fail("eval.route_beam_generic", True, "needs the generic memory: set memory.generic=true")

@@ -122,8 +122,14 @@ def test_route_beam_needs_a_width_and_its_generic_candidate_a_generic_memory():
     _bad({"eval.route_beam_generic": "true", "memory.generic": "false"}, "eval.route_beam_generic", "generic")
     _bad({"eval.route_descent": "sideways"}, "eval.route_descent", "sideways")
     _bad({"eval.route_descent": "likelihood", "eval.route_beam": "2"}, "eval.route_beam", "route_descent")
+    _bad({"eval.route_anchor_confidence": "1.5"}, "eval.route_anchor_confidence", "1.5")
+    _bad({"eval.route_anchor_confidence": "0.5", "memory.generic": "false"}, "eval.route_anchor_confidence",
+         "generic")
     cfg = load_config("experiments/tiny.py")
     apply_overrides(cfg, {"eval.route_beam": "4", "eval.route_beam_generic": "true"})
+    validate(cfg)
+    apply_overrides(cfg, {"eval.route_anchor_confidence": "0.5", "memory.generic": "false",
+                          "eval.route_beam_generic": "false", "eval.route_fallback": "none"})
     validate(cfg)
 
 

@@ -306,3 +306,66 @@ def test_route_posterior_falls_back_unless_one_candidate_holds_the_asked_posteri
         for i in np.flatnonzero(want):
             row = {n: a[i:i + 1] for n, a in memory.items()}
             np.testing.assert_allclose(logits(texts[i], row)[0], logits(texts[i], None)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_anchor_gate_falls_back_exactly_where_the_anchor_is_confident_in_its_own_answer(trained_run):
+    """``eval.route_anchor_confidence`` against a reference without the KV cache: the anchor's greedy
+    answer with no memory, token by token from full forwards, cut before its first line break or
+    sentence end; its
+    confidence is the product of its tokens' softmax probabilities (0 for an empty answer). A text
+    falls back exactly when that reaches c, the others keep their greedy path, and the fallback rows
+    change no logit (the anchor alone)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from memlm.eval.beam import BeamRouting
+    from memlm.eval.run import load_run
+
+    texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "Peru", "tin",
+             "The capital of Peru is", "Q: What is the atomic number of iron? A:", "gold"]
+    base = load_run(trained_run)
+    tok = base.tokenizer
+
+    def logits(ids, memory):
+        ids = np.asarray(ids, np.int32)
+        t = len(ids)
+        out = base.fn.apply(base.params, jnp.asarray(ids[None]), jnp.ones((1, t), jnp.int32),
+                            jnp.arange(t, dtype=jnp.int32)[None], memory=memory)
+        return np.asarray(out, np.float64)[0]
+
+    def reference(text):
+        prompt, answer, p = [int(i) for i in tok.encode(text)], [], 1.0
+        for _ in range(base.cfg.eval.max_new_tokens):
+            lg = logits(prompt + answer, None)[-1]
+            probs = np.exp(lg - lg.max())
+            probs /= probs.sum()
+            nxt = int(np.argmax(probs))
+            if nxt == tok.eot_id or any(c in "\n.?!;" for c in tok.decode(answer + [nxt])):
+                break
+            p, answer = p * probs[nxt], answer + [nxt]
+        return p if answer else 0.0
+
+    want = np.array([reference(s) for s in texts])
+    over = {"eval.route_fallback": "none"}
+    probe = load_run(trained_run, overrides={**over, "eval.route_anchor_confidence": "1e-30"})
+    got = BeamRouting(probe.fn, probe.params, probe.tokenizer, probe.memory, probe.cfg).anchor_confidence(texts)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-12)
+    top = np.sort(np.log(want[want > 0]))
+    assert len(top) >= 2, f"the test needs two non-empty answers: confidences {want}"
+    m = int(np.argmax(np.diff(top)))
+    c = float(np.exp((top[m] + top[m + 1]) / 2))  # in the widest gap of this barely trained model's confidences
+    run = load_run(trained_run, overrides={**over, "eval.route_anchor_confidence": repr(c)})
+    beam = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg)
+    gated = beam.gated(texts)
+    np.testing.assert_array_equal(gated, want >= c, err_msg=f"c={c}: confidences {want}")
+    assert gated.any() and not gated.all()
+    np.testing.assert_array_equal(beam.paths(texts), base.memory.paths(texts))  # greedy routing otherwise
+    memory = beam(texts, "fetched")
+    for i in range(len(texts)):
+        ids = [int(t) for t in tok.encode(texts[i])]
+        row = {n: a[i:i + 1] for n, a in memory.items()}
+        if gated[i]:
+            np.testing.assert_allclose(logits(ids, row), logits(ids, None), rtol=1e-5, atol=1e-5)
+        else:
+            fetched = base.memory._gather(base.memory.bank, jnp.asarray(base.memory.paths([texts[i]])))
+            np.testing.assert_allclose(logits(ids, row), logits(ids, fetched), rtol=1e-5, atol=1e-5)

@@ -28,8 +28,17 @@ text gets the fallback (``eval.route_fallback``). One candidate standing out kee
 text about equally (a text the anchor already knows, or none that any block explains) fall back.
 q = 1/2 asks for a path more likely than all the alternatives together.
 
-``eval.route_fallback = "none"`` makes the fallback (the extra candidate, the posterior's and the
-confidence gate's) all-zero blocks instead of the generic memory: memory of this form adds
+``eval.route_anchor_confidence`` = c > 0, the anchor gate (with any way of routing, greedy included),
+asks the anchor first: it answers the text greedily with no memory (up to ``eval.max_new_tokens`` tokens), and the
+probability it gives its own answer (the product of its tokens' probabilities; the answer is the
+continuation cut before the first line break or sentence end, :func:`answer_tokens`; an empty answer
+counts 0) is its confidence. A text whose confidence reaches c gets the fallback whatever the routing chose:
+what the anchor already knows is not put at risk by a block that may be someone else's, and fetched
+memory serves the texts the anchor is unsure of. Costs one greedy answer and one scoring forward per
+text. c = 1/2 asks for an answer more likely than all others together.
+
+``eval.route_fallback = "none"`` makes the fallback (the extra candidate, the posterior's, the anchor
+gate's and the confidence gate's) all-zero blocks instead of the generic memory: memory of this form adds
 ``act(u W1) W2`` (or a low-rank product) to the anchor, so a zero block adds nothing and the text
 is answered by the anchor alone, as under the ``none`` condition.
 
@@ -47,7 +56,7 @@ import numpy as np
 from memlm.eval.conditions import pad_to
 from memlm.eval.perplexity import target_logprobs
 from memlm.memspec import FetchedMemory
-from memlm.serve.generate import MIN_PROMPT_BUCKET, bucket
+from memlm.serve.generate import MIN_PROMPT_BUCKET, bucket, generate
 
 __all__ = ["BeamRouting", "uses_beam"]
 
@@ -56,7 +65,21 @@ def uses_beam(cfg) -> bool:
     """Whether ``cfg.eval`` asks ``fetched`` to choose among candidates."""
     e = cfg.eval
     return (int(e.route_beam) > 1 or bool(e.route_beam_generic) or e.route_descent == "likelihood"
-            or e.route_posterior > 0 or (e.route_fallback == "none" and e.route_gate != "off"))
+            or e.route_posterior > 0 or e.route_anchor_confidence > 0
+            or (e.route_fallback == "none" and e.route_gate != "off"))
+
+
+ANSWER_ENDS = "\n.?!;"  # a line break or a sentence's end closes an answer
+
+
+def answer_tokens(tokenizer: Any, tokens: list[int]) -> list[int]:
+    """The answer in a greedy continuation: ``tokens`` cut before the first token whose decoded text
+    holds a line break or sentence-ending punctuation (:data:`ANSWER_ENDS`). A continuation goes on
+    past its answer (" 1771. Q: What place does"), and those tokens say nothing of the answer."""
+    for i in range(len(tokens)):
+        if any(c in ANSWER_ENDS for c in tokenizer.decode(tokens[: i + 1])):
+            return tokens[:i]
+    return list(tokens)
 
 
 class BeamRouting:
@@ -74,7 +97,10 @@ class BeamRouting:
         self.batch = int(cfg.eval.batch_size)
         self.max_len = int(cfg.model.max_seq_len)
         self.gate = cfg.eval.route_gate
-        self._choice: dict[str, tuple[np.ndarray, bool, np.ndarray]] = {}  # text -> (path, generic?, scores)
+        self.confidence = float(cfg.eval.route_anchor_confidence)
+        self.max_new_tokens = int(cfg.eval.max_new_tokens)
+        # text -> (path, fell back?, candidate scores, the anchor's confidence in its own answer)
+        self._choice: dict[str, tuple[np.ndarray, bool, np.ndarray, float]] = {}
 
     @property
     def available(self) -> tuple[str, ...]:
@@ -95,17 +121,36 @@ class BeamRouting:
                 self._fallback_memory = self.memory._gather(self.memory.generic, jnp.zeros((1, 1), jnp.int32))
         return self._fallback_memory
 
-    def _score(self, texts: list[str]) -> None:
-        rows = pad_to(texts, self.batch)
-        ids = [[int(t) for t in self.tokenizer.encode(s)][: self.max_len + 1] for s in rows]
+    def _rows(self, ids: list[list[int]], first: list[int]) -> tuple[np.ndarray, ...]:
+        """Right-padded (inputs, targets, weights, lengths) of token rows ``ids``, each predicting its
+        next token; ``first[r]``: row r's first target scored (the weights start there)."""
         t = bucket(max(max(len(x) - 1 for x in ids), 1), MIN_PROMPT_BUCKET)
-        b = len(rows)
+        b = len(ids)
         inputs, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
         weights, lengths = np.zeros((b, t), np.float32), np.ones(b, np.int32)
         for r, x in enumerate(ids):
             n = len(x) - 1
             if n > 0:
-                inputs[r, :n], targets[r, :n], weights[r, :n], lengths[r] = x[:-1], x[1:], 1.0, n
+                inputs[r, :n], targets[r, :n], weights[r, first[r]:n], lengths[r] = x[:-1], x[1:], 1.0, n
+        return inputs, targets, weights, lengths
+
+    def _anchor_confidence(self, rows: list[str]) -> np.ndarray:
+        """float64 ``[len(rows)]``: the anchor's probability of its own greedy answer to each text, with
+        no memory (module docstring); 0 where the answer is empty."""
+        prompts = [[int(t) for t in self.tokenizer.encode(s)][: self.max_len] for s in rows]
+        answers = [answer_tokens(self.tokenizer, g) for g in
+                   generate(self.fn, self.params, prompts, None, self.max_new_tokens, self.tokenizer.eot_id)]
+        ids = [(p + a)[: self.max_len + 1] for p, a in zip(prompts, answers, strict=True)]
+        inputs, targets, weights, lengths = self._rows(ids, [len(p) - 1 for p in prompts])
+        logp = target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, None,
+                               np.zeros(len(rows), np.int32))
+        return np.where([len(a) > 0 for a in answers], np.exp(logp), 0.0)
+
+    def _score(self, texts: list[str]) -> None:
+        rows = pad_to(texts, self.batch)
+        ids = [[int(t) for t in self.tokenizer.encode(s)][: self.max_len + 1] for s in rows]
+        b = len(rows)
+        inputs, targets, weights, lengths = self._rows(ids, [0] * b)
 
         def score(memory: FetchedMemory, index: np.ndarray) -> np.ndarray:
             return target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, memory, index)
@@ -125,10 +170,12 @@ class BeamRouting:
         width = cand.shape[1]
         z = scores - scores.max(axis=1, keepdims=True)
         posterior = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # over the candidates and the fallback
+        confidence = self._anchor_confidence(rows) if self.confidence > 0 else np.zeros(b)
         for r, text in enumerate(texts):
             generic = self.with_generic and (best[r] == width or posterior[r, best[r]] < self.posterior)
+            generic = generic or (self.confidence > 0 and confidence[r] >= self.confidence)
             path = cand[r, 0] if generic else cand[r, best[r]]
-            self._choice[text] = (path, bool(generic), scores[r])
+            self._choice[text] = (path, bool(generic), scores[r], float(confidence[r]))
 
     def _descend(self, emb: np.ndarray, score) -> tuple[np.ndarray, list[np.ndarray]]:
         """Likelihood descent (module docstring) keeping ``route_descent_width`` = W partial paths per
@@ -160,6 +207,12 @@ class BeamRouting:
             self._score(missing[a:a + self.batch])
         chosen = [self._choice[s] for s in texts]
         return np.stack([c[0] for c in chosen]), np.array([c[1] for c in chosen], bool)
+
+    def anchor_confidence(self, texts: list[str]) -> np.ndarray:
+        """float64 ``[n]``: the anchor's confidence in its own answer to each text (0 while
+        ``eval.route_anchor_confidence`` is off, when it is not computed)."""
+        self._choose(texts)
+        return np.array([self._choice[s][3] for s in texts], np.float64)
 
     def paths(self, texts: list[str], condition: str = "fetched") -> np.ndarray:
         """The chosen path under ``fetched`` (the greedy path where the generic memory was chosen)."""
