@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -52,10 +53,36 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the runner dies, however it dies (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _libc():
+    """libc, loaded in the runner once (the child between fork and exec should do as little as it can)."""
+    global _LIBC
+    if _LIBC is None:
+        with contextlib.suppress(OSError):
+            _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+    return _LIBC
+
+
+_LIBC = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child: SIGTERM when the runner (pid ``parent``) dies, however it dies (Linux; elsewhere a
+    no-op). A runner killed between the fork and the ``prctl`` would leave an orphan that trains on
+    beside the rerun's trainer (which then finds the run locked), so a child whose parent is already
+    gone is stopped here, before it execs."""
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child_setup():
+    """The ``preexec_fn`` for a child of this runner (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    _libc()
+    return functools.partial(_die_with_parent, os.getpid())
 
 
 def final_step(run_dir: Path) -> int | None:
@@ -111,7 +138,7 @@ class Runner:
                 if self.stopping:
                     return 143
                 p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                     preexec_fn=_child_setup())
                 self.children.add(p)
             try:
                 return p.wait()
