@@ -131,6 +131,15 @@ def level_sizes(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
     return sizes[: cfg.tree.depth] if cfg.memory.type != "none" else (0,) * cfg.tree.depth
 
 
+def leaf_paths_of(leaves: Any, k: int, depth: int) -> Any:
+    """Root-to-leaf paths ``[n, depth]`` int32 of leaf ids at the deepest level:
+    ``path[:, l-1] = leaf // k**(depth-l)`` (node ids count within their level)."""
+    import numpy as np
+
+    leaves = np.asarray(leaves, np.int64)
+    return np.stack([leaves // k ** (depth - lv) for lv in range(1, depth + 1)], axis=1).astype(np.int32)
+
+
 def fetched_rank(cfg: ml_collections.ConfigDict) -> int:
     """R = sum_l r_l: the rank axis size of a fetched memory (and of the generic memory)."""
     return sum(level_sizes(cfg))

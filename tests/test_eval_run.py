@@ -311,10 +311,10 @@ def test_route_posterior_falls_back_unless_one_candidate_holds_the_asked_posteri
 def test_anchor_gate_falls_back_exactly_where_the_anchor_is_confident_in_its_own_answer(trained_run):
     """``eval.route_anchor_confidence`` against a reference without the KV cache: the anchor's greedy
     answer with no memory, token by token from full forwards, cut before its first line break or
-    sentence end; its
-    confidence is the product of its tokens' softmax probabilities (0 for an empty answer). A text
-    falls back exactly when that reaches c, the others keep their greedy path, and the fallback rows
-    change no logit (the anchor alone)."""
+    sentence end; its confidence is the product of its tokens' softmax probabilities (0 for an empty
+    answer). A text falls back exactly when that reaches c, the others keep their greedy path, and the
+    fallback rows change no logit (the anchor alone). Under likelihood descent, the texts the gate
+    sends back are never descended."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -369,3 +369,13 @@ def test_anchor_gate_falls_back_exactly_where_the_anchor_is_confident_in_its_own
         else:
             fetched = base.memory._gather(base.memory.bank, jnp.asarray(base.memory.paths([texts[i]])))
             np.testing.assert_allclose(logits(ids, row), logits(ids, fetched), rtol=1e-5, atol=1e-5)
+
+    run = load_run(trained_run, overrides={**over, "eval.route_anchor_confidence": repr(c),
+                                           "eval.route_descent": "likelihood"})
+    descent = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg)
+    scored, score = [], descent._score
+    descent._score = lambda part, confidence: (scored.extend(part), score(part, confidence))
+    np.testing.assert_array_equal(descent.gated(texts), want >= c)
+    assert sorted(scored) == sorted(t for t, w in zip(texts, want, strict=True) if w < c)
+    sure = want >= c
+    np.testing.assert_array_equal(descent.paths(texts)[sure], base.memory.paths(texts)[sure])

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from memlm.config import ConfigError, memory_layers, validate
-from memlm.memspec import BlockArray, block_arrays, fetched_rank, level_sizes
+from memlm.memspec import BlockArray, block_arrays, fetched_rank, leaf_paths_of, level_sizes
 
 NODE_AXIS = "bank_nodes"
 _ITEMSIZE = {"float32": 4, "bfloat16": 2}
@@ -192,11 +192,9 @@ class BankLayout:
 
 def leaf_paths(layout: BankLayout, leaves: np.ndarray) -> np.ndarray:
     """Root-to-leaf paths ``[B, depth]`` (int32) for leaf node indices at the deepest tree level."""
-    leaves = np.asarray(leaves, dtype=np.int64)
     if layout.generic:
-        return np.zeros((leaves.shape[0], 1), np.int32)
-    cols = [leaves // layout.k ** (layout.depth - level) for level in range(1, layout.depth + 1)]
-    return np.stack(cols, axis=1).astype(np.int32)
+        return np.zeros((np.asarray(leaves).shape[0], 1), np.int32)
+    return leaf_paths_of(leaves, layout.k, layout.depth)
 
 
 def generic_paths(batch: int) -> np.ndarray:

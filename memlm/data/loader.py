@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from memlm.data.records import decode_sequence, read_manifest
+from memlm.memspec import leaf_paths_of
 
 _MASK64 = (1 << 64) - 1
 _SIBLING_SALT = 0x51B1_1A6E_D0C0_FFEE  # sibling-path draws are independent of the generic draws
@@ -74,12 +75,6 @@ def sibling_leaves(seed: int, positions: np.ndarray, leaves: np.ndarray, eligibl
             node = node * k + h % k
         out[i], flags[i] = node, True
     return out, flags
-
-
-def leaf_paths_of(leaves: np.ndarray, k: int, depth: int) -> np.ndarray:
-    """Paths ``[n, depth]`` int32 of leaf ids: ``path[:, l-1] = leaf // k**(depth-l)``."""
-    leaves = np.asarray(leaves, np.int64)
-    return np.stack([leaves // k ** (depth - lv) for lv in range(1, depth + 1)], axis=1).astype(np.int32)
 
 
 class Loader:

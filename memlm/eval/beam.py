@@ -35,7 +35,8 @@ continuation cut before the first line break or sentence end, :func:`answer_toke
 counts 0) is its confidence. A text whose confidence reaches c gets the fallback whatever the routing chose:
 what the anchor already knows is not put at risk by a block that may be someone else's, and fetched
 memory serves the texts the anchor is unsure of. Costs one greedy answer and one scoring forward per
-text. c = 1/2 asks for an answer more likely than all others together.
+text; a text the gate sends to the fallback is not routed further (no candidate is scored for it, and
+its reported path is the greedy one). c = 1/2 asks for an answer more likely than all others together.
 
 ``eval.route_fallback = "none"`` makes the fallback (the extra candidate, the posterior's, the anchor
 gate's and the confidence gate's) all-zero blocks instead of the generic memory: memory of this form adds
@@ -146,7 +147,8 @@ class BeamRouting:
                                np.zeros(len(rows), np.int32))
         return np.where([len(a) > 0 for a in answers], np.exp(logp), 0.0)
 
-    def _score(self, texts: list[str]) -> None:
+    def _score(self, texts: list[str], confidence: dict[str, float]) -> None:
+        """Route the texts the anchor gate left (``confidence``: each one's, 0 with the gate off)."""
         rows = pad_to(texts, self.batch)
         ids = [[int(t) for t in self.tokenizer.encode(s)][: self.max_len + 1] for s in rows]
         b = len(rows)
@@ -162,7 +164,8 @@ class BeamRouting:
             from memlm.retrieval import route_beam
 
             cand = route_beam(self.memory.tree, emb, self.width)  # [b, W, depth]
-            scores = [score(self._fetch(cand[:, w]), np.arange(b)) for w in range(self.width)]
+            scores = ([score(self._fetch(cand[:, w]), np.arange(b)) for w in range(self.width)]
+                      if self.width > 1 or self.with_generic else [np.zeros(b)])  # one candidate: no choice
         if self.with_generic:
             scores.append(score(self._fallback(), np.zeros(b, np.int32)))
         scores = np.stack(scores, axis=1)  # [b, W (+1)]
@@ -170,12 +173,10 @@ class BeamRouting:
         width = cand.shape[1]
         z = scores - scores.max(axis=1, keepdims=True)
         posterior = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # over the candidates and the fallback
-        confidence = self._anchor_confidence(rows) if self.confidence > 0 else np.zeros(b)
         for r, text in enumerate(texts):
             generic = self.with_generic and (best[r] == width or posterior[r, best[r]] < self.posterior)
-            generic = generic or (self.confidence > 0 and confidence[r] >= self.confidence)
             path = cand[r, 0] if generic else cand[r, best[r]]
-            self._choice[text] = (path, bool(generic), scores[r], float(confidence[r]))
+            self._choice[text] = (path, bool(generic), scores[r], confidence[text])
 
     def _descend(self, emb: np.ndarray, score) -> tuple[np.ndarray, list[np.ndarray]]:
         """Likelihood descent (module docstring) keeping ``route_descent_width`` = W partial paths per
@@ -202,9 +203,22 @@ class BeamRouting:
         return paths, list(ranked.T)
 
     def _choose(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Route the texts not routed yet: the anchor gate first, so the texts it sends to the
+        fallback are never scored under candidates (their path is the greedy one)."""
         missing = [s for s in dict.fromkeys(texts) if s not in self._choice]
+        confidence = dict.fromkeys(missing, 0.0)
+        if self.confidence > 0:
+            for a in range(0, len(missing), self.batch):
+                part = missing[a:a + self.batch]
+                probs = self._anchor_confidence(pad_to(part, self.batch))[: len(part)]
+                confidence.update(zip(part, probs.tolist(), strict=True))
+            sure = [s for s in missing if confidence[s] >= self.confidence]
+            if sure:
+                for s, path in zip(sure, self.memory.paths(sure), strict=True):
+                    self._choice[s] = (path, True, np.zeros(0), confidence[s])
+                missing = [s for s in missing if s not in self._choice]
         for a in range(0, len(missing), self.batch):
-            self._score(missing[a:a + self.batch])
+            self._score(missing[a:a + self.batch], confidence)
         chosen = [self._choice[s] for s in texts]
         return np.stack([c[0] for c in chosen]), np.array([c[1] for c in chosen], bool)
 
