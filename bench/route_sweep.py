@@ -15,6 +15,11 @@ quantiles of the probes' own distances to their level's node (the farthest share
 margins to its nearest sibling (the closest calls gated). The pick: the setting that keeps every
 bucket at or above ``none`` and the rarest bucket at least at plain greedy's accuracy, with the
 best overall accuracy; failing that, the one with the largest worst-bucket margin over ``none``.
+
+``--holdout`` makes the pick a per-corpus procedure that can be checked: each probe file's questions
+are split in two halves, balanced per bucket (alternating in the order of a hash of the question), the
+setting is picked by the same rule on the first half only, and the pick's figures on the other half
+(``holdout`` in the output) say whether the choice carries to questions it was not chosen on.
 """
 
 from __future__ import annotations
@@ -77,6 +82,43 @@ def verdict(none: dict, greedy: dict, cand: dict) -> tuple[bool, float]:
     return margin >= 0 and keeps_rare, margin
 
 
+def pick(rows: list[dict]) -> tuple[str | None, bool]:
+    """(the picked setting's label, whether it meets the rule on every probe) of rows
+    ``{"setting", "probes": {name: {"meets", "worst_margin", "accuracy"}}}``: the most accurate row
+    meeting the rule on every probe, else the row with the largest worst-bucket margin."""
+    meets = [r for r in rows if all(p["meets"] for p in r["probes"].values())]
+    if not rows:
+        return None, False
+    if meets:
+        return max(meets, key=lambda r: np.mean([p["accuracy"] for p in r["probes"].values()]))["setting"], True
+    return max(rows, key=lambda r: min(p["worst_margin"] for p in r["probes"].values()))["setting"], False
+
+
+def halves(keys: list[str], buckets: list[str | None]) -> np.ndarray:
+    """int ``[n]``, 0 or 1: a split of the questions into two halves balanced per bucket (within a
+    bucket, alternating in the order of a hash of the question), the same on every run."""
+    import hashlib
+
+    half = np.zeros(len(keys), np.int64)
+    for b in dict.fromkeys(buckets):
+        rows = [i for i in range(len(keys)) if buckets[i] == b]
+        rows.sort(key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
+        half[rows[1::2]] = 1
+    return half
+
+
+def on_rows(outputs: list[dict], take: np.ndarray) -> dict:
+    """``{"accuracy", "by_bucket"}`` of the scored questions ``outputs`` where ``take`` is true."""
+    from memlm.eval.probes import bucket_order
+
+    chosen = [o for o, t in zip(outputs, take, strict=True) if t]
+    by = {}
+    for b in bucket_order(o["bucket"] for o in chosen if o["bucket"] is not None):
+        hits = [o["correct"] for o in chosen if o["bucket"] == b]
+        by[b] = sum(hits) / len(hits)
+    return {"accuracy": sum(o["correct"] for o in chosen) / max(len(chosen), 1), "by_bucket": by}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True)
@@ -84,6 +126,8 @@ def main() -> None:
     ap.add_argument("--settings", default="off")
     ap.add_argument("--quantiles", default="", help="comma list, e.g. 0.1,0.25: distance gates gating that share")
     ap.add_argument("--quantile-levels", default="1,2")
+    ap.add_argument("--holdout", action="store_true",
+                    help="pick on one half of each probe file's questions, report the pick on the other")
     args = ap.parse_args()
 
     from memlm.data.records import read_manifest
@@ -109,13 +153,19 @@ def main() -> None:
                                  "route_gate_threshold": float(np.quantile(margin[:, level - 1], q)),
                                  "gated_share": q})
 
-    def score(conditions, provider) -> dict:
-        return {name: evaluate_probes(run.fn, run.params, run.tokenizer, ps, provider, conditions,
-                                      max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)["conditions"]
-                for name, ps in probes.items()}
+    outputs: dict[str, dict] = {}  # setting label -> probe -> condition -> the scored questions
+
+    def score(conditions, provider, label: str) -> dict:
+        out = {}
+        for name, ps in probes.items():
+            r = evaluate_probes(run.fn, run.params, run.tokenizer, ps, provider, conditions, return_outputs=True,
+                                max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+            out[name] = r["conditions"]
+            outputs.setdefault(label, {})[name] = r["outputs"]
+        return out
 
     t = time.time()
-    base = score(("none", "generic", "fetched"), run.memory)
+    base = score(("none", "generic", "fetched"), run.memory, "base")
     results = {"run": str(run.workdir), "base": base, "settings": []}
     print(f"base ({time.time() - t:.0f} s)")
     for name in probes:
@@ -132,7 +182,7 @@ def main() -> None:
             ev[key] = setting.get(key, default)
         provider = BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg) if uses_beam(run.cfg) \
             else run.memory
-        res = score(("fetched",), provider)
+        res = score(("fetched",), provider, label(setting))
         row = {"setting": label(setting), **setting, "probes": {}}
         for name in probes:
             cand = res[name]["fetched"]
@@ -149,15 +199,41 @@ def main() -> None:
             print(f"  {name:>14} {100 * r['accuracy']:5.1f}  " + " ".join(f"{100 * v:5.1f}" for v in
                   r["by_bucket"].values()) + f"  gated {100 * r['gated']:.0f}%  meets {r['meets']}  "
                   f"worst {100 * r['worst_margin']:+.1f}")
-    meets = [s for s in results["settings"] if all(p["meets"] for p in s["probes"].values())]
-    pool = meets or results["settings"]
-    key = ((lambda s: np.mean([p["accuracy"] for p in s["probes"].values()])) if meets else
-           (lambda s: min(p["worst_margin"] for p in s["probes"].values())))
-    if pool:
-        results["pick"] = max(pool, key=key)["setting"]
-        results["pick_meets"] = bool(meets)
-        print(f"pick: {results['pick']} ({'meets the rule on every probe' if meets else 'none meets the rule'})")
+    chosen, meets = pick(results["settings"])
+    if chosen is not None:
+        results["pick"], results["pick_meets"] = chosen, meets
+        print(f"pick: {chosen} ({'meets the rule on every probe' if meets else 'none meets the rule'})")
+    if args.holdout and results["settings"]:
+        results["holdout"] = holdout(probes, outputs, [r["setting"] for r in results["settings"]])
     Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def holdout(probes: dict, outputs: dict, labels: list[str]) -> dict:
+    """Pick on half 0 of each probe file, then the pick's verdicts on half 1 (``--holdout``)."""
+    split = {name: halves([p.key for p in ps], [p.bucket for p in ps]) for name, ps in probes.items()}
+    per_half = []
+    for h in (0, 1):
+        rows = []
+        for lab in labels:
+            row = {"setting": lab, "probes": {}}
+            for name in probes:
+                take = split[name] == h
+                none, greedy = (on_rows(outputs["base"][name][c], take) for c in ("none", "fetched"))
+                cand = on_rows(outputs[lab][name]["fetched"], take)
+                ok, margin = verdict(none, greedy, cand)
+                row["probes"][name] = {**cand, "meets": ok, "worst_margin": margin,
+                                       "none": none, "greedy": greedy}
+            rows.append(row)
+        per_half.append(rows)
+    chosen, meets = pick(per_half[0])
+    check = next(r for r in per_half[1] if r["setting"] == chosen)
+    print(f"holdout: picked on half 0: {chosen} ({'meets' if meets else 'misses'} the rule there); on half 1:")
+    for name, r in check["probes"].items():
+        print(f"  {name:>14} {100 * r['accuracy']:5.1f}  " + " ".join(f"{100 * v:5.1f}" for v in
+              r["by_bucket"].values()) + f"  none {100 * r['none']['accuracy']:5.1f}  greedy "
+              f"{100 * r['greedy']['accuracy']:5.1f}  meets {r['meets']}  worst {100 * r['worst_margin']:+.1f}")
+    return {"pick": chosen, "pick_meets": meets, "check": check,
+            "check_meets": all(p["meets"] for p in check["probes"].values())}
 
 
 if __name__ == "__main__":
