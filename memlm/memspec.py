@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import ml_collections
+import numpy as np
 
 from memlm.config import memory_layers
 
@@ -131,11 +132,9 @@ def level_sizes(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
     return sizes[: cfg.tree.depth] if cfg.memory.type != "none" else (0,) * cfg.tree.depth
 
 
-def leaf_paths_of(leaves: Any, k: int, depth: int) -> Any:
+def leaf_paths_of(leaves: Any, k: int, depth: int) -> np.ndarray:
     """Root-to-leaf paths ``[n, depth]`` int32 of leaf ids at the deepest level:
     ``path[:, l-1] = leaf // k**(depth-l)`` (node ids count within their level)."""
-    import numpy as np
-
     leaves = np.asarray(leaves, np.int64)
     return np.stack([leaves // k ** (depth - lv) for lv in range(1, depth + 1)], axis=1).astype(np.int32)
 

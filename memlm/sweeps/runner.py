@@ -53,16 +53,13 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def _libc():
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     """libc, loaded in the runner once (the child between fork and exec should do as little as it can)."""
-    global _LIBC
-    if _LIBC is None:
-        with contextlib.suppress(OSError):
-            _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
-    return _LIBC
-
-
-_LIBC = None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 def _die_with_parent(parent: int) -> None:
