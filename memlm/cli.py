@@ -183,7 +183,7 @@ def _cmd_generate(args, cfg) -> None:
     from memlm.serve.generate import generate_cli
 
     generate_cli(args.workdir, args.prompt, condition=args.condition, max_new_tokens=args.max_new_tokens,
-                 overrides=args.overrides)
+                 overrides=args.overrides, chat=args.chat)
 
 
 def _cmd_convert(args, cfg) -> None:
@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--condition", default=None, help="none, generic, fetched or blocked (default: fetched when "
                     "the run has a bank, else none)")
     sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp.add_argument("--chat", action="store_true", help="send the prompt as a user message through the converted "
+                    "tokenizer's chat template (as transformers' apply_chat_template does)")
     sp = add("convert", "Hugging Face checkpoint <-> memlm run directory")
     sp.add_argument("--from-hf", default=None, metavar="HF_DIR", help="an HF folder (config.json, safetensors, "
                     "tokenizer.json) to convert into the run directory --out")

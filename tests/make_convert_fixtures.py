@@ -12,11 +12,15 @@ separate environment outside the repository. To regenerate:
 It does not import memlm. For every family it writes ``<family>/`` as ``save_pretrained`` does
 (config.json, generation_config.json, safetensors weights: the Llama one sharded with an index, the
 Gemma 3 one in bfloat16) plus a small BPE ``tokenizer.json`` and ``tokenizer_config.json`` whose
-``eos_token`` is not the first end-of-text name memlm would otherwise try, and ``reference.npz``:
-``tokens`` [2, 24] and the model's float32 ``logits`` for them (eager attention), the ``prompts``
-(text), their token ids as the HF tokenizer encodes them, the 20 greedy tokens ``generate`` adds to
-each prompt (EOS stopping off), and ``margin``: the smallest top-1 / top-2 logit gap met while
-generating (how far greedy decoding is from a tie). ``hub_configs.json`` holds config.json files in
+``eos_token`` is not the first end-of-text name memlm would otherwise try, with the family's
+special-token template (Llama 3's ``<|begin_of_text|>`` in ``tokenizer.json``; Gemma's ``<bos>``
+there and ``add_bos_token`` in ``tokenizer_config.json``; none for Qwen, which gets a ChatML chat
+template), and ``reference.npz``: ``tokens`` [2, 24] and the model's float32 ``logits`` for them
+(eager attention), the ``prompts`` (text), their token ids as ``AutoTokenizer`` of the saved folder
+encodes the text, the 20 greedy tokens ``generate`` adds to each prompt (EOS stopping off), and
+``margin``: the smallest top-1 / top-2 logit gap met while generating (how far greedy decoding is
+from a tie). Qwen families also hold ``chat_ids`` (``apply_chat_template`` of the first prompt as a
+user message) and ``chat_generated``, its greedy continuation. ``hub_configs.json`` holds config.json files in
 the Hub's format (older rope fields) with the parameter count transformers builds from each, on the
 meta device (no weights).
 
@@ -34,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 OUT = Path(__file__).resolve().parent / "fixtures" / "convert"
 VOCAB = 96
@@ -50,7 +54,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=48, num_hidden
 FAMILIES = {
     # Llama 3.1-style RoPE scaling with a small original context, so all three frequency bands occur.
     "llama": dict(cls="LlamaConfig", specials=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
-                  eos="<|eot_id|>", bos="<|begin_of_text|>", shard="12KB", dtype=torch.float32,
+                  eos="<|eot_id|>", bos="<|begin_of_text|>", template="tokenizer.json", shard="12KB",
+                  dtype=torch.float32,
                   config=dict(rms_norm_eps=1e-5, tie_word_embeddings=False,
                               rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -66,7 +71,7 @@ FAMILIES = {
                               rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0})),
     # Gemma 3: local, local, global; a local RoPE base; linear scaling on the global layers; a final soft-cap.
     "gemma3": dict(cls="Gemma3TextConfig", specials=["<pad>", "<eos>", "<bos>", "<unk>"], eos="<eos>", bos="<bos>",
-                   dtype=torch.bfloat16,
+                   template="both", dtype=torch.bfloat16,
                    config=dict(num_key_value_heads=1, rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=4,
                                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                                query_pre_attn_scalar=12, final_logit_softcapping=4.0,
@@ -76,7 +81,7 @@ FAMILIES = {
                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     # Gemma 2: attention and final-logit soft-capping, alternating local / global layers.
     "gemma2": dict(cls="Gemma2Config", specials=["<pad>", "<eos>", "<bos>", "<unk>"], eos="<eos>", bos="<bos>",
-                   dtype=torch.float32,
+                   template="both", dtype=torch.float32,
                    config=dict(rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=4,
                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                query_pre_attn_scalar=12, attn_logit_softcapping=3.0, final_logit_softcapping=4.0,
@@ -85,14 +90,47 @@ FAMILIES = {
 }
 
 
-def make_tokenizer(specials: list[str]) -> Tokenizer:
-    """A small BPE (Metaspace pre-tokenizer, like sentencepiece) over the fixture text."""
+# Qwen2's pre-tokenizer: transformers' Qwen2Tokenizer rebuilds this pipeline around the file's vocabulary
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def make_tokenizer(specials: list[str], byte_level: bool = False) -> Tokenizer:
+    """A small BPE over the fixture text: Metaspace pre-tokenizer (like sentencepiece), or Qwen2's
+    byte-level pipeline (NFC, its split regex, byte-level) with ``byte_level``."""
     tok = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in specials else None))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
+    if byte_level:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=specials, show_progress=False)
     tok.train_from_iterator([TEXT], trainer)
     return tok
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def set_template(tok: Tokenizer, bos: str) -> None:
+    """The family's BOS template in tokenizer.json, as its released tokenizers have it."""
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+
+
+def greedy(ref, p: list[int]) -> tuple[list[int], float]:
+    """NEW greedy tokens after prompt ids p (EOS off) and the smallest top-1 / top-2 gap."""
+    with torch.no_grad():
+        # an explicit mask: transformers would take a BOS whose id is the pad id (Llama's here) for padding
+        g = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    margin = min(float(torch.topk(s[0].float(), 2).values.diff().abs()) for s in g.scores)
+    return g.sequences[0, len(p):].tolist(), margin
 
 
 def randomize(model: torch.nn.Module, offset_norms: bool, seed: int) -> None:
@@ -115,7 +153,7 @@ def build(family: str, spec: dict, seed: int) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    tok = make_tokenizer(spec["specials"])
+    tok = make_tokenizer(spec["specials"], byte_level=family.startswith("qwen"))
     assert tok.get_vocab_size() <= VOCAB
     eos_id, bos_id = tok.token_to_id(spec["eos"]), tok.token_to_id(spec["bos"]) if spec["bos"] else None
     cfg = getattr(transformers, spec["cls"])(**{**COMMON, **spec["config"]}, eos_token_id=eos_id, bos_token_id=bos_id,
@@ -126,11 +164,18 @@ def build(family: str, spec: dict, seed: int) -> None:
     model = model.to(spec["dtype"])
     kw = {"max_shard_size": spec["shard"]} if "shard" in spec else {}
     model.save_pretrained(out, safe_serialization=True, **kw)
+    if spec.get("template"):
+        set_template(tok, spec["bos"])
     tok.save(str(out / "tokenizer.json"))
     tcfg = {"eos_token": spec["eos"], "model_max_length": 64, "tokenizer_class": "PreTrainedTokenizerFast"}
     if spec["bos"]:
         tcfg["bos_token"] = spec["bos"]
+    if spec.get("template") == "both":
+        tcfg.update(add_bos_token=True, add_eos_token=False)
+    if family.startswith("qwen"):
+        tcfg["chat_template"] = CHATML
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
 
     # References, in float32, from the saved checkpoint (the model memlm converts).
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager",
@@ -142,19 +187,23 @@ def build(family: str, spec: dict, seed: int) -> None:
     ref.generation_config.eos_token_id = None
     ids, generated, margin = [], [], np.inf
     for text in PROMPTS:
-        p = tok.encode(text, add_special_tokens=False).ids
+        p = hf_tok(text)["input_ids"]  # from text, through the folder's own tokenizer (its template included)
         ids.append(p)
-        with torch.no_grad():
-            g = ref.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                             eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-        generated.append(g.sequences[0, len(p):].tolist())
-        for s in g.scores:
-            top = torch.topk(s[0].float(), 2).values
-            margin = min(margin, float(top[0] - top[1]))
+        g, m = greedy(ref, p)
+        generated.append(g)
+        margin = min(margin, m)
+    extra = {}
+    if hf_tok.chat_template:
+        chat = [{"role": "user", "content": PROMPTS[0]}]
+        chat_ids = list(hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"])
+        g, m = greedy(ref, chat_ids)
+        margin = min(margin, m)
+        extra = {"chat_ids": np.array(chat_ids, np.int64), "chat_generated": np.array(g, np.int64)}
     width = max(len(p) for p in ids)
     np.savez_compressed(out / "reference.npz", tokens=tokens, logits=logits.astype(np.float32),
                         prompts=np.array(PROMPTS), prompt_ids=np.array([p + [-1] * (width - len(p)) for p in ids]),
-                        generated=np.array(generated, np.int64), margin=np.float32(margin))
+                        generated=np.array(generated, np.int64), margin=np.float32(margin), **extra)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{family}: {sorted(f.name for f in out.iterdir())}, {size / 1024:.0f} KiB, "
           f"greedy margin {margin:.4f}, logit std {logits.std():.2f}")

@@ -29,6 +29,7 @@ from memlm.serve.generate import generate
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "convert"
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2")
+BOS = {"llama": "<|begin_of_text|>", "qwen2": None, "qwen3": None, "gemma3": "<bos>", "gemma2": "<bos>"}
 EOS = {"llama": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "gemma3": "<eos>", "gemma2": "<eos>"}
 # One option per family whose removal must break the match (what the family's map and config carry).
 ABLATIONS = {
@@ -78,12 +79,32 @@ def test_logits_match_transformers(converted, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_and_tokenizer_match_transformers(converted, family):
+    """From text: the prompts' ids (the family's BOS template included) and the greedy tokens equal
+    transformers', which encoded the same text with AutoTokenizer of the same folder."""
     _, run, ref = converted(family)
     assert run.tokenizer.eot == EOS[family]  # the HF folder's eos, not the first known end-of-text name
-    ids = [[int(i) for i in row if i >= 0] for row in ref["prompt_ids"]]
-    assert [run.tokenizer.encode(str(t)).tolist() for t in ref["prompts"]] == ids
+    ids = [run.tokenizer.encode(str(t)).tolist() for t in ref["prompts"]]
+    assert ids == [[int(i) for i in row if i >= 0] for row in ref["prompt_ids"]]
+    bos = BOS[family]
+    assert all((row[0] == run.tokenizer._tok.token_to_id(bos)) if bos else True for row in ids)
     out = generate(run.fn, run.params, ids, None, 20, eot_id=-1)  # both prompts in one right-padded batch
     assert out == ref["generated"].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_chat_prompt_matches_apply_chat_template(converted, family):
+    """``memlm generate --chat``: the chat template's ids and their greedy continuation equal transformers'."""
+    from memlm.serve.generate import generate_text
+
+    _, run, ref = converted(family)
+    chat = run.tokenizer.encode_chat([{"role": "user", "content": str(ref["prompts"][0])}]).tolist()
+    assert chat == ref["chat_ids"].tolist()
+    assert generate(run.fn, run.params, [chat], None, 20, eot_id=-1) == [ref["chat_generated"].tolist()]
+    text = generate_text(run.fn, run.params, run.tokenizer, [str(ref["prompts"][0])], None, 20, chat=True)[0]
+    want = ref["chat_generated"].tolist()
+    if run.tokenizer.eot_id in want:
+        want = want[: want.index(run.tokenizer.eot_id)]
+    assert text == run.tokenizer.decode(want)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -97,6 +97,41 @@ def test_prepare_uses_the_converted_tokenizer_and_its_eos(posthoc):
     assert tok.eot_id == ids["<|eot_id|>"] != ids["<|end_of_text|>"]
 
 
+def test_prepare_puts_the_bos_at_each_document_start(posthoc):
+    """A BOS model (Llama 3's template) trains on documents as it read them in pretraining: each packed
+    document starts with <|begin_of_text|>, and documents are still separated by the EOT."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from memlm.data.records import decode_segments
+    from memlm.data.tokenizer import Tokenizer
+
+    root, _, data, _ = posthoc
+    manifest = json.loads((data / "manifest.json").read_text())
+    tok = Tokenizer.from_file(data / "tokenizer.json", 1)
+    bos = tok._tok.token_to_id("<|begin_of_text|>")
+    assert manifest["tokenizer"]["template"] == {"prefix": [bos], "suffix": []}
+    texts = [json.loads(line)["text"] for line in (root / "corpus.jsonl").read_text().splitlines()]
+    heldout = {json.loads(line)["text"] for line in (data / "heldout.jsonl").read_text().splitlines()}
+    starts, ends, seen = 0, 0, []
+    for shard in manifest["shards"]:
+        reader = ArrayRecordReader(str(data / shard))
+        for _ in range(reader.num_records()):
+            seg = decode_segments(reader.read())
+            at = np.concatenate([[0], np.cumsum(seg["seg_lens"])[:-1]])
+            for a, n, start in zip(at, seg["seg_lens"], seg["starts"], strict=True):
+                piece = seg["tokens"][a: a + n].tolist()
+                if start == 0:  # a document's first piece
+                    assert piece[0] == bos
+                    seen.append(piece)
+                    starts += 1
+                ends += piece[-1] == tok.eot_id
+        reader.close()
+    train = [t for t in texts if t not in heldout]
+    assert starts == ends == len(train)
+    full = [tok.encode(t).tolist() + [tok.eot_id] for t in train]  # the ids transformers gives, and the EOT
+    assert all(any(f[: len(piece)] == piece for f in full) for piece in seen)  # long ones are cut at seq_len
+
+
 def test_frozen_memory_training_on_the_converted_anchor(posthoc):
     root, conv, data, run = posthoc
     cfg = json.loads((run / "config.json").read_text())

@@ -129,7 +129,8 @@ def _tokenizer_manifest(tokenizer_path: Path, vocab_multiple: int, model_vocab: 
               f"vocab_size = {model_vocab}", file=sys.stderr)
     return {"version": 1, "kind": "tokenizer", "corpus": None,
             "tokenizer": {"path": tokenizer_path.name, "id": tok.id, "eot_id": tok.eot_id, "eot": tok.eot,
-                          "tokenizer_vocab": tok.raw_vocab_size, "vocab_size": min(tok.vocab_size, model_vocab)},
+                          "tokenizer_vocab": tok.raw_vocab_size, "vocab_size": min(tok.vocab_size, model_vocab),
+                          "template": tok.template},
             "probes": {}, "heldout": None}
 
 

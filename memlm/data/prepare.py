@@ -106,13 +106,16 @@ def tokenizer_stage(cfg, out: Path, stages: Stages, read_key: str, training_text
         src = Path(dc.tokenizer)
         if not src.is_file():
             raise DataError(f"config key 'data.tokenizer' = {dc.tokenizer!r}: no such file")
-        tok_key = stage_key("tokenizer-file", hashlib.sha256(src.read_bytes()).hexdigest(), cfg.model.vocab_multiple)
+        # the folder's tokenizer_config.json can change the template: the key is the loaded tokenizer's
+        loaded = Tokenizer.from_file(src, cfg.model.vocab_multiple)
+        tok_key = stage_key("tokenizer-file", hashlib.sha256(src.read_bytes()).hexdigest(), loaded.id,
+                            sorted(loaded.config.items()), cfg.model.vocab_multiple)
     else:
         tok_key = stage_key("tokenizer-bpe", read_key, dc.tokenizer_vocab, cfg.model.vocab_multiple)
     tok_info = stages.lookup("tokenizer", tok_key)
     if tok_info is None:
         if dc.tokenizer:
-            tok = Tokenizer.from_file(dc.tokenizer, cfg.model.vocab_multiple)
+            tok = loaded
         else:
             def texts() -> Iterator[str]:
                 seen = 0
@@ -129,7 +132,8 @@ def tokenizer_stage(cfg, out: Path, stages: Stages, read_key: str, training_text
         tok.save(out / "tokenizer.json")
         tok_info = stages.done("tokenizer", tok_key, {"id": tok.id, "eot_id": tok.eot_id, "eot": tok.eot,
                                                       "tokenizer_vocab": tok.raw_vocab_size,
-                                                      "vocab_size": tok.vocab_size}, ["tokenizer.json"])
+                                                      "vocab_size": tok.vocab_size, "template": tok.template},
+                                  ["tokenizer.json", "tokenizer_config.json"])
     tok = Tokenizer.from_file(out / "tokenizer.json", cfg.model.vocab_multiple)
     if tok.vocab_size > cfg.model.vocab_size:
         console.print(f"[yellow]warning[/]: the tokenizer needs a vocabulary of {tok.vocab_size} (padded), more "

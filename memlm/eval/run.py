@@ -29,8 +29,8 @@ def _heldout(run: Run) -> tuple[list[np.ndarray], list[str]]:
         return [], []
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
     texts = texts[: run.cfg.eval.heldout_documents]
-    eot = run.tokenizer.eot_id
-    docs = [np.concatenate([run.tokenizer.encode(t), [eot]]).astype(np.int32) for t in texts]
+    eot = run.tokenizer.eot_id  # each document as prepare packs it: its template, its text, the EOT
+    docs = [np.concatenate([ids, [eot]]).astype(np.int32) for ids in run.tokenizer.encode_batch(texts)]
     return docs, texts
 
 

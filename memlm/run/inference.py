@@ -159,7 +159,7 @@ def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = No
              overrides: dict[str, str] | None = None) -> Run:
     """Load a run's config, newest complete anchor parameters, tokenizer, tree and banks."""
     from memlm.data.records import read_manifest
-    from memlm.data.tokenizer import load_tokenizer
+    from memlm.data.tokenizer import check_template, load_tokenizer
 
     workdir = location(workdir)
     cfg, record = RunDir(workdir).load_config()
@@ -174,5 +174,6 @@ def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     step, params, meta = restore_item(workdir, "params",
                                       abstract_like(fn.shapes, jax.tree.map(lambda _: one, fn.shapes)))
     tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["path"], cfg.model.vocab_multiple)
+    check_template(manifest["tokenizer"].get("template"), tokenizer, str(data_dir))
     return Run(cfg=cfg, workdir=workdir, data_dir=data_dir, fn=fn, params=params, step=step, tokenizer=tokenizer,
                memory=RunMemory(cfg, workdir, data_dir, manifest, meta))

@@ -159,16 +159,23 @@ def generate(fn: Any, params: Any, prompts: Sequence[Sequence[int]], memory: Fet
 
 
 def generate_text(fn: Any, params: Any, tokenizer: TextTokenizer, prompts: Sequence[str],
-                  memory: FetchedMemory | None, max_new_tokens: int) -> list[str]:
-    """:func:`generate` on text: encode the prompts, decode the continuations (EOT excluded)."""
-    ids = [[int(i) for i in tokenizer.encode(p)] for p in prompts]
+                  memory: FetchedMemory | None, max_new_tokens: int, chat: bool = False) -> list[str]:
+    """:func:`generate` on text: encode the prompts (the tokenizer's template included, or as one user
+    message through its chat template with ``chat``), decode the continuations (EOT excluded)."""
+    if chat:
+        ids = [[int(i) for i in tokenizer.encode_chat([{"role": "user", "content": p}])] for p in prompts]
+    else:
+        ids = [[int(i) for i in tokenizer.encode(p)] for p in prompts]
     out = generate(fn, params, ids, memory, max_new_tokens, tokenizer.eot_id)
     return [tokenizer.decode(o) for o in out]
 
 
 def generate_cli(workdir: str, prompt: str, condition: str | None = "fetched", max_new_tokens: int = 32,
-                 overrides: dict[str, str] | None = None) -> str:
+                 overrides: dict[str, str] | None = None, chat: bool = False) -> str:
     """The ``memlm generate`` verb: route the prompt, fetch its memory, decode greedily, print.
+
+    ``chat``: the prompt is one user message rendered by the tokenizer's chat template (the memory
+    is still routed by the prompt's own text).
 
     ``condition=None``: fetched memory when the run has a bank, else the anchor alone (a converted
     or anchor-only run). ``overrides``: ``bank.*`` keys (e.g. deep levels off device) and ``eval.*``
@@ -186,7 +193,12 @@ def generate_cli(workdir: str, prompt: str, condition: str | None = "fetched", m
                              f"(available: {', '.join(run.conditions)})")
     provider = provider_of(run)
     memory = provider([prompt], condition)
-    text = generate_text(run.fn, run.params, run.tokenizer, [prompt], memory, max_new_tokens)[0]
+    if chat and run.tokenizer.chat_template is None:
+        from memlm.data.tokenizer import TokenizerError
+
+        raise TokenizerError(f"--chat: the tokenizer of {workdir} has no chat template (no chat_template.jinja "
+                             "and no 'chat_template' in its tokenizer_config.json)")
+    text = generate_text(run.fn, run.params, run.tokenizer, [prompt], memory, max_new_tokens, chat=chat)[0]
     where = ""
     if condition in ("fetched", "blocked"):
         fell_back = condition == "fetched" and bool(provider.gated([prompt])[0])

@@ -41,6 +41,11 @@ def _check_data(cfg: ml_collections.ConfigDict, data_dir) -> dict:
     if not (data_dir / "manifest.json").exists():
         raise FileNotFoundError(f"data directory {str(data_dir)!r} has no manifest.json: run `memlm prepare` first")
     manifest = read_manifest(data_dir)
+    from memlm.data.tokenizer import check_template, load_tokenizer
+
+    tok_file = data_dir / manifest["tokenizer"].get("path", "tokenizer.json")
+    if tok_file.exists():
+        check_template(manifest["tokenizer"].get("template"), load_tokenizer(tok_file, 1), str(data_dir))
     vocab = int(manifest["tokenizer"]["vocab_size"])
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: the tokenizer of "
