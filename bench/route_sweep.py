@@ -131,10 +131,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from memlm.data.records import read_manifest
-    from memlm.eval.beam import BeamRouting, uses_beam
     from memlm.eval.probes import evaluate_probes, load_probes
+    from memlm.infer.beam import BeamRouting, uses_beam
+    from memlm.infer.run import load_run
     from memlm.retrieval.confidence import path_scores
-    from memlm.run.inference import load_run
 
     run = load_run(args.workdir)
     ev = run.cfg.eval

@@ -1,7 +1,7 @@
 """Train-step throughput: memlm's dense and memory steps, and the naive plain-JAX baseline.
 
 Prints tokens/s, MFU, the memory / dense step-time ratio against the active-FLOP ratio
-(DESIGN.md §5 target: <= 1.03 x the FLOP ratio), and the same figures for
+(docs/design.md §5 target: <= 1.03 x the FLOP ratio), and the same figures for
 ``shared/bench/naive_step.py`` run at the same sizes on the same machine, in the same call.
 
     python bench/step.py                                  # tiny preset, CPU-sized

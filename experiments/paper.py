@@ -1,4 +1,4 @@
-"""Every stage of the paper's recipes, by the rows of Table 1 (PAPER.md §4, §6.1).
+"""Every stage of the paper's recipes, by the rows of Table 1 (docs/paper.md §4, §6.1).
 
 Rows: ``A1`` / ``B1`` / ``C1`` anchor pretraining (2^40 tokens from scratch, App. A.1), ``A2`` /
 ``B2`` / ``C2`` co-training from them (another 2^40 tokens, the memory recipe of App. A.2), ``A3``

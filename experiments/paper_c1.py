@@ -1,4 +1,4 @@
-"""Table 1 row C1: see experiments/paper.py (PAPER.md §4, §6.1)."""
+"""Table 1 row C1: see experiments/paper.py (docs/paper.md §4, §6.1)."""
 
 import importlib.util
 from pathlib import Path

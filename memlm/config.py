@@ -207,7 +207,7 @@ def default_config() -> ml_collections.ConfigDict:
             # the generic memory's log-likelihoods of the retrieval text) reaches this; else generic
             route_posterior=0.0,
             # > 0: a text whose greedy answer under the anchor alone has at least this probability gets
-            # the fallback whatever the routing chose (memlm/eval/beam.py): memory for what the anchor
+            # the fallback whatever the routing chose (memlm/infer/beam.py): memory for what the anchor
             # is unsure of
             route_anchor_confidence=0.0,
             # what a text falls back to (route_beam_generic, route_posterior, route_anchor_confidence,

@@ -54,7 +54,8 @@ def run_demo(workdir: str | Path = "runs/demo", data_dir: str | Path = "data/fac
     """Run the whole demo; returns the combined results (also written to ``workdir/demo.json``)."""
     from memlm.data.prepare import prepare
     from memlm.eval.plot import PlotUnavailableError, format_table, plot_buckets
-    from memlm.eval.run import evaluate_run, load_run, probe_files_of
+    from memlm.eval.run import evaluate_run, probe_files_of
+    from memlm.infer.run import load_run
     from memlm.model.accounting import accounting
     from memlm.train.loop import train
 

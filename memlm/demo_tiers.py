@@ -51,7 +51,8 @@ def run_tiers_demo(workdir: str | Path = "runs/demo_tiers", data_dir: str | Path
     from memlm.bank.layout import BankLayout
     from memlm.data.prepare import prepare
     from memlm.eval.plot import format_table
-    from memlm.eval.run import evaluate_run, load_run, probe_files_of
+    from memlm.eval.run import evaluate_run, probe_files_of
+    from memlm.infer.run import load_run
     from memlm.sharding import make_mesh
     from memlm.train.metrics import read_metrics
     from memlm.train.step import tier_report

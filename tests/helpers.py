@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlm.config import default_config, validate
-from memlm.memspec import block_arrays, fetched_rank
+from memlm.config import ConditionError, default_config, validate
+from memlm.infer.conditions import parse_conditions
+from memlm.memspec import FetchedMemory, block_arrays, fetched_rank
 
 
 def small_config(memory_type: str = "ffn", sizes=(4, 4), **model):
@@ -119,3 +121,38 @@ def reference_step(cfg, state, batch):
         if generic is not None:
             generic = sparse_adamw(generic, jnp.zeros((b, 1), jnp.int32), g_mem, use_generic, **kw)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, bank=bank, generic=generic), value
+
+
+class DictMemoryProvider:
+    """A :class:`MemoryProvider` over fixed tables, for tests.
+
+    ``per_text[condition][text]`` is one text's memory (name -> array without a batch axis);
+    ``shared[condition]`` is one memory for every text (e.g. the generic memory). The ``none``
+    condition always gives None. A text missing from a per-text table is an error naming it.
+    """
+
+    def __init__(self, per_text: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]] | None = None,
+                 shared: Mapping[str, Mapping[str, np.ndarray]] | None = None):
+        self.per_text = dict(per_text or {})
+        self.shared = dict(shared or {})
+        both = set(self.per_text) & set(self.shared)
+        if both:
+            raise ConditionError(f"conditions {sorted(both)} are given both per text and shared")
+        parse_conditions([*self.per_text, *self.shared] or ["none"])
+        self.calls: list[tuple[str, int]] = []  # (condition, number of texts): lets tests see the batching
+
+    def __call__(self, texts: list[str], condition: str) -> FetchedMemory | None:
+        parse_conditions([condition])
+        self.calls.append((condition, len(texts)))
+        if condition == "none":
+            return None
+        if condition in self.shared:
+            return {n: np.asarray(a)[None] for n, a in self.shared[condition].items()}
+        table = self.per_text.get(condition)
+        if table is None:
+            raise ConditionError(f"no memory table for condition {condition!r}")
+        missing = [t for t in texts if t not in table]
+        if missing:
+            raise ConditionError(f"no {condition!r} memory for text {missing[0]!r}")
+        names = table[texts[0]].keys()
+        return {n: np.stack([np.asarray(table[t][n]) for t in texts]) for n in names}

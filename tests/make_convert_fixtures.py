@@ -127,7 +127,8 @@ def greedy(ref, p: list[int]) -> tuple[list[int], float]:
     """NEW greedy tokens after prompt ids p (EOS off) and the smallest top-1 / top-2 gap."""
     with torch.no_grad():
         # an explicit mask: transformers would take a BOS whose id is the pad id (Llama's here) for padding
-        g = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+        g = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                         max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                          eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     margin = min(float(torch.topk(s[0].float(), 2).values.diff().abs()) for s in g.scores)
     return g.sequences[0, len(p):].tolist(), margin

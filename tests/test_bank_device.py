@@ -35,7 +35,7 @@ def test_paper_160m_bank_has_the_papers_sizes():
     layout = BankLayout.from_config(load_config("experiments/paper_160m.py"))
     assert [(lv.level, lv.rank, lv.nodes) for lv in layout.levels] == [(1, 256, 16), (2, 64, 256), (3, 16, 4096)]
     assert [layout.block_params(lv) for lv in layout.levels] == [3 * r * 35 * 512 for r in (256, 64, 16)]
-    assert round(layout.fetched_params() / 1e6, 2) == 18.06  # PAPER.md §2.5
+    assert round(layout.fetched_params() / 1e6, 2) == 18.06  # docs/paper.md §2.5
     assert round(layout.params() / 1e9, 3) == 4.624
     assert layout.bytes() == 2 * layout.params()  # bfloat16 bank
     w3 = layout.array("w3")

@@ -90,7 +90,7 @@ def test_blocking_below_the_deepest_memory_level_is_refused():
 
 
 def test_paper_rows_carry_their_recipes():
-    """PAPER.md 4.3-4.5: token budgets, batches, schedules and contexts of every stage of Table 1."""
+    """docs/paper.md 4.3-4.5: token budgets, batches, schedules and contexts of every stage of Table 1."""
     def tokens(c):
         return c.train.steps * c.train.batch_size * c.data.seq_len
 

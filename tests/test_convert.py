@@ -23,9 +23,9 @@ from memlm.cli import main
 from memlm.convert import ConvertError, family_of_hf
 from memlm.convert.run import from_hf, to_hf
 from memlm.convert.safetensors import Checkpoint, write_checkpoint
-from memlm.eval.run import load_run
+from memlm.infer.generate import generate
+from memlm.infer.run import load_run
 from memlm.model.functional import AnchorFunctional
-from memlm.serve.generate import generate
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "convert"
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2")
@@ -94,7 +94,7 @@ def test_greedy_generation_and_tokenizer_match_transformers(converted, family):
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_chat_prompt_matches_apply_chat_template(converted, family):
     """``memlm generate --chat``: the chat template's ids and their greedy continuation equal transformers'."""
-    from memlm.serve.generate import generate_text
+    from memlm.infer.generate import generate_text
 
     _, run, ref = converted(family)
     chat = run.tokenizer.encode_chat([{"role": "user", "content": str(ref["prompts"][0])}]).tolist()

@@ -163,7 +163,7 @@ def test_memory_run_anchor_exports_bit_exact(posthoc, tmp_path):
 def test_exported_bank_rebuilds_the_fetched_memory(posthoc, tmp_path):
     """Read the export with tensorstore alone, concatenate a path's blocks as the metadata says,
     and compare with the memory memlm fetches for that text."""
-    from memlm.eval.run import load_run
+    from memlm.infer.run import load_run
 
     _, _, _, run = posthoc
     _run("export", run, "--out", tmp_path / "export")

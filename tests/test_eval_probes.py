@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import DictMemoryProvider, small_config
 
-from memlm.eval.conditions import ConditionError, DictMemoryProvider, parse_conditions
 from memlm.eval.probes import (
     ProbeFileError,
     bucket_order,
@@ -18,6 +17,7 @@ from memlm.eval.probes import (
     normalize,
     parse_integers,
 )
+from memlm.infer.conditions import ConditionError, parse_conditions
 from memlm.model.anchor import AnchorSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"

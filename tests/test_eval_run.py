@@ -54,7 +54,7 @@ def test_eval_on_a_custom_probe_file_writes_every_condition(trained_run, tmp_pat
 
 
 def test_blocked_routing_never_uses_the_texts_own_level1_node(trained_run):
-    from memlm.eval.run import load_run
+    from memlm.infer.run import load_run
 
     run = load_run(trained_run)
     texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas"]
@@ -67,7 +67,7 @@ def test_blocked_routing_never_uses_the_texts_own_level1_node(trained_run):
 def test_route_gate_gives_the_generic_memory_only_to_queries_far_from_their_centroid(trained_run):
     import numpy as np
 
-    from memlm.eval.run import load_run
+    from memlm.infer.run import load_run
     from memlm.retrieval.confidence import path_scores
 
     texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas"]
@@ -99,9 +99,10 @@ def test_generate_prints_the_prompt_and_its_continuation(trained_run, capsys):
 
 
 def test_generate_routes_as_eval_does_with_the_likelihood_descent(trained_run, capsys):
-    from memlm.eval.beam import BeamRouting
-    from memlm.eval.run import load_run
-    from memlm.serve.generate import generate_cli, generate_text
+    from memlm.infer.beam import BeamRouting
+    from memlm.infer.generate import generate_text
+    from memlm.infer.run import load_run
+    from memlm.serve.generate import generate_cli
 
     prompt, over = "The atomic number of tin is", {"eval.route_descent": "likelihood"}
     text = generate_cli(str(trained_run), prompt, max_new_tokens=4, overrides=over)
@@ -130,7 +131,8 @@ def test_eval_and_generate_with_deep_levels_off_device_equal_the_all_device_bank
     the fetched memory, eval results and generated text equal those of the bank loaded whole."""
     import numpy as np
 
-    from memlm.eval.run import evaluate, load_run
+    from memlm.eval.run import evaluate
+    from memlm.infer.run import load_run
     from memlm.serve.generate import generate_cli
 
     whole, tiered = load_run(trained_run), load_run(trained_run, overrides=tiers)
@@ -160,8 +162,8 @@ def test_route_beam_keeps_per_text_the_candidate_under_which_the_anchor_finds_th
     import jax.numpy as jnp
     import numpy as np
 
-    from memlm.eval.beam import BeamRouting
-    from memlm.eval.run import load_run
+    from memlm.infer.beam import BeamRouting
+    from memlm.infer.run import load_run
     from memlm.retrieval import route_beam
 
     texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "Peru"]
@@ -210,8 +212,8 @@ def test_likelihood_descent_keeps_per_level_the_children_under_which_the_text_is
     import jax.numpy as jnp
     import numpy as np
 
-    from memlm.eval.beam import BeamRouting
-    from memlm.eval.run import load_run
+    from memlm.infer.beam import BeamRouting
+    from memlm.infer.run import load_run
 
     texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "Peru"]
     run = load_run(trained_run)
@@ -263,8 +265,8 @@ def test_route_posterior_falls_back_unless_one_candidate_holds_the_asked_posteri
     import jax.numpy as jnp
     import numpy as np
 
-    from memlm.eval.beam import BeamRouting
-    from memlm.eval.run import load_run
+    from memlm.infer.beam import BeamRouting
+    from memlm.infer.run import load_run
     from memlm.retrieval import route_beam
 
     texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "Peru", "tin"]
@@ -318,8 +320,8 @@ def test_anchor_gate_falls_back_exactly_where_the_anchor_is_confident_in_its_own
     import jax.numpy as jnp
     import numpy as np
 
-    from memlm.eval.beam import BeamRouting
-    from memlm.eval.run import load_run
+    from memlm.infer.beam import BeamRouting
+    from memlm.infer.run import load_run
 
     texts = ["The capital of Iceland is", "The atomic number of tin is", "oxygen is a gas", "Peru", "tin",
              "The capital of Peru is", "Q: What is the atomic number of iron? A:", "gold"]

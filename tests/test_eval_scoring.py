@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CharTokenizer, jit_forward, small_model
+from helpers import CharTokenizer, DictMemoryProvider, jit_forward, small_model
 
 from memlm.eval.choice import _rows, evaluate_choice, load_choice_items
-from memlm.eval.conditions import ConditionError, DictMemoryProvider
 from memlm.eval.perplexity import evaluate_perplexity
 from memlm.eval.probes import ProbeFileError
+from memlm.infer.conditions import ConditionError
 from memlm.memspec import fetched_shapes
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from helpers import CharTokenizer, jit_forward, small_model
 
+from memlm.infer.generate import bucket, generate, generate_text
 from memlm.memspec import fetched_shapes
-from memlm.serve.generate import bucket, generate, generate_text
 
 REF_LEN = 32  # the reference forward's fixed length (one compile); causality makes right padding inert
 

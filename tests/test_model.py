@@ -47,7 +47,7 @@ def test_fetched_and_bank_sizes_equal_the_papers(preset, blocks, fetched, bank):
     assert tuple(lv["block_params"] for lv in acc["levels"]) == blocks
     assert acc["fetched_params"] == fetched
     assert acc["bank_params"] == bank
-    # PAPER.md 2.5: 18.06M / 4.624B, 49.5M / 12.68B, 153.4M / 21.14B
+    # docs/paper.md 2.5: 18.06M / 4.624B, 49.5M / 12.68B, 153.4M / 21.14B
     assert round(fetched / 1e6, 1) in (18.1, 49.5, 153.4)
 
 

@@ -1,4 +1,4 @@
-"""Fig. 3a-c: memory type and size on the frozen 160M (PAPER.md §7.1, §4.4).
+"""Fig. 3a-c: memory type and size on the frozen 160M (docs/paper.md §7.1, §4.4).
 
 Single-level memories at level 2 (256 blocks), (0, r, 0, 0), of every type: FFN-memories, LoRA on
 Q/K, on O/V and on the FFN matrices (rank r), KV-memories (r slots); 2^38 tokens each, the memory

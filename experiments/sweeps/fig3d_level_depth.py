@@ -1,4 +1,4 @@
-"""Fig. 3d: single-level FFN-memories by depth on the frozen 160M (PAPER.md §7.2, §4.4).
+"""Fig. 3d: single-level FFN-memories by depth on the frozen 160M (docs/paper.md §7.2, §4.4).
 
 One level at a time, (r,0,0,0) ... (0,0,0,r), at three bank sizes per level (a block is
 3 r L d = 53,760 r parameters, times 16^l blocks): about 0.22B, 0.88B and 3.5B for levels 1-3;

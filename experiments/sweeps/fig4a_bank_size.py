@@ -1,4 +1,4 @@
-"""Fig. 4a / Table 7: hierarchical configurations on the frozen 160M (PAPER.md §6.2, §4.4).
+"""Fig. 4a / Table 7: hierarchical configurations on the frozen 160M (docs/paper.md §6.2, §4.4).
 
 Every row of Table 7: fetched size varied at a fixed 4.6B bank (2^40 tokens) and at a fixed 18.7B
 bank (2^41 tokens, deeper level 4), anchor frozen after the A1 stage.

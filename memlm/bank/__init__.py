@@ -1,5 +1,5 @@
 """The hierarchical memory bank: layout, device tier, sparse row-wise AdamW, tensorstore store,
-and path fetch for inference. The model never imports this package (DESIGN.md §2)."""
+and path fetch for inference. The model never imports this package (docs/design.md §2)."""
 
 from memlm.bank.device import BankState, bank_shardings, clear_dirty, gather, init_state, split_fetched
 from memlm.bank.fetch import PathFetcher

@@ -5,7 +5,7 @@ nodes; each node owns one block made of the arrays that ``memspec.block_arrays``
 the memory type. Level l stores each array as ``[k**l, *shape(r_l)]`` (logical axes
 ``("bank_nodes", *array.logical_axes)``). Levels with r_l = 0 are absent.
 
-The generic memory (the context-independent memory of the fetched size, DESIGN.md §1) is a
+The generic memory (the context-independent memory of the fetched size, docs/design.md §1) is a
 bank with a single level of one node whose block has rank R = sum r_l; it is read with paths
 that are all zero (one column), so it trains, saves and fetches through the same code.
 """

@@ -1,7 +1,7 @@
 """Packing per leaf cluster: documents (or windows) of one cluster into ``seq_len``-token sequences.
 
 The paper groups documents by leaf cluster and packs each group into 2,048-token sequences
-separated by EOT, with attention masked to each document (PAPER.md §4.4). Here:
+separated by EOT, with attention masked to each document (docs/paper.md §4.4). Here:
 
 - Every sequence holds pieces of units from ONE leaf only, so it has exactly one memory path.
 - A unit is a document, or a window of one when ``tree.embed_unit == "window"``; an EOT token

@@ -2,7 +2,7 @@
 
 A task file is JSONL, one ``{"question", "choices": [...], "gold": int, "context"?}`` a line
 (``context`` overrides the retrieval key, e.g. the part of a schema task shared by all choices;
-the paper retrieves with the question text, PAPER.md §3.1). Each choice is scored as a
+the paper retrieves with the question text, docs/paper.md §3.1). Each choice is scored as a
 continuation of the question: ``sum log p(choice tokens | question)``. A single space joins
 question and choice when neither side has one at the seam.
 
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from memlm.eval.conditions import MemoryProvider, memory_rows, pad_to, parse_conditions, row_index
-from memlm.eval.perplexity import target_logprobs
 from memlm.eval.probes import ProbeFileError, field, read_jsonl
-from memlm.serve.generate import MIN_PROMPT_BUCKET, TextTokenizer, bucket
+from memlm.infer.conditions import MemoryProvider, memory_rows, pad_to, parse_conditions, row_index
+from memlm.infer.generate import MIN_PROMPT_BUCKET, TextTokenizer, bucket
+from memlm.infer.scoring import target_logprobs
 
 __all__ = ["ChoiceItem", "evaluate_choice", "load_choice_items"]
 

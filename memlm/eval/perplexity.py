@@ -1,61 +1,28 @@
 """Perplexity on held-out documents, each routed by its own text, per memory condition.
 
-As the paper's Wiki-En perplexity (PAPER.md §5.1): a document's memory is fetched with the
+As the paper's Wiki-En perplexity (docs/paper.md §5.1): a document's memory is fetched with the
 full document text. Its tokens are scored in chunks of ``seq_len`` inputs, each chunk its own
 context (positions restart at 0, as packed continuation chunks in training), so every token but
 the document's first is predicted exactly once. The result is the token-weighted mean NLL over
 all documents and its exponential.
 
-:func:`target_logprobs` is the shared scoring kernel (also used by multiple-choice scoring): one
-jitted forward over right-padded rows, returning each row's summed log-probability of chosen
-targets.
+Tokens are scored by ``memlm.infer.scoring.target_logprobs``, the kernel multiple-choice scoring
+and likelihood routing share.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from memlm.eval.conditions import MemoryProvider, memory_rows, pad_to, parse_conditions, row_index
-from memlm.memspec import FetchedMemory
-from memlm.serve.generate import MIN_PROMPT_BUCKET, bucket, gather_rows
+from memlm.infer.conditions import MemoryProvider, memory_rows, pad_to, parse_conditions, row_index
+from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket
+from memlm.infer.scoring import target_logprobs
 
-__all__ = ["evaluate_perplexity", "target_logprobs"]
-
-
-def _logprob_kernel(fn, params, inputs, targets, weights, lengths, memory, rows):
-    b, t = inputs.shape
-    segment_ids = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits = fn.apply(params, inputs, segment_ids, positions, memory=gather_rows(memory, rows))
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(weights > 0, picked * weights, 0.0), axis=1)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(fn: Any) -> Callable:
-    return jax.jit(functools.partial(_logprob_kernel, fn))
-
-
-def target_logprobs(fn: Any, params: Any, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray,
-                    lengths: np.ndarray, memory: FetchedMemory | None, rows: np.ndarray) -> np.ndarray:
-    """``sum_t weights[b, t] * log p(targets[b, t] | inputs[b, :t+1])`` per row, as float64.
-
-    ``inputs``, ``targets``, ``weights``: ``[B, T]``, right-padded; ``lengths [B]``: real input
-    tokens (the rest is padding, segment id 0). ``memory`` holds the provider's rows and
-    ``rows [B]`` picks each batch row's memory row.
-    """
-    out = _compiled(fn)(params, np.asarray(inputs, np.int32), np.asarray(targets, np.int32),
-                        np.asarray(weights, np.float32), np.asarray(lengths, np.int32), memory,
-                        np.asarray(rows, np.int32))
-    return np.asarray(out, np.float64)
+__all__ = ["evaluate_perplexity"]
 
 
 def _chunks(tokens: np.ndarray, seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

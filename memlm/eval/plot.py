@@ -42,7 +42,7 @@ def format_table(result: Mapping[str, Any], perplexity: Mapping[str, Any] | None
     """Accuracy per condition (rows), overall and per bucket (columns), as text.
 
     ``result`` is :func:`~memlm.eval.probes.evaluate_probes`' output (or the eval JSON of
-    DESIGN.md §6, whose ``"perplexity"`` per condition is used when ``perplexity`` is not given:
+    docs/design.md §6, whose ``"perplexity"`` per condition is used when ``perplexity`` is not given:
     a number or a dict with a ``"perplexity"`` key, per condition).
     """
     from rich.console import Console

@@ -1,7 +1,7 @@
 """Long-tail probes: greedy answers scored as the paper, accuracy per frequency bucket and condition.
 
 A probe file is JSONL, one ``{"prompt", "answer", "bucket"?, "context"?, "documents"?, "entity"?}``
-a line (DESIGN.md §6). ``context`` is the retrieval key (default: the prompt, as the paper's
+a line (docs/design.md §6). ``context`` is the retrieval key (default: the prompt, as the paper's
 atomic-number probe whose prompt contains the element name). ``bucket`` is a free label (the
 built-in probes use ``"0"`` for the rarest bucket up to ``"4"``); probes without one count only in
 the overall accuracy. ``documents`` (training document ids: positions among the training
@@ -9,7 +9,7 @@ documents in corpus order, held-out ones skipped) or ``entity`` (a value of the 
 ``data.entity_field`` field) say which training documents the probe is about: ``memlm eval``
 then reports whether the probe routes to where those documents went (``agreement.py``).
 
-Scoring (:func:`is_correct`), from the paper's atomic-number probe (PAPER.md §5.2):
+Scoring (:func:`is_correct`), from the paper's atomic-number probe (docs/paper.md §5.2):
 
 - **Numeric answers** (an optionally signed integer, e.g. ``"26"``): the integers in the output
   are parsed and the probe is correct if any equals the answer. An integer is a maximal run of
@@ -36,8 +36,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from memlm.eval.conditions import MemoryProvider, pad_to, parse_conditions
-from memlm.serve.generate import TextTokenizer, generate
+from memlm.infer.conditions import MemoryProvider, pad_to, parse_conditions
+from memlm.infer.generate import TextTokenizer, generate
 
 __all__ = ["Probe", "ProbeFileError", "evaluate_probes", "is_correct", "load_probes", "normalize", "parse_integers",
            "read_jsonl"]

@@ -3,7 +3,7 @@
 A run is evaluated with the data directory it was trained on (recorded in its config.json):
 the same tokenizer, the same tree and the same embedder, so an evaluation context routes
 through exactly the code that routed the training documents. Results go to
-``RUN_DIR/eval/<probes>.json`` (DESIGN.md §6), a table on the console and a bar plot per bucket
+``RUN_DIR/eval/<probes>.json`` (docs/design.md §6), a table on the console and a bar plot per bucket
 and condition (``RUN_DIR/eval/<probes>.png``). When probes say which training documents they are
 about and the run has a tree, the results also hold ``"routing"``: the share of probes whose
 retrieval key routes to the node, at each level, that holds most of those documents
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from memlm.eval.conditions import parse_conditions
-from memlm.run.inference import Run, load_run
+from memlm.infer.beam import provider_of, uses_beam
+from memlm.infer.conditions import parse_conditions
+from memlm.infer.run import Run, load_run
 
 
 def _heldout(run: Run) -> tuple[list[np.ndarray], list[str]]:
@@ -32,15 +33,6 @@ def _heldout(run: Run) -> tuple[list[np.ndarray], list[str]]:
     eot = run.tokenizer.eot_id  # each document as prepare packs it: its template, its text, the EOT
     docs = [np.concatenate([ids, [eot]]).astype(np.int32) for ids in run.tokenizer.encode_batch(texts)]
     return docs, texts
-
-
-def provider_of(run: Run):
-    """The memory provider evaluation uses: the run's memory, or beam routing over it (``eval.route_beam*``)."""
-    from memlm.eval.beam import BeamRouting, uses_beam
-
-    if "fetched" not in run.conditions or not uses_beam(run.cfg):
-        return run.memory
-    return BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg)
 
 
 def routing_of(run: Run, probes: list, where: str, quiet: bool = False, provider=None) -> dict | None:
@@ -58,8 +50,6 @@ def routing_of(run: Run, probes: list, where: str, quiet: bool = False, provider
                   "has no entity leaves (prepared before they were recorded: run `memlm prepare` again)")
         return None
     targets = leaves.of_probes(probes, where)
-    from memlm.eval.beam import uses_beam
-
     provider = provider or run.memory
     keys = [p.key for p in probes]
     paths = provider.paths(keys, "fetched")

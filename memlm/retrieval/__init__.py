@@ -1,7 +1,7 @@
 """Retrieval: sentence embedders, the balanced hierarchical k-means tree, and routing down it.
 
 Retrieval knows nothing of the language model: it turns texts into paths ``[n, depth]`` of tree
-node indices (PAPER.md §3.1), which the data pipeline stores with each packed sequence and the
+node indices (docs/paper.md §3.1), which the data pipeline stores with each packed sequence and the
 evaluation code computes for each context.
 """
 

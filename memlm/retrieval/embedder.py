@@ -1,4 +1,4 @@
-"""The embedder interface and the config-driven factory.
+"""The config-driven embedder factory (the interface is ``memlm.retrieval.interface``).
 
 An embedder maps texts to L2-normalised float32 vectors; the tree is fitted on these vectors and
 every text (training document or evaluation context) is routed by them, so training and evaluation
@@ -9,28 +9,15 @@ documents or fixed windows of them (``tree.embed_unit``) is the data pipeline's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from memlm.retrieval.interface import Embedder, EmbedderError
 
 if TYPE_CHECKING:
     import jax
     import ml_collections
-
-
-class EmbedderError(ValueError):
-    """An embedder cannot be built or used (missing weights package, bad setting)."""
-
-
-@runtime_checkable
-class Embedder(Protocol):
-    """Texts -> float32 ``[n, dim]``, every row of unit L2 norm."""
-
-    name: str
-    dim: int
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 def get_embedder(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Embedder:

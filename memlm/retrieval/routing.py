@@ -2,11 +2,11 @@
 
 ``path[:, l-1]`` is the global index of the level-l node, in ``[0, k**l)``; the children of node i
 are ``k*i .. k*i + k - 1`` one level down. At each level only the k children of the current node
-are compared (L2 distance), so a text costs O(depth * k) distance evaluations (PAPER.md §3.1).
+are compared (L2 distance), so a text costs O(depth * k) distance evaluations (docs/paper.md §3.1).
 Inputs are L2-normalised here, by the same code for training documents, evaluation contexts and
 the tree fit, so a text always gets the same path.
 
-Blocking (the paper's memory-blocking test, PAPER.md §6): at the blocked level a text takes the
+Blocking (the paper's memory-blocking test, docs/paper.md §6): at the blocked level a text takes the
 next-best sibling instead of the node it would have taken, then descends greedily below it.
 """
 

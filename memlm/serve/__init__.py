@@ -1,5 +1,5 @@
-"""Serving: greedy decoding with the KV cache and fetched memory."""
+"""Serving: the ``memlm generate`` verb (the decoding engine is ``memlm.infer.generate``)."""
 
-from memlm.serve.generate import generate, generate_text
+from memlm.serve.generate import generate_cli
 
-__all__ = ["generate", "generate_text"]
+__all__ = ["generate_cli"]

@@ -11,8 +11,8 @@ A step takes the global batch (``train.batch_size`` sequences) and scans it in m
 ``train.microbatch_size`` sequences. Each micro-step:
 
 1. fetches, per level, the blocks its sequences' paths name: every data-parallel shard dedups its
-   node ids and gets the rows from the shards that own them (``memlm.bank.exchange``: explicit
-   ``all_to_all`` rounds inside ``shard_map``; GSPMD is never asked to gather from the bank);
+   node ids and gets the rows from the shards that own them (``memlm.bank.sharded.ShardedBank``,
+   explicit ``all_to_all`` rounds inside ``shard_map``; GSPMD is never asked to gather from the bank);
 2. runs the anchor on a :class:`~memlm.memspec.SlotMemory` (each block once, gathered per layer
    inside the layer scan) and a chunked cross-entropy (never ``[B, T, vocab]`` logits), and takes
    the gradient of the *summed* NLL w.r.t. the anchor and the fetched slots (never the bank);
@@ -45,7 +45,6 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from memlm.bank import exchange
 from memlm.bank.device import (
     DP_AXES,
     BankState,
@@ -58,12 +57,12 @@ from memlm.bank.device import (
     tier_bytes,
 )
 from memlm.bank.layout import BankLayout
-from memlm.bank.optimizer import update_owned_rows
+from memlm.bank.sharded import ShardedBank
 from memlm.config import ConfigError
 from memlm.data.loader import uses_sibling_paths
-from memlm.memspec import SlotMemory
 from memlm.model.anchor import BIASES
 from memlm.model.functional import AnchorFunctional
+from memlm.train.accumulate import accumulate_gradients, split_micro
 from memlm.train.loss import chunk_length, chunked_nll
 from memlm.train.schedule import cosine_with_warmup
 
@@ -232,274 +231,118 @@ class StepFns:
     abstract_state: Callable[[], TrainState]
 
 
-def _shard_map(mesh: Mesh, f: Callable, in_specs, out_specs) -> Callable:
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+class _Step:
+    """The pieces of one config's step on one mesh: state shardings, init, the step itself.
 
+    A step: accumulate the micro-batches' gradients (``memlm.train.accumulate``, the bank's
+    exchange through ``memlm.bank.sharded.ShardedBank``), clip anchor and memory gradients by one
+    global norm, update the anchor (optax AdamW) and commit the bank (row-wise AdamW per owner).
+    """
 
-def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
-    """Jitted ``init(seed) -> TrainState`` and ``step(state, batch) -> (state, metrics)`` for ``cfg``."""
-    t = cfg.train
-    fn = AnchorFunctional(cfg)
-    tx = anchor_optimizer(cfg, fn)
-    memory = uses_memory(cfg)
-    bank_layout = BankLayout.from_config(cfg) if memory else None
-    generic_layout = BankLayout.generic_from_config(cfg) if memory and cfg.memory.generic else None
-    train_anchor = t.mode != "frozen"
-    anchor_lr = cosine_with_warmup(t.lr, t.min_lr, t.warmup_steps, t.steps)
-    mem_lr = cosine_with_warmup(t.memory_lr, t.memory_min_lr, t.memory_warmup_steps, t.steps)
-    plan = plan_step(cfg, mesh, bank_layout)
-    gen_plan = level_placement(generic_layout, mesh, replicate_levels=1) if generic_layout else {}
-    replicate = cfg.bank.replicate_levels
+    def __init__(self, cfg: ml_collections.ConfigDict, mesh: Mesh):
+        t = cfg.train
+        self.cfg, self.mesh = cfg, mesh
+        self.fn = fn = AnchorFunctional(cfg)
+        self.tx = tx = anchor_optimizer(cfg, fn)
+        self.memory = memory = uses_memory(cfg)
+        self.bank_layout = BankLayout.from_config(cfg) if memory else None
+        self.generic_layout = BankLayout.generic_from_config(cfg) if memory and cfg.memory.generic else None
+        self.train_anchor = t.mode != "frozen"
+        self.anchor_lr = cosine_with_warmup(t.lr, t.min_lr, t.warmup_steps, t.steps)
+        self.mem_lr = cosine_with_warmup(t.memory_lr, t.memory_min_lr, t.memory_warmup_steps, t.steps)
+        self.plan = plan = plan_step(cfg, mesh, self.bank_layout)
+        self.gen_plan = level_placement(self.generic_layout, mesh, replicate_levels=1) if self.generic_layout else {}
+        self.bank = (ShardedBank(mesh, self.bank_layout, self.generic_layout, plan.levels, plan.requests, plan.owned,
+                                 plan.capacity) if memory else None)
+        self.replicated = replicated = NamedSharding(mesh, P())
+        self.param_sh = fn.shardings(mesh)
+        self.opt_abstract = jax.eval_shape(tx.init, fn.shapes)
+        self.opt_sh = optax.tree_map_params(tx, lambda _, s: s, self.opt_abstract, self.param_sh,
+                                            transform_non_params=lambda _: replicated)
+        self.tier_slots = {k: pl.slots for k, pl in plan.off_device.items()}
+        replicate = cfg.bank.replicate_levels
+        bank_sh = (bank_shardings(self.bank_layout, mesh, replicate_levels=replicate, slots=self.tier_slots)
+                   if memory else None)
+        gen_sh = bank_shardings(self.generic_layout, mesh, replicate_levels=1) if self.generic_layout else None
+        self.state_sh = TrainState(step=replicated, params=self.param_sh, opt_state=self.opt_sh, bank=bank_sh,
+                                   generic=gen_sh)
+        self.batch_sh = {k: NamedSharding(mesh, P(DP_AXES) if k in FLAG_KEYS else P(DP_AXES, None))
+                         for k in batch_keys(cfg)}
+        if plan.off_device:  # per step: each shard's slot ids (the owned nodes the batch touches), [shards, slots]
+            self.batch_sh["slots"] = {k: NamedSharding(mesh, P(DP_AXES, None)) for k in plan.off_device}
 
-    replicated = NamedSharding(mesh, P())
-    param_sh = fn.shardings(mesh)
-    opt_abstract = jax.eval_shape(tx.init, fn.shapes)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh,
-                                   transform_non_params=lambda _: replicated)
-    tier_slots = {k: pl.slots for k, pl in plan.off_device.items()}
-    bank_sh = bank_shardings(bank_layout, mesh, replicate_levels=replicate, slots=tier_slots) if memory else None
-    gen_sh = bank_shardings(generic_layout, mesh, replicate_levels=1) if generic_layout else None
-    state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, bank=bank_sh, generic=gen_sh)
-    batch_sh = {k: NamedSharding(mesh, P(DP_AXES) if k in FLAG_KEYS else P(DP_AXES, None)) for k in batch_keys(cfg)}
-    if plan.off_device:  # per step: each shard's slot ids (the owned nodes the batch touches), [shards, slots]
-        batch_sh["slots"] = {k: NamedSharding(mesh, P(DP_AXES, None)) for k in plan.off_device}
-
-    def init(seed: int, with_banks: bool = True) -> TrainState:
+    def init(self, seed: int, with_banks: bool = True) -> TrainState:
         """Fresh state; ``with_banks=False`` leaves the banks to the caller (e.g. a bank store)."""
+        mesh, replicate = self.mesh, self.cfg.bank.replicate_levels
         key = jax.random.key(seed)
-        params = fn.init(key, mesh)
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-        if memory and with_banks and tier_slots:
+        params = self.fn.init(key, mesh)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
+        if self.memory and with_banks and self.tier_slots:
             raise ConfigError("config key 'bank.device_levels': levels off device come from a bank store "
                               "(memlm.bank.tiers), not from init")
-        bank = init_state(bank_layout, seed + 1, mesh, replicate_levels=replicate) if memory and with_banks else None
-        generic = init_state(generic_layout, seed + 2, mesh) if generic_layout and with_banks else None
-        step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+        bank = (init_state(self.bank_layout, seed + 1, mesh, replicate_levels=replicate)
+                if self.memory and with_banks else None)
+        generic = init_state(self.generic_layout, seed + 2, mesh) if self.generic_layout and with_banks else None
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
         return TrainState(step=step, params=params, opt_state=opt_state, bank=bank, generic=generic)
 
-    def abstract_state() -> TrainState:
+    def abstract_state(self) -> TrainState:
         """The state as ShapeDtypeStructs in their shardings (nothing allocated: for AOT compiles)."""
+        mesh, replicate = self.mesh, self.cfg.bank.replicate_levels
         shapes = TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32), params=fn.shapes, opt_state=opt_abstract,
-            bank=abstract_bank(bank_layout, mesh, replicate, tier_slots) if memory else None,
-            generic=abstract_bank(generic_layout, mesh, 1) if generic_layout else None)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=self.fn.shapes, opt_state=self.opt_abstract,
+            bank=abstract_bank(self.bank_layout, mesh, replicate, self.tier_slots) if self.memory else None,
+            generic=abstract_bank(self.generic_layout, mesh, 1) if self.generic_layout else None)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sh)
 
-    keys = list(plan.levels)
-    lvs = {lv.key: lv for lv in bank_layout.levels} if memory else {}
-    dp = P(DP_AXES)
-
-    # ---- shard_map pieces: every function below sees one data-parallel shard's values ----------
-    def split_micro(batch: dict) -> dict:
-        """[B, ...] -> [micro_steps, microbatch, ...]: micro-step j takes rows j*m..(j+1)*m of every shard."""
-        def local(*xs):
-            return tuple(x.reshape(plan.micro_steps, -1, *x.shape[1:]) for x in xs)
-
-        names = list(batch)
-        specs = tuple(P(DP_AXES) for _ in names)
-        out = _shard_map(mesh, local, specs, tuple(P(None, DP_AXES) for _ in names))(*[batch[n] for n in names])
-        return dict(zip(names, out, strict=True))
-
-    def level_ids(paths: jax.Array, use_generic: jax.Array) -> dict[str, jax.Array]:
-        """Per level, each sequence's node (-1 for sequences that read the generic memory)."""
-        return {k: jnp.where(use_generic, -1, paths[:, lvs[k].level - 1]).astype(jnp.int32) for k in keys}
-
-    def owners_plan(paths: jax.Array, untouched: jax.Array, use_generic: jax.Array) -> tuple[dict, jax.Array]:
-        """Per level, the nodes each owner's accumulator covers this step (those of the sequences not
-        ``untouched``); whether any row is generic."""
-        def local(paths, untouched, use_generic):
-            me = jax.lax.axis_index(DP_AXES)
-            out = {}
-            for k, ids in level_ids(paths, untouched).items():
-                all_ids = jax.lax.all_gather(ids, DP_AXES, tiled=True)
-                out[k] = exchange.owned_touched(all_ids, plan.levels[k], me, plan.owned[k])[None]
-            any_generic = jax.lax.psum(jnp.sum(use_generic.astype(jnp.int32)), DP_AXES) > 0
-            return out, any_generic
-
-        return _shard_map(mesh, local, (dp, dp, dp), ({k: dp for k in keys}, P()))(paths, untouched, use_generic)
-
-    def fetch_micro(bank_params: dict, gen_params: dict | None, paths: jax.Array, use_generic: jax.Array,
-                    slot_ids: dict):
-        """Slots of one micro-batch: per level ``[shards, slots, *block]`` (float32 from compute-dtype
-        rows), the per-sequence slot index, the requested ids, the generic block per shard."""
-        dtype = bank_layout.dtype
-
-        def local(bank_params, gen_params, paths, use_generic, slot_ids):
-            me = jax.lax.axis_index(DP_AXES)
-            slots, index, uniq, remote = {}, {}, {}, jnp.zeros((), jnp.int32)
-            for k, ids in level_ids(paths, use_generic).items():
-                u, inv = exchange.unique_ids(ids, plan.requests[k])
-                rt = exchange.route(u, plan.levels[k], me, plan.capacity[k], DP_AXES)
-                rows = exchange.fetch(bank_params[k], u, rt, plan.levels[k], me, plan.capacity[k], DP_AXES, dtype,
-                                      slot_ids[k][0] if k in slot_ids else None)
-                slots[k] = {n: r.astype(jnp.float32)[None] for n, r in rows.items()}
-                index[k], uniq[k] = inv[None], u[None]
-                remote = remote + rt.remote_count
-            gen = None
-            if gen_params is not None:
-                gen = {n: a[0].astype(dtype).astype(jnp.float32)[None] for n, a in gen_params["level1"].items()}
-            return slots, index, uniq, gen, jax.lax.psum(remote, DP_AXES)
-
-        bank_specs = {k: {a.name: _level_spec(plan.levels[k]) for a in bank_layout.arrays} for k in keys}
-        gen_spec = {"level1": {a.name: P() for a in generic_layout.arrays}} if generic_layout else None
-        out_specs = ({k: {a.name: dp for a in bank_layout.arrays} for k in keys}, {k: dp for k in keys},
-                     {k: dp for k in keys}, {a.name: dp for a in bank_layout.arrays} if generic_layout else None, P())
-        slot_specs = {k: dp for k in slot_ids}
-        return _shard_map(mesh, local, (bank_specs, gen_spec, dp, dp, slot_specs), out_specs)(
-            bank_params, gen_params, paths, use_generic, slot_ids)
-
-    def push_micro(acc: dict, acc_ids: dict, uniq: dict, grads: dict) -> dict:
-        """Send one micro-step's slot gradients to their owners' accumulators."""
-        def local(acc, acc_ids, uniq, grads):
-            me = jax.lax.axis_index(DP_AXES)
-            out = {}
-            for k in keys:
-                pl, cap = plan.levels[k], plan.capacity[k]
-                rt = exchange.route(uniq[k][0], pl, me, cap, DP_AXES)
-                got = exchange.push({n: a[0] for n, a in acc[k].items()}, acc_ids[k][0], uniq[k][0],
-                                    {n: g[0] for n, g in grads[k].items()}, rt, pl, cap, DP_AXES)
-                out[k] = {n: a[None] for n, a in got.items()}
-            return out
-
-        tree = {k: {a.name: dp for a in bank_layout.arrays} for k in keys}
-        ids = {k: dp for k in keys}
-        return _shard_map(mesh, local, (tree, ids, ids, tree), tree)(acc, acc_ids, uniq, grads)
-
-    def finish_bank(acc: dict, gen_acc: dict | None) -> tuple[dict, dict | None, jax.Array]:
-        """All-reduce the replicated levels' (and the generic memory's) shares; the squared norm of
-        the per-node gradients (each node counted once)."""
-        def local(acc, gen_acc):
-            sq = jnp.zeros((), jnp.float32)
-            out = {}
-            for k in keys:
-                if plan.levels[k].replicated:
-                    out[k] = {n: jax.lax.psum(a, DP_AXES) for n, a in acc[k].items()}
-                    sq = sq + sum(jnp.sum(jnp.square(a)) for a in out[k].values())
-                else:
-                    out[k] = acc[k]
-                    sq = sq + jax.lax.psum(sum(jnp.sum(jnp.square(a)) for a in acc[k].values()), DP_AXES)
-            gen_sq = jnp.zeros((), jnp.float32)
-            if gen_acc is not None:
-                gen_acc = {n: jax.lax.psum(a, DP_AXES) for n, a in gen_acc.items()}
-                gen_sq = sum(jnp.sum(jnp.square(a)) for a in gen_acc.values())
-            return out, gen_acc, sq, gen_sq
-
-        tree = {k: {a.name: dp for a in bank_layout.arrays} for k in keys}
-        gtree = {a.name: dp for a in bank_layout.arrays} if gen_acc is not None else None
-        return _shard_map(mesh, local, (tree, gtree), (tree, gtree, P(), P()))(acc, gen_acc)
-
-    def update_bank(state: BankState, acc: dict, acc_ids: dict, placement: dict, factor: jax.Array,
-                    hp: dict, slot_ids: dict | None = None) -> BankState:
-        """Each owner's row-wise AdamW on the touched nodes of its own rows (gradient = acc * factor)."""
-        level_keys = list(placement)
-
-        slot_ids = slot_ids or {}
-
-        def local(params, mu, nu, count, dirty, acc, acc_ids, factor, lr, slot_ids):
-            me = jax.lax.axis_index(DP_AXES)
-            new = ({}, {}, {}, {}, {})
-            for k in level_keys:
-                pl = placement[k]
-                base = 0 if pl.replicated else me * pl.per_shard
-                grads = {n: a[0] for n, a in acc[k].items()}
-                out = update_owned_rows(params[k], mu[k], nu[k], count[k], dirty[k], grads, acc_ids[k][0], base,
-                                        factor=factor, lr=lr, slot_ids=slot_ids[k][0] if k in slot_ids else None,
-                                        **hp)
-                for d, x in zip(new, out, strict=True):
-                    d[k] = x
-            return new
-
-        lay = state.layout
-        arr = {k: {a.name: _level_spec(placement[k]) for a in lay.arrays} for k in level_keys}
-        node = {k: _node_spec(placement[k]) for k in level_keys}
-        tree = {k: {a.name: dp for a in lay.arrays} for k in level_keys}
-        ids = {k: dp for k in level_keys}
-        lr = hp.pop("lr")
-        sids = {k: dp for k in slot_ids}
-        out = _shard_map(mesh, local, (arr, arr, arr, node, node, tree, ids, P(), P(), sids),
-                         (arr, arr, arr, node, node))(state.params, state.mu, state.nu, state.count, state.dirty, acc,
-                                                      acc_ids, factor, lr, slot_ids)
-        return state.replace(params=out[0], mu=out[1], nu=out[2], count=out[3], dirty=out[4])
-
-    # ---- the step --------------------------------------------------------------------------------
-    def loss_terms(params, mb, mem):
+    def loss_terms(self, params, mb, mem):
+        fn = self.fn
         hidden = fn.apply(params, mb["tokens"], mb["segment_ids"], mb["positions"], memory=mem, return_hidden=True)
-        return chunked_nll(lambda h: fn.project(params, h), hidden, mb["tokens"], mb["segment_ids"], plan.loss_chunk)
+        return chunked_nll(lambda h: fn.project(params, h), hidden, mb["tokens"], mb["segment_ids"],
+                           self.plan.loss_chunk)
 
-    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # Logical-axis constraints inside the model and the loss resolve against this mesh.
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return _step(state, batch)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return self._step(state, batch)
 
-    def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        metrics = {}
+    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        plan, bank = self.plan, self.bank
         batch = dict(batch)
         slot_ids = batch.pop("slots", {})
-        micro = split_micro(batch)
+        micro = split_micro(self.mesh, batch, plan.micro_steps)
         zeros_like_params = jax.tree.map(lambda s, sh: jax.lax.with_sharding_constraint(
-            jnp.zeros(s.shape, jnp.float32), sh), fn.shapes, param_sh)
-        if memory:
+            jnp.zeros(s.shape, jnp.float32), sh), self.fn.shapes, self.param_sh)
+        if self.memory:
             # A sibling-path sequence reads its blocks but touches none of them (no gradient, no update).
             untouched = batch["generic"] | batch["sibling"] if "sibling" in batch else batch["generic"]
-            acc_ids, any_generic = owners_plan(batch["paths"], untouched, batch["generic"])
-            acc0 = {k: {a.name: jnp.zeros((plan.shards, plan.owned[k], *a.shape(lvs[k].rank)), jnp.float32)
-                        for a in bank_layout.arrays} for k in keys}
-            gen0 = {a.name: jnp.zeros((plan.shards, *a.shape(generic_layout.fetched_rank)), jnp.float32)
-                    for a in generic_layout.arrays} if generic_layout else None
+            acc_ids, any_generic = bank.plan(batch["paths"], untouched, batch["generic"])
+            acc0, gen0 = bank.zero_accumulators(plan.shards)
         else:
             acc_ids, any_generic, acc0, gen0 = {}, None, {}, None
-        carry0 = dict(anchor=zeros_like_params if train_anchor else None, bank=acc0, generic=gen0,
+        carry0 = dict(anchor=zeros_like_params if self.train_anchor else None, bank=acc0, generic=gen0,
                       nll=jnp.zeros((), jnp.float32), tokens=jnp.zeros((), jnp.int32),
                       remote=jnp.zeros((), jnp.int32))
+        carry = accumulate_gradients(state, micro, self.loss_terms, bank, self.train_anchor, carry0, acc_ids,
+                                     slot_ids, plan.micro_steps)
+        return self._apply(state, batch, carry, acc_ids, any_generic, slot_ids)
 
-        def body(carry, mb):
-            carry = dict(carry)
-            if not memory:
-                (nll, n), g = jax.value_and_grad(lambda p: loss_terms(p, mb, None), has_aux=True)(state.params)
-                carry["anchor"] = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), carry["anchor"], g)
-            else:
-                gen_params = state.generic.params if generic_layout else None
-                slots, index, uniq, gen, remote = fetch_micro(state.bank.params, gen_params, mb["paths"],
-                                                              mb["generic"], slot_ids)
-
-                def loss_memory(params, slots, gen):
-                    mem = SlotMemory(levels=tuple(slots[k] for k in keys), index=tuple(index[k] for k in keys),
-                                     generic=gen, use_generic=mb["generic"] if gen is not None else None,
-                                     frozen=mb.get("sibling"))
-                    return loss_terms(params, mb, mem)
-
-                argnums = (0, 1, 2) if train_anchor else (1, 2)
-                (nll, n), grads = jax.value_and_grad(loss_memory, argnums=argnums, has_aux=True)(
-                    state.params, slots, gen)
-                if train_anchor:
-                    g_params, g_slots, g_gen = grads
-                    carry["anchor"] = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), carry["anchor"], g_params)
-                else:
-                    g_slots, g_gen = grads
-                carry["bank"] = push_micro(carry["bank"], acc_ids, uniq, g_slots)
-                if g_gen is not None:
-                    carry["generic"] = jax.tree.map(jnp.add, carry["generic"], g_gen)
-                carry["remote"] = carry["remote"] + remote
-            carry["nll"] = carry["nll"] + nll
-            carry["tokens"] = carry["tokens"] + n.astype(jnp.int32)
-            return carry, None
-
-        if plan.micro_steps == 1:  # no loop around a single micro-step (XLA keeps a one-trip while)
-            carry, _ = body(carry0, jax.tree.map(lambda x: x[0], micro))
-        else:
-            carry, _ = jax.lax.scan(body, carry0, micro)
+    def _apply(self, state: TrainState, batch: dict, carry: dict, acc_ids: dict, any_generic,
+               slot_ids: dict) -> tuple[TrainState, dict]:
+        """Clip by the joint global norm, update the anchor, commit the bank and the generic memory."""
+        t, plan, metrics = self.cfg.train, self.plan, {}
         n_tok = carry["tokens"]
         inv = 1.0 / jnp.maximum(n_tok, 1).astype(jnp.float32)
         sq = jnp.zeros((), jnp.float32)
-        if train_anchor:
+        if self.train_anchor:
             anchor_sq = optax.tree_utils.tree_norm(carry["anchor"], squared=True) * inv**2
             metrics["grad_norm_anchor"] = jnp.sqrt(anchor_sq)
             sq = sq + anchor_sq
-        if memory:
-            bank_acc, gen_acc, bank_sq, gen_sq = finish_bank(carry["bank"], carry["generic"])
+        if self.memory:
+            bank_acc, gen_acc, bank_sq, gen_sq = self.bank.finish(carry["bank"], carry["generic"])
             metrics["grad_norm_bank"] = jnp.sqrt(bank_sq) * inv
             sq = sq + bank_sq * inv**2
-            if generic_layout is not None:
+            if self.generic_layout is not None:
                 metrics["grad_norm_generic"] = jnp.sqrt(gen_sq) * inv
                 sq = sq + gen_sq * inv**2
         norm = jnp.sqrt(sq)
@@ -507,21 +350,21 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
         metrics["grad_norm"] = norm
 
         params, opt_state = state.params, state.opt_state
-        if train_anchor:
+        if self.train_anchor:
             g = jax.tree.map(lambda a: a * (inv * scale), carry["anchor"])
-            updates, opt_state = tx.update(g, opt_state, params)
+            updates, opt_state = self.tx.update(g, opt_state, params)
             params = optax.apply_updates(params, updates)
-            metrics["lr_anchor"] = anchor_lr(state.step)
+            metrics["lr_anchor"] = self.anchor_lr(state.step)
         bank, generic = state.bank, state.generic
-        if memory:
-            lr = mem_lr(state.step)
+        if self.memory:
+            lr = self.mem_lr(state.step)
             hp = dict(b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=jnp.asarray(t.memory_weight_decay, jnp.float32))
-            bank = update_bank(bank, bank_acc, acc_ids, plan.levels, inv * scale, dict(hp, lr=lr), slot_ids)
-            if generic_layout is not None:
+            bank = self.bank.commit(bank, bank_acc, acc_ids, plan.levels, inv * scale, dict(hp, lr=lr), slot_ids)
+            if self.generic_layout is not None:
                 gen_ids = {"level1": jnp.broadcast_to(jnp.where(any_generic, 0, -1).astype(jnp.int32),
                                                       (plan.shards, 1))}
                 gacc = {"level1": {n: a[:, None] for n, a in gen_acc.items()}}
-                generic = update_bank(generic, gacc, gen_ids, gen_plan, inv * scale, dict(hp, lr=lr))
+                generic = self.bank.commit(generic, gacc, gen_ids, self.gen_plan, inv * scale, dict(hp, lr=lr))
             metrics["lr_memory"] = lr
             metrics["generic_fraction"] = jnp.mean(batch["generic"].astype(jnp.float32))
             if "sibling" in batch:
@@ -532,18 +375,15 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank, generic=generic)
         return new, metrics
 
-    step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+
+def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> StepFns:
+    """Jitted ``init(seed) -> TrainState`` and ``step(state, batch) -> (state, metrics)`` for ``cfg``."""
+    s = _Step(cfg, mesh)
+    step = jax.jit(s.__call__, in_shardings=(s.state_sh, s.batch_sh), out_shardings=(s.state_sh, s.replicated),
                    donate_argnums=(0,))
-    return StepFns(init=init, step=step, state_shardings=state_sh, batch_shardings=batch_sh, fn=fn,
-                   bank_layout=bank_layout, generic_layout=generic_layout, plan=plan, abstract_state=abstract_state)
-
-
-def _level_spec(pl: LevelPlacement) -> P:
-    return P() if pl.replicated else P(DP_AXES)
-
-
-def _node_spec(pl: LevelPlacement) -> P:
-    return P() if pl.replicated else P(DP_AXES)
+    return StepFns(init=s.init, step=step, state_shardings=s.state_sh, batch_shardings=s.batch_sh, fn=s.fn,
+                   bank_layout=s.bank_layout, generic_layout=s.generic_layout, plan=s.plan,
+                   abstract_state=s.abstract_state)
 
 
 def device_batch(batch: dict, shardings: dict) -> dict:

@@ -46,7 +46,7 @@ class Run:
 
 
 class RunMemory:
-    """The run's :class:`~memlm.eval.conditions.MemoryProvider`: texts -> embed -> route -> gather.
+    """The run's :class:`~memlm.infer.conditions.MemoryProvider`: texts -> embed -> route -> gather.
 
     ``fetched`` routes each text greedily; ``blocked`` takes, at ``block_level``, the next-best
     sibling of the text's own node (the paper's blocking test); ``generic`` is the run's generic

@@ -43,7 +43,7 @@ gate's and the confidence gate's) all-zero blocks instead of the generic memory:
 ``act(u W1) W2`` (or a low-rank product) to the anchor, so a zero block adds nothing and the text
 is answered by the anchor alone, as under the ``none`` condition.
 
-:class:`BeamRouting` wraps a run's :class:`~memlm.run.inference.RunMemory` as a memory provider;
+:class:`BeamRouting` wraps a run's :class:`~memlm.infer.run.RunMemory` as a memory provider;
 every other condition passes through to it unchanged. Choices are cached per text.
 """
 
@@ -54,10 +54,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from memlm.eval.conditions import pad_to
-from memlm.eval.perplexity import target_logprobs
+from memlm.infer.conditions import pad_to
+from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket, generate
+from memlm.infer.scoring import target_logprobs
 from memlm.memspec import FetchedMemory
-from memlm.serve.generate import MIN_PROMPT_BUCKET, bucket, generate
 
 __all__ = ["BeamRouting", "uses_beam"]
 
@@ -250,3 +250,11 @@ class BeamRouting:
         if use_generic.any():
             memory = self.memory._mix(memory, self._fallback(), jnp.asarray(use_generic))
         return memory
+
+
+def provider_of(run):
+    """The memory provider a loaded run (``memlm.infer.run.Run``) is scored and served with: the run's
+    memory, or beam routing over it (``eval.route_beam*``, ``route_descent``, ``route_posterior``, ...)."""
+    if "fetched" not in run.conditions or not uses_beam(run.cfg):
+        return run.memory
+    return BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg)

@@ -1,6 +1,6 @@
 """Memory conditions for evaluation, and the provider protocol that supplies memory per text.
 
-The paper compares one anchor under several memories (PAPER.md §4.5, §5.3):
+The paper compares one anchor under several memories (docs/paper.md §4.5, §5.3):
 
 - ``none``: the anchor alone (no memory);
 - ``generic``: the context-independent generic memory, the same for every text;
@@ -16,7 +16,7 @@ to the host.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -25,7 +25,7 @@ from memlm.config import CONDITIONS, ConditionError
 from memlm.memspec import FetchedMemory
 
 __all__ = [
-    "CONDITIONS", "ConditionError", "DictMemoryProvider", "MemoryProvider", "memory_rows", "pad_to",
+    "CONDITIONS", "ConditionError", "MemoryProvider", "memory_rows", "pad_to",
     "parse_conditions", "row_index",
 ]
 
@@ -91,38 +91,3 @@ def pad_to(items: list, size: int) -> list:
     if not items or len(items) > size:
         raise ValueError(f"cannot pad {len(items)} items to {size}")
     return items + [items[-1]] * (size - len(items))
-
-
-class DictMemoryProvider:
-    """A :class:`MemoryProvider` over fixed tables, for tests and small experiments.
-
-    ``per_text[condition][text]`` is one text's memory (name -> array without a batch axis);
-    ``shared[condition]`` is one memory for every text (e.g. the generic memory). The ``none``
-    condition always gives None. A text missing from a per-text table is an error naming it.
-    """
-
-    def __init__(self, per_text: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]] | None = None,
-                 shared: Mapping[str, Mapping[str, np.ndarray]] | None = None):
-        self.per_text = dict(per_text or {})
-        self.shared = dict(shared or {})
-        both = set(self.per_text) & set(self.shared)
-        if both:
-            raise ConditionError(f"conditions {sorted(both)} are given both per text and shared")
-        parse_conditions([*self.per_text, *self.shared] or ["none"])
-        self.calls: list[tuple[str, int]] = []  # (condition, number of texts): lets tests see the batching
-
-    def __call__(self, texts: list[str], condition: str) -> FetchedMemory | None:
-        parse_conditions([condition])
-        self.calls.append((condition, len(texts)))
-        if condition == "none":
-            return None
-        if condition in self.shared:
-            return {n: np.asarray(a)[None] for n, a in self.shared[condition].items()}
-        table = self.per_text.get(condition)
-        if table is None:
-            raise ConditionError(f"no memory table for condition {condition!r}")
-        missing = [t for t in texts if t not in table]
-        if missing:
-            raise ConditionError(f"no {condition!r} memory for text {missing[0]!r}")
-        names = table[texts[0]].keys()
-        return {n: np.stack([np.asarray(table[t][n]) for t in texts]) for n in names}
