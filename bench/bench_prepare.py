@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 
 def write_corpus(folder: Path, n: int, shard_docs: int) -> int:
-    from memlm.data import generated
+    from memlm.corpora import generated
 
     folder.mkdir(parents=True)
     docs = generated.module("bios").generate(n, 0)

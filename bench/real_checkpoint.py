@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,7 @@ def compare(out: Path) -> dict:
 
     ref = json.loads((out / "reference.json").read_text())
     t0 = time.time()
+    shutil.rmtree(out / "run", ignore_errors=True)  # a fresh conversion each time
     from_hf(out / "hf", out / "run", overrides={"model.compute_dtype": "float32"}, quiet=True)
     run = load_run(out / "run")
     forward = jax.jit(lambda p, t: run.fn.apply(p, t))

@@ -1,7 +1,8 @@
-"""The ``memlm`` command line: prepare, train, eval, generate, info, convert, export, merge, sweep, demo.
+"""The ``memlm`` command line: prepare, train, eval, generate, info, convert, export, route, merge, sweep, demo.
 
-Every verb works with no flags on the embedded default (the tiny preset and the generated
-facts corpus). Configs are preset files under ``experiments/`` overridden with
+Every verb works with no flags on the embedded default (the tiny preset packaged as
+``memlm/presets/tiny.py`` and the generated facts corpus). Configs are preset files (the paper's
+under ``experiments/``) overridden with
 ``--config.section.key=value``; bad keys and values fail at once with one line on stderr.
 """
 
@@ -106,9 +107,10 @@ def _tiers_here(cfg) -> tuple[int, list[dict]] | None:
     does not fit the local devices; ``memlm compile`` reports them for any topology)."""
     import jax
 
+    from memlm.bank.placement import tier_report
     from memlm.config import ConfigError, mesh_shape
+    from memlm.memspec import uses_memory
     from memlm.sharding import make_mesh
-    from memlm.train.step import tier_report, uses_memory
 
     if not uses_memory(cfg):
         return None
@@ -144,14 +146,9 @@ def _cmd_compile(args, cfg) -> None:
 
 
 def _cmd_prepare(args, cfg) -> None:
-    if args.workers is None and not args.pipeline_options:
-        from memlm.data.prepare import prepare
+    from memlm.data.prepare import prepare
 
-        prepare(cfg, args.corpus, args.out)
-        return
-    from memlm.data.pipeline import prepare_sharded
-
-    prepare_sharded(cfg, args.corpus, args.out, workers=args.workers or 1, pipeline_options=args.pipeline_options)
+    prepare(cfg, args.corpus, args.out, workers=args.workers, pipeline_options=args.pipeline_options or ())
 
 
 def _cmd_train(args, cfg) -> None:
@@ -175,6 +172,14 @@ def _cmd_merge(args, cfg) -> None:
 def _cmd_eval(args, cfg) -> None:
     from memlm.eval.run import evaluate
 
+    if args.perplexity_key:
+        args.overrides = {**args.overrides, "eval.perplexity_key": args.perplexity_key}
+    if args.tasks:
+        from memlm.eval.harness_run import evaluate_harness
+
+        evaluate_harness(args.workdir, args.tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                         conditions=args.conditions, limit=args.limit, data_dir=args.data, overrides=args.overrides)
+        return
     evaluate(args.workdir, probes=args.probes, conditions=args.conditions, data_dir=args.data,
              overrides=args.overrides)
 
@@ -203,9 +208,25 @@ def _cmd_convert(args, cfg) -> None:
 
 
 def _cmd_export(args, cfg) -> None:
+    if args.serve and args.merge_path:
+        raise UsageError("give one of --serve or --merge-path")
+    if args.serve or args.merge_path:
+        from memlm.serve.export import export_merged, export_serve
+
+        if args.serve:
+            export_serve(args.run_dir, args.out, paths=args.paths)
+        else:
+            export_merged(args.run_dir, args.out, args.merge_path)
+        return
     from memlm.convert.export import export_bank
 
     export_bank(args.run_dir, args.out)
+
+
+def _cmd_route(args, cfg) -> None:
+    from memlm.serve.router import route_cli
+
+    route_cli(args.serve, [args.text])
 
 
 def _cmd_sweep(args, cfg) -> None:
@@ -247,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, help_text):
         sp = sub.add_parser(name, help=help_text)
-        sp.add_argument("--config", default=None, help="preset file (default experiments/tiny.py)")
+        sp.add_argument("--config", default=None, help="preset file (default: the packaged tiny preset, "
+                        "memlm/presets/tiny.py)")
         return sp
 
     sp = add("info", "parameter, bank and FLOP accounting of a config")
@@ -285,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default=None)
     sp.add_argument("--probes", default=None, help="probe file (.jsonl); default: the data dir's built-in probes")
     sp.add_argument("--conditions", default=None, help="comma list of none,generic,fetched,blocked")
+    sp.add_argument("--perplexity-key", default=None, help="held-out perplexity's retrieval key: document (default) "
+                    "or prefix:N (also keyed by the first N tokens, scoring only the tokens after them)")
+    sp.add_argument("--tasks", default=None, help="comma list of lm-evaluation-harness tasks (instead of the probes)")
+    sp.add_argument("--include-path", default=None, help="--tasks: a folder of local task YAML files")
+    sp.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per task")
+    sp.add_argument("--limit", type=float, default=None, help="--tasks: examples per task (a fraction when < 1)")
     sp = add("generate", "greedy generation with fetched memory")
     sp.add_argument("--workdir", default=DEFAULT_RUN)
     sp.add_argument("--prompt", required=True)
@@ -305,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("export", "a run's bank and generic memory as zarr3 arrays plus metadata")
     sp.add_argument("run_dir", metavar="RUN_DIR")
     sp.add_argument("--out", required=True)
+    sp.add_argument("--serve", action="store_true", help="a padded HF anchor, one PEFT LoRA adapter per path "
+                    "and a router, for engines that serve many LoRA adapters (docs/serving.md)")
+    sp.add_argument("--paths", default="all", help="--serve: all, N (the N most used leaves) or for:TEXT")
+    sp.add_argument("--merge-path", default=None, metavar="TEXT|3,14",
+                    help="one HF model with this path's FFN-memory blocks merged into its FFN")
+    sp = add("route", "the adapter of a text's path in a --serve export")
+    sp.add_argument("--serve", required=True, metavar="DIR", help="a `memlm export --serve` folder")
+    sp.add_argument("--text", required=True)
     sp = sub.add_parser("sweep", help="run, collect and report a scaling-law sweep (experiments/sweeps/*.py)")
     sp.add_argument("action", choices=("run", "collect", "report"))
     sp.add_argument("file", metavar="SWEEP_FILE", help="a python file defining SWEEP")

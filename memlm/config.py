@@ -1,9 +1,12 @@
 """Configuration schema: one ml_collections ConfigDict with sections model, memory, tree, data,
 train, eval and mesh, plus validation whose errors name the bad key and value.
 
-Presets in ``experiments/`` call :func:`default_config` and change what they need; command-line
-overrides (``--config.section.key=value``) go through :func:`apply_overrides`. Every consumer
-calls :func:`validate` before it builds anything, so a bad config fails before compiling.
+Presets (the default ``memlm/presets/tiny.py``, the paper's in ``experiments/``) call
+:func:`default_config` and change what they need; command-line overrides
+(``--config.section.key=value``) go through :func:`apply_overrides`. A config is validated once
+where it enters: the command line, a run directory's record, a sweep's expansion, a conversion, and
+the public entry points that take a caller's config (``prepare(cfg)``, ``train(cfg)``); code inside
+trusts it. A bad config fails before anything is built or compiled.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ EMBED_UNITS = ("document", "window")
 CONDITIONS = ("none", "generic", "fetched", "blocked")
 EMBEDDERS = ("minilm", "hash")
 EMBED_DTYPES = ("auto", "float32", "bfloat16")
+
+
+# The embedded default preset, shipped inside the package (loaded by path: no import circle with it).
+DEFAULT_PRESET = str(Path(__file__).resolve().parent / "presets" / "tiny.py")
+
+# Keys memlm once had and reads no more: a run's config.json that still has one loads without it.
+REMOVED_KEYS: dict[str, tuple[str, ...]] = {"data": ("shuffle_buffer",), "train": ("eval_every",)}
 
 
 class ConfigError(ValueError):
@@ -141,7 +151,6 @@ def default_config() -> ml_collections.ConfigDict:
             records_per_shard=4096,
             unit_shards=1,  # `prepare --workers N`: input shards per work unit (the unit of resumable work)
             entity_field="entity",  # document field naming what a document is about (routing diagnostics); "": off
-            shuffle_buffer=0,
             num_threads=2,
             prefetch=4,
         )
@@ -176,7 +185,6 @@ def default_config() -> ml_collections.ConfigDict:
             checkpoint_every=200,
             keep_checkpoints=3,
             log_every=10,
-            eval_every=0,
         )
     )
 
@@ -187,6 +195,9 @@ def default_config() -> ml_collections.ConfigDict:
             max_new_tokens=8,
             batch_size=16,
             heldout_documents=64,
+            # held-out perplexity's retrieval key: "document" (the whole document, as the paper) or
+            # "prefix:N" (also: the memory fetched with the first N tokens, only the tokens after them scored)
+            perplexity_key="document",
             # confidence gate on "fetched": queries whose routing is not trusted get the generic memory.
             # "distance": farther than route_gate_threshold from their level-route_gate_level node's
             # centroid; "margin": a sibling within route_gate_threshold of that distance; "off".
@@ -222,7 +233,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_config(path: str | None = None) -> ml_collections.ConfigDict:
-    """Load a preset file (``experiments/*.py`` with ``get_config()``), or the tiny default.
+    """Load a preset file (``experiments/*.py`` with ``get_config()``), or the packaged default
+    (:data:`DEFAULT_PRESET`, ``memlm/presets/tiny.py``).
 
     A ``.json`` file (a run's ``config.json``, or a bare config as JSON) or a run directory loads
     the config that run used: ``--config CONVERTED_RUN`` gives a config that matches a converted
@@ -238,10 +250,7 @@ def load_config(path: str | None = None) -> ml_collections.ConfigDict:
             raise ConfigError(f"config file {str(file)!r} is not valid JSON ({e})") from None
         return config_from_json(obj, str(file))
     if path is None:
-        path = str(Path(__file__).resolve().parent.parent / "experiments" / "tiny.py")
-        if not Path(path).exists():
-            raise ConfigError(f"the default preset {path} is missing (memlm installed without its repository): "
-                              "pass --config experiments/tiny.py from a checkout")
+        path = DEFAULT_PRESET
     spec_arg = None
     if ":" in path and not Path(path).exists():
         path, spec_arg = path.split(":", 1)
@@ -259,8 +268,9 @@ def load_config(path: str | None = None) -> ml_collections.ConfigDict:
 def config_from_json(obj: dict, source: str = "config") -> ml_collections.ConfigDict:
     """A config from its JSON form (``{"config": {...}, ...}`` as a run records it, or the bare dict).
 
-    Keys the JSON lacks keep their defaults (a run written before a key existed); JSON lists
-    become tuples where the schema has a tuple; unknown keys fail naming the key and the file.
+    Keys the JSON lacks keep their defaults (a run written before a key existed); keys memlm no
+    longer has (:data:`REMOVED_KEYS`) are dropped; JSON lists become tuples where the schema has a
+    tuple; unknown keys fail naming the key and the file.
     """
     data = obj.get("config", obj) if isinstance(obj, dict) else obj
     if not isinstance(data, dict):
@@ -274,7 +284,7 @@ def config_from_json(obj: dict, source: str = "config") -> ml_collections.Config
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: config section {section!r} must be an object, got {value!r}")
-        for k, v in value.items():
+        for k, v in drop_removed_keys(section, value).items():
             if k not in cfg[section]:
                 raise ConfigError(f"{source}: unknown config key {section}.{k}")
             current = cfg[section][k]
@@ -287,6 +297,12 @@ def config_from_json(obj: dict, source: str = "config") -> ml_collections.Config
             except TypeError as e:
                 raise ConfigError(f"{source}: config key {section}.{k} = {v!r}: {e}") from None
     return cfg
+
+
+def drop_removed_keys(section: str, values: dict) -> dict:
+    """A recorded config section without the keys memlm no longer has (:data:`REMOVED_KEYS`)."""
+    gone = REMOVED_KEYS.get(section, ())
+    return {k: v for k, v in values.items() if k not in gone}
 
 
 def _parse_value(text: str, current: Any) -> Any:
@@ -451,7 +467,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if t.microbatch_size and t.batch_size % t.microbatch_size:
         _fail("train.microbatch_size", t.microbatch_size, f"must divide train.batch_size = {t.batch_size}")
     _check_positive(cfg, "train", ("min_lr", "warmup_steps", "weight_decay", "memory_min_lr",
-                                   "memory_warmup_steps", "memory_weight_decay", "eval_every"), strict=False)
+                                   "memory_warmup_steps", "memory_weight_decay"), strict=False)
     if not (0 < t.b1 < 1 and 0 < t.b2 < 1):
         _fail("train.b1/b2", (t.b1, t.b2), "must lie in (0, 1)")
     if t.mode in ("frozen", "cotrain", "scratch") and mem.type == "none":
@@ -461,6 +477,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if c and c not in CONDITIONS:
             _fail("eval.conditions", cfg.eval.conditions, f"unknown condition {c!r}; choose from {CONDITIONS}")
     _check_positive(cfg, "eval", ("block_level", "max_new_tokens", "batch_size", "heldout_documents"))
+    pkey = str(cfg.eval.perplexity_key)
+    if pkey != "document" and not (pkey.startswith("prefix:") and pkey[7:].isdigit() and int(pkey[7:]) >= 1):
+        _fail("eval.perplexity_key", pkey, "choose 'document' or 'prefix:N' with N >= 1 tokens")
     gate = cfg.eval.route_gate
     if gate not in ("off", "distance", "margin"):
         _fail("eval.route_gate", gate, "choose from 'off', 'distance' or 'margin'")
@@ -551,13 +570,6 @@ def _validate_architecture(cfg: ml_collections.ConfigDict) -> None:
         _fail("model.local_layers", tuple(local), "local layers need model.sliding_window > 0")
     if not isinstance(get("sliding_window"), int):
         _fail("model.sliding_window", get("sliding_window"), "must be an integer number of tokens")
-
-
-def memory_levels(cfg: ml_collections.ConfigDict) -> list[int]:
-    """The 1-based levels that carry memory (r_l > 0)."""
-    if cfg.memory.type == "none":
-        return []
-    return [i + 1 for i, r in enumerate(cfg.memory.sizes) if r]
 
 
 def memory_layers(cfg: ml_collections.ConfigDict) -> tuple[int, int]:

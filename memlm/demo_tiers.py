@@ -22,8 +22,8 @@ def tiered_config(config: str | None = None, ratio: int = 10) -> ml_collections.
     """The demo's config: the bank's state is ``ratio`` times the device budget; the deepest
     device/host split that fits that budget on one device."""
     from memlm.bank.layout import BankLayout
+    from memlm.bank.placement import tier_report
     from memlm.sharding import make_mesh
-    from memlm.train.step import tier_report
 
     cfg = load_config(config)
     cfg.name = f"{cfg.name}_tiers"
@@ -34,10 +34,11 @@ def tiered_config(config: str | None = None, ratio: int = 10) -> ml_collections.
     layout = BankLayout.from_config(validate(cfg))
     cfg.bank.device_bytes = layout.state_bytes() // ratio
     mesh = make_mesh((1, 1, 1))
+    # validated above; the loop only sets device_bytes >= 0 and device_levels >= replicate_levels, both valid
     for n in range(layout.levels[-1].level, cfg.bank.replicate_levels - 1, -1):
         cfg.bank.device_levels = n
         try:
-            tier_report(validate(cfg), mesh)
+            tier_report(cfg, mesh)
             return cfg
         except ConfigError:
             continue
@@ -49,13 +50,13 @@ def run_tiers_demo(workdir: str | Path = "runs/demo_tiers", data_dir: str | Path
                    config: str | None = None) -> dict:
     """Prepare, train with the deep levels off device, evaluate; returns the results."""
     from memlm.bank.layout import BankLayout
+    from memlm.bank.placement import tier_report
     from memlm.data.prepare import prepare
     from memlm.eval.plot import format_table
     from memlm.eval.run import evaluate_run, probe_files_of
     from memlm.infer.run import load_run
     from memlm.sharding import make_mesh
     from memlm.train.metrics import read_metrics
-    from memlm.train.step import tier_report
 
     t0 = time.time()
     cfg = tiered_config(config)

@@ -153,3 +153,9 @@ def fetched_shapes(cfg: ml_collections.ConfigDict, batch: int) -> dict[str, tupl
     """Shapes of a FetchedMemory for a batch: name -> (batch, *shape(R))."""
     r = fetched_rank(cfg)
     return {b.name: (batch, *b.shape(r)) for b in block_arrays(cfg)}
+
+
+def uses_memory(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether a run of ``cfg`` trains (and fetches) memory: a memory type, in a mode that is not
+    anchor pretraining."""
+    return cfg.train.mode != "anchor" and cfg.memory.type != "none"

@@ -13,15 +13,16 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DP_AXES = ("data", "fsdp")  # the data-parallel mesh axes: the batch and a bank level's nodes split over both
 
 # logical axis -> mesh axes, in priority order.
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "bank_nodes": ("data", "fsdp"),  # the bank's node axis: sharded over the data-parallel axes
+    "batch": DP_AXES,
+    "bank_nodes": DP_AXES,  # the bank's node axis: sharded over the data-parallel axes
     "vocab": ("tensor",),
     "embed": ("fsdp",),
     "heads": ("tensor",),
@@ -61,10 +62,6 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     return P(*spec)
-
-
-def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -29,3 +29,50 @@ def facts_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("facts_data")
     prepare(cfg, "facts", str(out))
     return out
+
+
+# ---- the fast tier: `make test-fast` runs `-m "not slow"` ------------------------------------------
+# Modules that train end to end mark themselves (``pytestmark`` or per-test ``@pytest.mark.slow``). The
+# slowest cases of modules whose quick tests stay in the fast tier are named here: a test function's
+# name marks all its cases, ``name[id]`` one case. A module mapped to None is slow as a whole. Any test
+# that uses a fixture of SLOW_FIXTURES (directly or through another fixture) is slow too.
+SLOW_TESTS: dict[str, set[str] | None] = {
+    "test_eval_run.py": None,  # a module-scoped trained run behind every test
+    "test_model.py": {
+        "test_slot_memory_equals_the_per_sequence_fetched_memory",
+        "test_document_masked_forward_equals_each_document_alone", "test_kv_cache_decoding_equals_the_full_forward",
+        "test_fast_attention_path_equals_the_xla_fallback", "test_memory_placement_late_changes_only_late_layers",
+        "test_grouped_query_attention_and_rmsnorm_options_run", "test_sharded_forward_on_8_devices_matches_one_device",
+        *(f"test_every_memory_type_is_zero_at_init_and_gets_gradients[{k}]"
+          for k in ("ffn", "lora_ffn", "kv", "lora_ov")),  # lora_qk stays fast
+    },
+    "test_kernels.py": {  # interpret-mode kernels; one pallas and one splash case stay fast
+        "test_anchor_with_a_kernel_equals_the_xla_anchor",
+        "test_kernel_equals_the_xla_path_in_values_and_gradients[pallas_gpu-4-None-0.0-0]",
+        "test_kernel_equals_the_xla_path_in_values_and_gradients[splash-4-None-0.0-0]",
+        "test_kernel_equals_the_xla_path_in_values_and_gradients[splash-1-0.3-0.0-0]",
+        "test_kernel_equals_the_xla_path_in_values_and_gradients[splash-2-None-5.0-16]",
+    },
+    "test_retrieval_embed.py": {"test_minilm_matches_sentence_transformers", "test_same_text_same_vector_in_any_batch",
+                                "test_minilm_sharded_over_the_data_axis_matches_one_device"},
+    "test_retrieval_tree.py": {"test_tree_recovers_a_known_hierarchical_mixture",
+                               "test_balancing_lowers_the_largest_leaf_share_on_skewed_data",
+                               "test_duplicate_points_share_a_path_and_keep_routing_defined"},
+    "test_tokenizer_template.py": {"test_saved_tokenizer_keeps_the_template_and_the_chat_template",
+                                   "test_add_bos_flag_rebuilds_the_template"},
+    "test_compile.py": {"test_compile_reports_memory_and_collectives_per_device",
+                        "test_a_config_that_does_not_fit_exits_with_one_line"},  # 40 s on a cold compile cache
+    "test_convert.py": {"test_every_family_option_at_once_scan_equals_a_layer_loop_and_the_cache"},
+    "test_bank_device.py": {"test_sharded_bank_gathers_and_updates_like_a_single_device_bank"},
+}
+
+
+SLOW_FIXTURES = {"facts_data"}  # the prepared facts corpus: a test that needs it trains on it
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = SLOW_TESTS.get(item.path.name, ())
+        if (names is None or item.name in names or getattr(item, "originalname", item.name) in names
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.slow)

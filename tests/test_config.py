@@ -150,6 +150,43 @@ def test_a_run_recorded_before_a_key_existed_opens_with_its_default():
         config_from_record(record)
 
 
+def test_the_default_preset_ships_inside_the_package():
+    """``pip install memlm`` has a default: the packaged tiny preset, which experiments/tiny.py re-exports."""
+    from pathlib import Path
+
+    import memlm
+    from memlm.config import DEFAULT_PRESET
+
+    assert Path(DEFAULT_PRESET).parent == Path(memlm.__file__).resolve().parent / "presets"
+    assert load_config().to_json() == load_config(DEFAULT_PRESET).to_json() == \
+        load_config("experiments/tiny.py").to_json()
+    validate(load_config())
+
+
+def test_a_run_recorded_with_a_removed_key_still_opens_and_continues(tmp_path):
+    """train.eval_every and data.shuffle_buffer were read nowhere and are gone from the schema: an
+    old run's config.json that has them loads without them, and resuming it is no config change."""
+    import json
+
+    from memlm.config import REMOVED_KEYS
+    from memlm.run.directory import RunDir, config_from_record
+
+    cfg = load_config("experiments/tiny.py")
+    for section, keys in REMOVED_KEYS.items():
+        for k in keys:
+            assert k not in cfg[section]
+    record = {"config": json.loads(cfg.to_json()), "data_dir": None, "init_from": None}
+    record["config"]["train"]["eval_every"] = 0
+    record["config"]["data"]["shuffle_buffer"] = 0
+    got = config_from_record(record)
+    assert got.to_json() == cfg.to_json()
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert load_config(str(tmp_path)).to_json() == cfg.to_json()
+    RunDir(tmp_path).check_config(cfg)  # no "train section differs" for a key memlm no longer has
+    with pytest.raises(ConfigError, match="unknown config key"):
+        apply_overrides(load_config("experiments/tiny.py"), {"train.eval_every": "5"})
+
+
 def test_sibling_paths_need_a_probability_below_one_and_a_tree_level():
     _bad({"train.sibling_path_prob": "1.0"}, "train.sibling_path_prob", "[0, 1)")
     _bad({"train.sibling_path_prob": "-0.1"}, "train.sibling_path_prob", "[0, 1)")

@@ -294,7 +294,12 @@ def test_float16_checkpoint_with_a_stored_tied_head_round_trips(tmp_path):
     (src / "model.safetensors").unlink()
     write_checkpoint(src, [(n, v.shape, v.dtype) for n, v in t.items()], t.__getitem__, max_shard_bytes=30_000)
     from_hf(src, tmp_path / "run", quiet=True)
-    cfg = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    record = json.loads((tmp_path / "run" / "config.json").read_text())  # written by RunDir.write_config
+    assert list(record) == ["config", "data_dir", "init_from", "converted_from"]
+    assert (record["data_dir"], record["init_from"], record["converted_from"]) == \
+        (str((tmp_path / "run" / "hf").resolve()), None, str(src.resolve()))
+    assert not (tmp_path / "run" / "config.json.tmp").exists()
+    cfg = record["config"]
     assert (cfg["model"]["param_dtype"], cfg["model"]["compute_dtype"]) == ("float32", "bfloat16")
     to_hf(tmp_path / "run", tmp_path / "back", quiet=True)
     back = Checkpoint(tmp_path / "back")

@@ -19,6 +19,8 @@ import tensorstore as ts
 
 from memlm.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end prepare / convert runs in module-scoped fixtures
+
 FIX = Path(__file__).resolve().parent / "fixtures" / "convert"
 TOPICS = (
     ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"],
@@ -130,6 +132,28 @@ def test_prepare_puts_the_bos_at_each_document_start(posthoc):
     assert starts == ends == len(train)
     full = [tok.encode(t).tolist() + [tok.eot_id] for t in train]  # the ids transformers gives, and the EOT
     assert all(any(f[: len(piece)] == piece for f in full) for piece in seen)  # long ones are cut at seq_len
+
+
+def test_data_tokenized_without_the_template_is_refused_by_train_and_eval(posthoc, tmp_path, capsys):
+    """Data prepared before templates were applied (no ``template`` in the manifest) for a BOS model:
+    ``memlm train`` and ``memlm eval`` say to prepare again, in one line."""
+    import shutil
+
+    root, conv, data, run = posthoc
+    old = tmp_path / "old_data"
+    shutil.copytree(data, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["tokenizer"]["template"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["train", "--config", str(conv / "config.json"), "--init-from", str(conv), "--data", str(old),
+                 "--workdir", str(tmp_path / "r"), "--config.train.mode=frozen", "--config.memory.type=ffn",
+                 "--config.memory.sizes=(4,4)", *TREE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run `memlm prepare` again" in err[0], err
+    assert main(["eval", "--workdir", str(conv), "--data", str(old), "--conditions", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run `memlm prepare` again" in err[0], err
 
 
 def test_frozen_memory_training_on_the_converted_anchor(posthoc):

@@ -9,8 +9,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from memlm.data import bios
-from memlm.data.facts import count_mentions
+from memlm.corpora import bios
+from memlm.corpora.facts import count_mentions
 
 N_DOCS = 8000
 
@@ -109,7 +109,7 @@ def test_probes_ask_only_untutored_people_in_words_their_documents_do_not_use(co
 @pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("periodictable", "countryinfo", "mendeleev")),
                     reason="the facts corpus needs periodictable, countryinfo and mendeleev (data extras)")
 def test_facts_probes_repeat_their_documents_wording_where_bios_probes_do_not():
-    from memlm.data import facts
+    from memlm.corpora import facts
 
     docs = list(facts.generate(4000, seed=0))
     ents = facts.entities()

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(p) is None for p in ("periodictable", "countryinfo", "mendeleev")),
     reason="the facts corpus needs periodictable, countryinfo and mendeleev (data extras)")
 
-from memlm.data import facts  # noqa: E402
+from memlm.corpora import facts  # noqa: E402
 
 N_DOCS = 4000
 

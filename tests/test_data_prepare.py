@@ -14,6 +14,8 @@ from memlm.data.readers import iter_documents
 from memlm.data.records import decode_segments
 from memlm.data.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # end-to-end prepare / convert runs in module-scoped fixtures
+
 TOPICS = {
     "sea": "wave tide salt coral reef whale shark harbour boat sail storm current",
     "space": "star planet orbit comet nebula galaxy rocket moon telescope gravity",
@@ -154,23 +156,23 @@ def test_rerun_reuses_stages_and_changes_rerun_only_their_dependents(tmp_path):
     src = make_corpus(tmp_path / "c.jsonl", n=60, seed=1)
     out = tmp_path / "out"
     first = prepare(tiny_cfg(), src, out, console=QUIET)
-    assert ran(first) == ["embed", "entities", "pack", "read", "route", "tokenizer", "tokens", "tree"]
+    every = ["encode", "pack", "read", "route", "scan", "tokenizer", "tree"]
+    assert ran(first) == every
     second = prepare(tiny_cfg(), src, out, console=QUIET)
     assert ran(second) == []
     assert {k: v for k, v in second.items() if k != "stages"} == {k: v for k, v in first.items() if k != "stages"}
 
     cfg = tiny_cfg(kmeans_steps=4)
-    assert ran(prepare(cfg, src, out, console=QUIET)) == ["entities", "pack", "route", "tree"]
+    assert ran(prepare(cfg, src, out, console=QUIET)) == ["pack", "route", "tree"]
     cfg.data.seq_len = 40
     changed = prepare(cfg, src, out, console=QUIET)
     assert ran(changed) == ["pack"] and changed["seq_len"] == 40
     check_shards(out, changed, src)
-    cfg.data.tokenizer_vocab = 300
-    assert ran(prepare(cfg, src, out, console=QUIET)) == ["pack", "tokenizer", "tokens"]
+    cfg.data.tokenizer_vocab = 300  # new tokens: the units are encoded (and embedded) again
+    assert ran(prepare(cfg, src, out, console=QUIET)) == ["encode", "pack", "route", "tokenizer", "tree"]
 
     make_corpus(tmp_path / "c.jsonl", n=61, seed=1)
-    assert ran(prepare(cfg, src, out, console=QUIET)) == ["embed", "entities", "pack", "read", "route", "tokenizer",
-                                                          "tokens", "tree"]
+    assert ran(prepare(cfg, src, out, console=QUIET)) == every
 
 
 def test_window_units_split_documents_and_keep_eot_at_document_ends(tmp_path):
@@ -199,7 +201,7 @@ def test_empty_corpus_file_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("periodictable", "countryinfo", "mendeleev")),
                     reason="the facts corpus needs periodictable, countryinfo and mendeleev (data extras)")
 def test_facts_corpus_prepares_with_probes_bucketed_by_training_mentions(tmp_path):
-    from memlm.data import facts
+    from memlm.corpora import facts
 
     cfg = tiny_cfg(k=4)
     cfg.data.facts_documents = 800

@@ -1,6 +1,6 @@
-"""`memlm prepare --workers N` (the Beam pipeline): a folder of 8 `.jsonl.gz` shards gives the same
-records with 1 worker, with 2, after a kill in the middle and a rerun, and as the one-process
-prepare (the independent reference: it packs the whole corpus in one pass)."""
+"""`memlm prepare` in one process and with `--workers N` (the Beam engine): a folder of 8 `.jsonl.gz`
+shards gives byte-identical shards and manifest with no workers, 1 worker and 2, after a kill in the
+middle and a rerun; the records are checked against an independent packing in test_data_prepare."""
 
 import gzip
 import json
@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from memlm.data.records import read_manifest
+
+pytestmark = pytest.mark.slow  # end-to-end prepare / convert runs in module-scoped fixtures
 
 REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = {"tree.k": 2, "tree.depth": 2, "tree.embedder": "hash", "tree.kmeans_steps": 5, "tree.kmeans_batch": 256,
@@ -54,7 +56,7 @@ def _records(out: Path) -> Counter:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """8 gzipped jsonl shards of generated facts documents, two with bad lines."""
-    from memlm.data import generated
+    from memlm.corpora import generated
 
     root = tmp_path_factory.mktemp("corpus")
     docs = list(generated.module("facts").generate(800, 0))
@@ -78,10 +80,9 @@ def _cli(shards, out, workers, env=None):
 @pytest.fixture(scope="module")
 def one_worker(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("w1") / "data"
-    from memlm.data.pipeline import prepare_sharded
+    from memlm.data.prepare import prepare
 
-    cfg = _cfg()
-    prepare_sharded(cfg, str(shards), out, workers=1)
+    prepare(_cfg(), str(shards), out, workers=1)
     return out
 
 
@@ -92,7 +93,7 @@ def test_one_and_two_workers_and_one_process_give_the_same_records(shards, one_w
     res = _cli(shards, two, 2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a, b = read_manifest(one_worker), read_manifest(two)
-    assert a["engine"]["work_units"] == 8 and b["engine"]["workers"] == 2
+    assert a["engine"]["work_units"] == 8 and json.loads((two / "prepare_run.json").read_text())["workers"] == 2
     assert a["shards"] == b["shards"] and a["sequences"] == b["sequences"] > 0
     for s in a["shards"]:  # same records in the same shard files, byte for byte
         assert (one_worker / s).read_bytes() == (two / s).read_bytes(), s
@@ -104,14 +105,15 @@ def test_one_and_two_workers_and_one_process_give_the_same_records(shards, one_w
     assert a["leaf_histogram"] == b["leaf_histogram"] and a["tree"]["routed"] == b["tree"]["routed"]
     assert (one_worker / "entity_leaves.json").read_text() == (two / "entity_leaves.json").read_text()
 
-    single = tmp_path / "single"
+    assert (one_worker / "manifest.json").read_bytes() == (two / "manifest.json").read_bytes()
+
+    single = tmp_path / "single"  # one process, no Beam: the same files, byte for byte
     prepare(_cfg(), str(shards), single)
-    c = read_manifest(single)
-    assert _records(single) == _records(one_worker)
-    assert c["leaf_histogram"] == a["leaf_histogram"] and c["documents"] == a["documents"]
-    assert c["tree"]["embed_dtype"] == a["tree"]["embed_dtype"] == "float32"  # what eval embeds queries in
-    assert (single / "heldout.jsonl").read_bytes() == (one_worker / "heldout.jsonl").read_bytes()
-    assert (single / "entity_leaves.json").read_text() == (one_worker / "entity_leaves.json").read_text()
+    assert json.loads((single / "prepare_run.json").read_text())["runner"] == "local"
+    for name in ("manifest.json", "heldout.jsonl", "entity_leaves.json", "tree.npz", "paths.npy", "doc_offsets.npy",
+                 "tokenizer.json", *a["shards"]):
+        assert (single / name).read_bytes() == (one_worker / name).read_bytes(), name
+    assert read_manifest(single)["tree"]["embed_dtype"] == "float32"  # what eval embeds queries in
 
 
 def test_a_killed_two_worker_prepare_resumes_reusing_its_finished_units(shards, one_worker, tmp_path):
@@ -130,11 +132,10 @@ def test_a_killed_two_worker_prepare_resumes_reusing_its_finished_units(shards, 
 def test_a_rerun_reuses_every_unit_and_range(shards, one_worker, capsys):
     from rich.console import Console
 
-    from memlm.data.pipeline import prepare_sharded
+    from memlm.data.prepare import prepare
 
     before = {s: (one_worker / s).stat().st_mtime_ns for s in read_manifest(one_worker)["shards"]}
-    prepare_sharded(_cfg(), str(shards), one_worker, workers=1,
-                    console=Console(force_terminal=False))
+    prepare(_cfg(), str(shards), one_worker, workers=1, console=Console(force_terminal=False))
     out = capsys.readouterr().out
     for stage in ("scan", "encode", "route"):
         assert f"{stage}: reused units 0-7 (8 of 8)" in out, out

@@ -18,14 +18,9 @@ WINDOW = 8
 
 
 @pytest.fixture(scope="module")
-def windowed(tmp_path_factory, request):
-    """A tiny corpus cut into 8-token windows (documents span leaves), routed in chunks of 100 units
-    (documents straddle chunks), with the documents' "topic" field recorded as their entity."""
-    import importlib
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(importlib.import_module("memlm.data.prepare"), "ROUTE_BATCH", 100)
-    request.addfinalizer(mp.undo)
+def windowed(tmp_path_factory):
+    """A tiny corpus cut into 8-token windows (documents span leaves), with the documents' "topic"
+    field recorded as their entity."""
     d = tmp_path_factory.mktemp("diag")
     src = make_corpus(d / "corpus.jsonl", n=60)
     cfg = tiny_cfg(embed_unit="window", embed_window=WINDOW)
@@ -59,7 +54,10 @@ def test_manifest_holds_the_tree_fit_and_routed_distances(windowed):
     assert (t["seed"], t["embed_window"], t["embed_unit"]) == (cfg.tree.seed, WINDOW, "window")
     assert t["fit"]["n_points"] == t["units"] and t["fit"]["steps"] == cfg.tree.kmeans_steps
     tree = Tree.load(out / "tree.npz")
-    x = np.load(out / "embeddings.npy").astype(np.float64)
+    from memlm.data import units as U
+
+    x = np.concatenate([np.load(p) for p in sorted((out / U.UNITS_DIR / "encode").glob("*/embeddings.npy"))])
+    x = x.astype(np.float64)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     paths = np.load(out / "paths.npy")
     for level in range(1, cfg.tree.depth + 1):
@@ -85,16 +83,6 @@ def test_entity_leaves_are_the_units_of_each_topic_per_leaf(windowed):
         per[str(leaf[u])] = per.get(str(leaf[u]), 0) + 1
     assert manifest["entities"] == {"field": "topic", "path": "entity_leaves.json", "values": 4}
     assert json.loads((out / "entity_leaves.json").read_text())["leaves"] == want
-
-
-def test_a_route_stage_from_before_the_statistics_gets_them_in_a_streaming_pass(windowed):
-    cfg, src, out, manifest = windowed
-    record = json.loads((out / ".stages" / "route.json").read_text())
-    record["info"] = {"units": record["info"]["units"]}  # what an older prepare recorded
-    (out / ".stages" / "route.json").write_text(json.dumps(record))
-    again = prepare(cfg, src, out, console=QUIET)
-    assert again["stages"]["route"]["reused"] and again["stages"]["pack"]["reused"]
-    assert again["leaf_histogram"] == manifest["leaf_histogram"] and again["tree"] == manifest["tree"]
 
 
 # -- agreement on a hand-built case ------------------------------------------------------------

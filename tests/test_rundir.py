@@ -17,6 +17,7 @@ from memlm.run.directory import RunDir
 from memlm.run.paths import location
 from memlm.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # every test trains through the CLI
 REPO = Path(__file__).resolve().parent.parent
 FLAGS = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
          "--config.model.head_dim=16", "--config.model.d_ff=64", "--config.train.batch_size=4",
@@ -136,25 +137,48 @@ def test_subtree_jobs_merged_equal_one_joint_frozen_run(facts_data, memory_run, 
         parts = [ld.batch_at(step) for ld in loaders]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         state, _ = fns.step(state, device_batch(batch, fns.batch_shardings))
+
+    from state import assert_same_state, run_state, state_arrays
+
     layout = BankLayout.from_config(cfg)
     merged = BankStore.open(tmp_path / "merged" / "bank", layout)
     joint = jax.device_get(state.bank)
     fresh = jax.device_get(BankStore.open(tmp_path / "joint_bank", fns.bank_layout, version=0).load())
+    trained = {}
     for lv in fns.bank_layout.levels:
-        nodes = merged.written_nodes(lv.level)
-        assert np.array_equal(nodes, np.flatnonzero(joint.count[lv.key][:lv.nodes]))
+        nodes = trained[lv.key] = merged.written_nodes(lv.level)
         assert set((nodes // cfg.tree.k ** (lv.level - 1)).tolist()) == {0, 3}
-        np.testing.assert_array_equal(merged.counts(lv.level), joint.count[lv.key][:lv.nodes])
-        for sub, job in zip((0, 3), jobs, strict=True):
-            mine = nodes[nodes // cfg.tree.k ** (lv.level - 1) == sub]
-            want = BankStore.open(job / "bank", layout).read_fields(lv.level, mine)
-            got = merged.read_fields(lv.level, mine)
-            assert all(np.array_equal(got[f], want[f]) for f in want), (lv.key, sub)
-        for name in ("w1", "w2", "w3"):
-            drift = np.abs(joint.params[lv.key][name][nodes] - fresh.params[lv.key][name][nodes])
-            diff = np.abs(merged.read_rows(lv.level, name, nodes) - joint.params[lv.key][name][nodes])
-            if name == "w3":  # W3 moves at a node's first update (W1 and W2 only once W3 is non-zero)
-                assert np.median(drift) > 1e-4, (lv.key, name)
-            assert np.mean(diff > 1e-6) < 0.02, (lv.key, name, np.mean(diff > 1e-6))
+        drift = np.abs(joint.params[lv.key]["w3"][nodes] - fresh.params[lv.key]["w3"][nodes])
+        assert np.median(drift) > 1e-4, lv.key  # W3 moves at a node's first update (W1, W2 once W3 is non-zero)
+
+    # The merged run's whole state is the jobs' bit for bit: the (one, frozen) anchor and its optimizer
+    # state, and every field of every node (trained or not) of subtree i from job i.
+    got, want, other = run_state(tmp_path / "merged"), run_state(jobs[0]), run_state(jobs[1])
+    assert_same_state(other, want, only=["anchor/"])
+    for lv in layout.levels:
+        sub3 = np.arange(lv.nodes) // cfg.tree.k ** (lv.level - 1) == 3
+        for name in (n for n in want if n.startswith(f"bank/{lv.key}/")):
+            want[name] = want[name].copy()
+            want[name][sub3] = other[name][sub3]
+    assert_same_state(got, want, exact=True)
+
+    # Against the joint run: anchor, optimizer, counters and written flags bit for bit, the parameters of
+    # never-trained nodes too (their init); trained nodes' parameters all but a few float-noise elements
+    # (docstring). The moments are not compared here: each carries its run's loss scale (the joint mu is
+    # about half a job's, its nu a quarter; the update is scale-free); they equal the jobs' (above).
+    ref = state_arrays(state)
+    moved = [n for n in ref if n.endswith(("/params", "/mu", "/nu")) and n.startswith("bank/")]
+    assert_same_state(got, ref, exact=True, skip=["checkpoint/", "bank/version", *moved])
+
+    def rows(flat, in_trained):
+        out = {}
+        for name in (n for n in moved if n.endswith("/params")):
+            mask = np.zeros(len(flat[name]), bool)
+            mask[trained[name.split("/")[1]]] = True
+            out[name] = flat[name][mask == in_trained]
+        return out
+
+    assert_same_state(rows(got, False), rows(ref, False), exact=True)
+    assert_same_state(rows(got, True), rows(ref, True), exact=False, atol=1e-6, frac=0.02)
     p = cli("eval", "--workdir", str(tmp_path / "merged"), "--conditions", "none,fetched")
     assert "fetched" in p.stdout

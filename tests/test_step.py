@@ -73,6 +73,7 @@ def assert_states_close(a, b, rtol=2e-4, atol=2e-5):
 
 # "scratch" is left out: the step treats it exactly as "cotrain" (the modes differ only in how the loop
 # initialises the anchor, which test_train covers), so it would compile and check the same step twice.
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["anchor", "frozen", "cotrain"])
 def test_accumulated_step_equals_the_whole_batch_step_and_the_reference(mode):
     """Four micro-steps of 4 equal one step of 16 and an independent whole-batch reference (full
@@ -101,6 +102,7 @@ def test_accumulated_step_equals_the_whole_batch_step_and_the_reference(mode):
             np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(4, 2, 1), (4, 1, 2)], ids=["data_x_fsdp", "data_x_tensor"])
 def test_sharded_step_equals_one_device_at_a_batch_8x_every_level(shape):
     """128 sequences over 8 devices for levels of 4 (replicated) and 16 nodes (split over the data-parallel
@@ -114,6 +116,7 @@ def test_sharded_step_equals_one_device_at_a_batch_8x_every_level(shape):
     assert_states_close(state, ref_state)
 
 
+@pytest.mark.slow
 def test_a_level_with_fewer_nodes_than_shards_is_padded_and_still_sharded():
     cfg = config("scratch", 32, micro=16)
     cfg.bank.replicate_levels = 0
@@ -126,6 +129,7 @@ def test_a_level_with_fewer_nodes_than_shards_is_padded_and_still_sharded():
     assert_states_close(state, ref_state)
 
 
+@pytest.mark.slow
 def test_sibling_path_rows_train_the_anchor_but_touch_no_block():
     """Sibling-path rows (``train.sibling_path_prob``) on 2 devices, a sharded level included: the anchor
     learns from them, their blocks do not (the step equals the reference with those rows masked out of
@@ -165,6 +169,7 @@ def _abstract_batch(cfg, fns):
             for k, v in shapes.items()}
 
 
+@pytest.mark.slow
 def test_compiled_step_never_moves_a_whole_level_or_the_batchs_fetched_rows():
     """On 8 devices, a batch of 16x the largest level: every collective that carries bank rows is an
     all-to-all of at most shards x capacity rows; none reaches a whole sharded level or the fetched
@@ -229,6 +234,7 @@ def _drift_of_one_node(dtype, master, steps=300):
     return np.asarray(state.bank.params["level2"]["w1"][5], np.float32) - start
 
 
+@pytest.mark.slow
 def test_a_bfloat16_bank_with_a_float32_master_keeps_small_adam_steps():
     """At lr 1e-5 a bfloat16 parameter rounds most Adam steps away; the float32 master keeps them."""
     reference = _drift_of_one_node("float32", "float32")

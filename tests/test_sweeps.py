@@ -154,6 +154,7 @@ def _files(run_dir: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_child_whose_runner_died_before_its_setup_stops_before_it_runs():
     """The runner can be killed between a child's fork and its ``prctl``; the kernel would then never
@@ -174,6 +175,7 @@ print(ours.returncode, ours.stdout.strip() or "-", orphan.returncode, orphan.std
     assert out.stdout.split() == ["0", "ran", str(-signal.SIGTERM), "-"]
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_reruns_only_the_missing_runs(tmp_path, facts_data):
     from memlm.sweeps.collect import collect
 

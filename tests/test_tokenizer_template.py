@@ -118,3 +118,15 @@ def test_memlm_bpe_has_no_template():
     tok = train_bpe(["the quick brown fox jumps over the lazy dog"] * 20, 300, 8)
     assert tok.template == EMPTY_TEMPLATE
     assert np.array_equal(tok.encode("the fox"), tok.encode_plain("the fox"))
+
+
+def test_multiple_choice_rows_put_the_bos_on_the_question_only(folders):
+    """A choice continues its question: the template (BOS) starts the question, never a choice."""
+    from memlm.eval.choice import ChoiceItem, _rows
+
+    tok = Tokenizer.from_file(folders("gemma3") / "tokenizer.json", 64)
+    item = ChoiceItem("The capital of France is", ("Paris", "Rome"), 0, None)
+    rows = _rows(tok, [item], None)
+    assert [q[0] for _, q, _ in rows] == [2, 2]
+    for (_, q, c), choice in zip(rows, item.choices, strict=True):
+        assert 2 not in c and q + c == tok.encode(f"The capital of France is {choice}").tolist()

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import small_config
+from state import assert_same_state, run_state
 
 from memlm.config import ConfigError
 from memlm.sharding import make_mesh
@@ -46,6 +47,7 @@ def _run(cfg, mesh, steps=3):
     return losses, state
 
 
+@pytest.mark.slow
 def test_frozen_anchor_stays_bit_identical_and_only_touched_blocks_change():
     cfg = small_config("ffn", sizes=(4, 4))
     cfg.train.update(mode="frozen", batch_size=4, memory_lr=1e-2, memory_warmup_steps=0)
@@ -80,6 +82,7 @@ def _cli(*args, env_extra=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_configs_with_one_line(tmp_path):
     for args, needle in [
         (["info", "--config.model.nope=1"], "model.nope"),
@@ -103,6 +106,7 @@ def _train_args(data, workdir, *extra):
     return ["train", "--data", str(data), "--workdir", str(workdir), *TRAIN_FLAGS, *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(facts_data, tmp_path):
     extra = ["--config.train.mode=scratch"]
     p = _cli(*_train_args(facts_data, tmp_path / "full", *extra))
@@ -127,8 +131,14 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(facts_data, tmp_path):
     resumed = {r["step"]: r["loss"] for r in read_metrics(killed)}
     assert sorted(resumed) == list(range(1, 13))
     np.testing.assert_allclose([resumed[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rtol=1e-6)
+    # The whole final state (anchor, its optimizer, every node of the bank and the generic memory with both
+    # moments and the per-node counters) within the losses' tolerance. Not the version numbers: a kill after a
+    # bank version was committed but before its checkpoint finished leaves that number unused for good.
+    versions = ["checkpoint/bank_version", "checkpoint/generic_version", "bank/version", "generic/version"]
+    assert_same_state(run_state(killed), run_state(tmp_path / "full"), exact=False, rtol=1e-6, skip=versions)
 
 
+@pytest.mark.slow
 def test_training_on_the_facts_corpus_lowers_the_loss_and_writes_metrics(facts_data, tmp_path):
     p = _cli(*_train_args(facts_data, tmp_path / "run", "--config.train.steps=30", "--config.train.lr=3e-3",
                           "--config.train.log_every=5", "--config.train.checkpoint_every=7"))

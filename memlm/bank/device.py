@@ -27,10 +27,9 @@ from jax.sharding import PartitionSpec as P
 from memlm.bank.init import init_blocks
 from memlm.bank.layout import NODE_AXIS, BankLayout
 from memlm.memspec import FetchedMemory
-from memlm.sharding import logical_to_spec
+from memlm.sharding import DP_AXES, logical_to_spec
 
-DEFAULT_RULES: dict[str, tuple[str, ...]] = {NODE_AXIS: ("data", "fsdp")}
-DP_AXES = ("data", "fsdp")  # the data-parallel mesh axes; a bank level's node axis is split over both
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {NODE_AXIS: DP_AXES}  # a level's node axis is split over both
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,12 +8,12 @@ of a path are requested at once, so their reads overlap.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from memlm.bank.cache import LRUCache
 from memlm.bank.store import BankStore
 from memlm.memspec import FetchedMemory
 
@@ -31,7 +31,7 @@ class PathFetcher:
         self.layout = store.layout
         self.cache_levels = frozenset(cache_levels)
         self.cache_blocks = int(cache_blocks)
-        self._cache: collections.OrderedDict[tuple[int, int], dict[str, np.ndarray]] = collections.OrderedDict()
+        self._cache = LRUCache(self.cache_blocks, cost=lambda block: 1)  # (level, node) -> blocks; cost in blocks
         self.block_reads = 0
         self.cache_hits = 0
 
@@ -44,8 +44,7 @@ class PathFetcher:
         missing = []
         for key in wanted:
             if key in self._cache:
-                self._cache.move_to_end(key)
-                blocks[key[0]] = self._cache[key]
+                blocks[key[0]] = self._cache.get(key)
                 self.cache_hits += 1
             else:
                 missing.append(key)
@@ -53,9 +52,8 @@ class PathFetcher:
             blocks[key[0]] = block
             self.block_reads += 1
             if key[0] in self.cache_levels and self.cache_blocks > 0:
-                self._cache[key] = block
-                while len(self._cache) > self.cache_blocks:
-                    self._cache.popitem(last=False)
+                self._cache.put(key, block)
+                self._cache.evict()
         return blocks
 
     def fetch(self, path: Sequence[int], device: jax.Device | None = None) -> FetchedMemory:

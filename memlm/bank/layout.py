@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from memlm.config import ConfigError, memory_layers, validate
+from memlm.config import ConfigError, memory_layers
 from memlm.memspec import BlockArray, block_arrays, fetched_rank, leaf_paths_of, level_sizes
 
 NODE_AXIS = "bank_nodes"
@@ -59,8 +59,7 @@ class BankLayout:
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> BankLayout:
-        """The hierarchical bank of ``cfg``: level l has k**l nodes of rank r_l."""
-        validate(cfg)
+        """The hierarchical bank of ``cfg`` (a validated config): level l has k**l nodes of rank r_l."""
         arrays = block_arrays(cfg)
         if not arrays:
             raise ConfigError(f"config key 'memory.type' = {cfg.memory.type!r}: there is no memory bank to build")
@@ -70,8 +69,7 @@ class BankLayout:
 
     @classmethod
     def generic_from_config(cls, cfg: ml_collections.ConfigDict) -> BankLayout:
-        """The generic memory of ``cfg``: one node whose block has the fetched rank R."""
-        validate(cfg)
+        """The generic memory of ``cfg`` (a validated config): one node whose block has the fetched rank R."""
         arrays = block_arrays(cfg)
         if not arrays:
             raise ConfigError(f"config key 'memory.type' = {cfg.memory.type!r}: there is no generic memory to build")

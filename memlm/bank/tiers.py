@@ -37,14 +37,17 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from memlm.bank.cache import LRUCache
 from memlm.bank.device import BankState, LevelPlacement
 from memlm.bank.layout import BankLayout, LevelLayout
-from memlm.bank.store import BankStore, _fields
+from memlm.bank.rows import stored_fields
+from memlm.bank.store import BankStore
 
 
 def empty_fields(layout: BankLayout, lv: LevelLayout, n: int) -> dict[str, np.ndarray]:
     """Zero rows of every stored field of a level (the shapes and dtypes ``read_fields`` returns)."""
-    return {f.path: np.zeros((n, *f.row_shape(layout, lv)), jax.numpy.dtype(f.dtype(layout))) for f in _fields(layout)}
+    return {f.path: np.zeros((n, *f.row_shape(layout, lv)), jax.numpy.dtype(f.dtype(layout)))
+            for f in stored_fields(layout)}
 
 class HostLevel:
     """This process's rows of one off-device level: in host memory whole, or read from the store
@@ -58,8 +61,7 @@ class HostLevel:
         self._dirty: set[int] = set()
         self.stats = collections.Counter()
         self._dense: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-        self._cache: collections.OrderedDict[int, dict[str, np.ndarray]] = collections.OrderedDict()
-        self._cache_used = 0
+        self._cache = LRUCache(self.cache_bytes)  # node -> row; dirty rows pinned until saved
         if not self.cache_bytes:
             for lo, hi in self.ranges:
                 hi = min(hi, lv.nodes)
@@ -88,9 +90,8 @@ class HostLevel:
             return out
         with self._lock:
             hit = np.array([int(n) in self._cache for n in nodes], bool)
-            cached = {int(n): self._cache[int(n)] for n in nodes[hit]}
-            for n in cached:
-                self._cache.move_to_end(n)
+            cached = {int(n): self._cache.peek(int(n)) for n in nodes[hit]}
+            self._cache.touch(cached)
         missing = nodes[~hit]
         fresh = self.store.read_fields(self.lv.level, missing) if missing.size else {}
         self.stats["cache_hits"] += int(hit.sum())
@@ -110,17 +111,10 @@ class HostLevel:
         return out
 
     def _insert(self, node: int, row: dict[str, np.ndarray]) -> None:
-        if node in self._cache:
-            self._cache_used -= sum(v.nbytes for v in self._cache[node].values())
-        self._cache[node] = row
-        self._cache.move_to_end(node)
-        self._cache_used += sum(v.nbytes for v in row.values())
-        while self._cache_used > self.cache_bytes:
-            victim = next((n for n in self._cache if n not in self._dirty), None)
-            if victim is None:
-                break  # everything left is dirty: kept until the next save
-            self._cache_used -= sum(v.nbytes for v in self._cache.pop(victim).values())
-            self.stats["cache_evictions"] += 1
+        self._cache.put(node, row)
+        evicted = self._cache.evict(pinned=lambda n: n in self._dirty)  # dirty rows: kept until the next save
+        if evicted:
+            self.stats["cache_evictions"] += evicted
 
     def put(self, nodes: np.ndarray, fields: dict[str, np.ndarray]) -> None:
         """Store updated rows of ``nodes`` (sorted, owned) and mark them dirty."""
@@ -329,8 +323,7 @@ class InferenceTiers:
         self.stats = collections.Counter()
         self._dtype = jax.numpy.dtype(self.layout.dtype)
         self._whole: dict[str, dict[str, np.ndarray]] = {}
-        self._cache: collections.OrderedDict[tuple[int, int], dict[str, np.ndarray]] = collections.OrderedDict()
-        self._cache_used = 0
+        self._cache = LRUCache(self.cache_bytes)  # (level, node) -> blocks in the compute dtype
         if not self.cache_bytes:
             for lv in self.off:
                 self._whole[lv.key] = {
@@ -352,18 +345,18 @@ class InferenceTiers:
                      for a in self.layout.arrays}
             self.stats["store_bytes_read"] += sum(v.nbytes for v in fresh.values())
             for j, n in enumerate(missing):
-                row = {name: arr[j] for name, arr in fresh.items()}
-                self._cache[(lv.level, n)] = row
-                self._cache_used += sum(v.nbytes for v in row.values())
+                self._cache.put((lv.level, n), {name: arr[j] for name, arr in fresh.items()})
         rows = {}
-        for n in uniq:
-            self._cache.move_to_end((lv.level, int(n)))
+        self._cache.touch((lv.level, int(n)) for n in uniq)
         for name in (a.name for a in self.layout.arrays):
-            rows[name] = np.stack([self._cache[(lv.level, int(n))][name] for n in nodes])
-        while self._cache_used > self.cache_bytes and len(self._cache) > uniq.size:
-            _, row = self._cache.popitem(last=False)
-            self._cache_used -= sum(v.nbytes for v in row.values())
+            rows[name] = np.stack([self._cache.peek((lv.level, int(n)))[name] for n in nodes])
+        self._cache.evict(floor=uniq.size)  # never the batch's own rows
         return rows
+
+    @property
+    def _cache_used(self) -> int:
+        """Bytes held by the block cache."""
+        return self._cache.used
 
     def gather(self, paths: np.ndarray) -> dict[str, jax.Array]:
         """FetchedMemory ``{name: [B, *shape(R)]}`` for paths ``[B, depth]``: levels in order,

@@ -56,8 +56,6 @@ RECORD = "conversion.json"
 RECORD_FORMAT = "memlm-hf-conversion"
 TIED_HEAD = "lm_head.weight"  # some tied checkpoints also store the head (a copy of the embedding)
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer older Llama checkpoints saved
-RUNTIME_MODEL_KEYS = ("max_seq_len", "param_dtype", "compute_dtype", "remat", "attention", "init_std",
-                      "vocab_multiple")
 _FLOATS = {"F32", "F16", "BF16", "F64"}
 
 
@@ -152,9 +150,11 @@ def write_run(out: Path, cfg: ml_collections.ConfigDict, params: dict[str, np.nd
               record: dict, manifest: dict, converted_from: str) -> None:
     """Write a run directory holding one checkpoint of these anchor parameters (step 0).
 
-    Kept in one place: the run-directory layout (config.json record, orbax items) lives here only.
+    The ``config.json`` record is written by :meth:`memlm.run.directory.RunDir.write_config`, as train
+    writes it; the orbax items by the same Checkpointer train uses.
     """
     from memlm.run.checkpoints import Checkpointer
+    from memlm.run.directory import RunDir
 
     tmp = _fresh_dir(out)
     try:
@@ -164,9 +164,7 @@ def write_run(out: Path, cfg: ml_collections.ConfigDict, params: dict[str, np.nd
             shutil.copy2(f, hf_out / f.name)
         (hf_out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (hf_out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        run_record = {"config": json.loads(cfg.to_json()), "data_dir": str(out.resolve() / HF_SUBDIR),
-                      "init_from": None, "converted_from": converted_from}
-        (tmp / "config.json").write_text(json.dumps(run_record, indent=2))
+        RunDir(tmp).write_config(cfg, str(out.resolve() / HF_SUBDIR), None, converted_from=converted_from)
         ckpt = Checkpointer(tmp, keep=1, async_save=False)
         ckpt.save(0, {"params": params}, {"step": 0, "converted_from": converted_from, "family": record["family"]})
         ckpt.close()

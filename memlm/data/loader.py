@@ -132,11 +132,6 @@ class Loader:
         self._stream = grain.MapDataset.range(self.count).seed(seed).shuffle().repeat(None)
         self._read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
-    @property
-    def steps_per_epoch(self) -> float:
-        """Global batches per pass over the data (a fraction: batches straddle epochs)."""
-        return self.count / self.batch_size
-
     def global_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(sequence indices, stream positions) of global batch ``step``, in the order hosts split it."""
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)

@@ -1,61 +1,62 @@
 """``memlm prepare``: corpus -> tokenizer -> embeddings -> tree -> paths -> packed shards + manifest.
 
-Stages (each cached, see ``stages.py``; a re-run with the same inputs reuses them all):
+One pipeline of independent, resumable work units (``units.py``: what a unit does and its
+on-disk markers), run in this process or, with ``--workers N`` / pipeline options, on Apache Beam
+(``engine.py``). Both engines run the same unit functions, so the output does not depend on the
+engine or the worker count: one process and N workers write byte-identical shards and manifest.
 
-1. ``corpus``    (a generated corpus: ``facts``, ``bios``) generate it as JSONL.
-2. ``read``      count documents (empty / undecodable skipped and counted) and draw the held-out
-                 split (``eval.heldout_documents``, at most a tenth of the corpus), written as
-                 ``heldout.jsonl`` and never packed for training.
-3. ``tokenizer`` train a byte-level BPE on the training documents, or load ``data.tokenizer``.
-4. ``tokens``    tokenize the training documents into one flat token file + offsets.
-5. ``embed``     embed each unit (a document, or a ``tree.embed_window``-token window of one) into
-                 an ``.npy`` memmap.
-6. ``tree``      fit the balanced hierarchical k-means tree.
-7. ``route``     route every unit to its path ``[depth]``, counting while it routes the units and
-                 distinct documents per leaf and the units' distances to their nodes' centroids.
-8. ``pack``      pack the units of each leaf into ``data.seq_len``-token sequences; ArrayRecord shards.
-9. ``entities``  (documents with a ``data.entity_field`` field) units per leaf of each field value,
-                 ``entity_leaves.json``: what ``memlm eval`` compares a probe's routing with.
-10. ``probes``   (a generated corpus) count entity mentions in the training documents; probe files with
-                 frequency buckets; a histogram of mentions per entity.
+1. ``corpus``   (a generated corpus: ``facts``, ``bios``) written once as JSONL.
+2. ``scan``     (per work unit, a range of ``data.unit_shards`` input shards) count documents, bad
+                lines and corrupt shards.
+3. ``read``     (driver) the held-out draw over the global document count (``eval.heldout_documents``,
+                at most a tenth of the corpus); the tokenizer is trained (or loaded) on the driver.
+4. ``encode``   (per work unit) held-out documents out, tokens, units (documents or
+                ``tree.embed_window``-token windows), embeddings, the entity field per document.
+5. ``tree``     (driver) the balanced hierarchical k-means tree, fitted on a sample of
+                ``tree.fit_sample`` units (all of them when fewer), drawn with ``tree.seed``.
+6. ``route``    (per work unit) paths and statistics; per leaf a payload of the unit's members
+                (global ids, lengths, document ends, token offsets: ~30 bytes a unit).
+7. ``pack``     (per pack range: the payloads grouped by range) each range's leaves packed in global
+                unit order into its own ArrayRecord shards.
+8. ``gather``   (driver) ``heldout.jsonl``, the global ``paths.npy`` / ``doc_offsets.npy`` that routing
+                diagnostics read, ``entity_leaves.json``, merged statistics.
+9. ``probes``   (a generated corpus) entity mentions counted in the training documents; probe files
+                with frequency buckets.
 
-The manifest (version 2) records each leaf's sequences, units and documents, the tree's fit
-settings and per-level statistics (node sizes, inertia and mean distance on the fit points), and
-the routed units' distances to their centroids per level. Readers take every field added since
-version 1 as optional, so data prepared by an older version still trains and evaluates.
-
-A corpus with fewer units than the tree has leaves (``tree.k ** tree.depth``) is an error naming
-those keys: no smaller tree is substituted behind the user's back.
+Pack ranges are ``min(leaves, work units)`` runs of leaves: a property of the corpus and the
+config, never of the worker count. A finished unit or range is never redone (its marker holds its
+stage key); a rerun says which it reused. The driver holds per-unit counts only (the gather stage
+streams unit files into the global ones); a worker holds one work unit, or one pack range's
+payloads and one leaf's tokens. A corpus with fewer units than the tree has leaves
+(``tree.k ** tree.depth``) is an error naming those keys: no smaller tree is substituted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from memlm.config import validate
-from memlm.data import facts as facts_mod
-from memlm.data import generated
-from memlm.data.packing import group_by_leaf, materialize, plan_leaf
-from memlm.data.readers import Document, ReadStats, corpus_fingerprint, iter_documents
-from memlm.data.records import MANIFEST, ShardWriter, encode_sequence, write_json
+from memlm.corpora import facts as facts_mod
+from memlm.corpora import generated
+from memlm.data import units as U
+from memlm.data.engine import BeamEngine, LocalEngine, engine_for
+from memlm.data.manifest import build_manifest, report
+from memlm.data.readers import CorpusError, ReadStats, corpus_fingerprint, corpus_shards
+from memlm.data.records import MANIFEST, write_json
 from memlm.data.records import VERSION as RECORD_VERSION
 from memlm.data.stages import Stages, stage_key
 from memlm.data.tokenizer import Tokenizer, train_bpe
-from memlm.data.units import unit_spans
 
 TOKENIZER_TRAIN_CHARS = 1_000_000_000  # the BPE sees at most this much text (the first documents)
-ENCODE_BATCH = 1024
-ROUTE_BATCH = 65536
-MANIFEST_VERSION = 2  # 2: leaf document counts, tree fit and routing statistics, entities
 
 
 class DataError(ValueError):
@@ -84,18 +85,6 @@ def embed_dtype_key(tc) -> tuple[str, ...]:
     """The embed stage key's dtype part: empty for "auto" (so data prepared before the key existed stays
     valid; the dtype "auto" gave is recorded with the stage), else the configured dtype."""
     return () if tc.get("embed_dtype", "auto") == "auto" else (str(tc.embed_dtype),)
-
-
-def _training_docs(source: str, heldout: set[int]) -> Iterator[Document]:
-    """The corpus documents not held out, in corpus order (a fresh streaming pass, silent)."""
-    for i, doc in enumerate(iter_documents(source, report=None)):
-        if i not in heldout:
-            yield doc
-
-
-def _training_texts(source: str, heldout: set[int]) -> Iterator[str]:
-    for doc in _training_docs(source, heldout):
-        yield doc.text
 
 
 def tokenizer_stage(cfg, out: Path, stages: Stages, read_key: str, training_texts, n_train: int, console):
@@ -159,215 +148,6 @@ def generated_corpus(cfg, corpus: str, out: Path, stages: Stages, console):
     return str(out / "corpus" / f"{corpus}.jsonl"), key, gen
 
 
-def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data", *, console=None) -> dict[str, Any]:
-    """Prepare ``corpus`` (a .jsonl / parquet file, a folder of .txt files, "facts" or "bios"; default
-    ``cfg.data.corpus``) into ``out_dir`` for training; returns the manifest (also written there)."""
-    from rich.console import Console
-
-    validate(cfg)
-    console = console or Console(stderr=False)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out)
-    corpus = str(corpus or cfg.data.corpus)
-    t_start = time.time()
-    tc, dc, ec = cfg.tree, cfg.data, cfg.eval
-
-    # 1. corpus ------------------------------------------------------------------------------------
-    source, corpus_id, gen = generated_corpus(cfg, corpus, out, stages, console)
-
-    # 2. read + held-out split ---------------------------------------------------------------------
-    read_key = stage_key("read", corpus_id, ec.heldout_documents, dc.seed)
-    read = stages.lookup("read", read_key)
-    if read is None:
-        stats = ReadStats()
-        with _progress(console) as bar:
-            task = bar.add_task("reading corpus", total=None)
-            for _ in iter_documents(source, stats, report=lambda m: console.print(f"[yellow]skipped[/] {m}")):
-                bar.advance(task)
-        n = stats.documents
-        n_heldout = min(int(ec.heldout_documents), n // 10)
-        heldout = np.sort(np.random.default_rng([dc.seed, 1]).choice(n, size=n_heldout, replace=False))
-        np.save(out / "heldout_ids.npy", heldout)
-        wanted = set(heldout.tolist())
-        with open(out / "heldout.jsonl.tmp", "w", encoding="utf-8") as f:
-            for i, doc in enumerate(iter_documents(source, report=None)):
-                if i in wanted:
-                    f.write(json.dumps({"text": doc.text, **doc.fields}, ensure_ascii=False) + "\n")
-        os.replace(out / "heldout.jsonl.tmp", out / "heldout.jsonl")
-        read = stages.done("read", read_key, {**stats.as_dict(), "heldout": n_heldout, "training": n - n_heldout},
-                           ["heldout_ids.npy", "heldout.jsonl"])
-    heldout_set = set(np.load(out / "heldout_ids.npy").tolist())
-    n_train = int(read["training"])
-
-    # 3. tokenizer ---------------------------------------------------------------------------------
-    tok, tok_info = tokenizer_stage(cfg, out, stages, read_key, lambda: _training_texts(source, heldout_set), n_train,
-                                    console)
-
-    # 4. tokens ------------------------------------------------------------------------------------
-    token_dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    tokens_key = stage_key("tokens", read_key, tok.id)
-    tokens_info = stages.lookup("tokens", tokens_key)
-    if tokens_info is None:
-        offsets = np.lib.format.open_memmap(out / "doc_offsets.npy", mode="w+", dtype=np.int64, shape=(n_train + 1,))
-        offsets[0] = 0
-        i = 0
-        with open(out / "tokens.bin", "wb") as f, _progress(console) as bar:
-            task = bar.add_task("tokenizing", total=n_train)
-            batch: list[str] = []
-
-            def flush() -> None:
-                nonlocal i
-                for ids in tok.encode_batch(batch):
-                    f.write(ids.astype(token_dtype).tobytes())
-                    offsets[i + 1] = offsets[i] + len(ids)
-                    i += 1
-                bar.advance(task, len(batch))
-                batch.clear()
-
-            for doc in _training_docs(source, heldout_set):
-                batch.append(doc.text)
-                if len(batch) == ENCODE_BATCH:
-                    flush()
-            flush()
-        if i != n_train:
-            raise DataError(f"corpus {corpus!r} changed while being read ({i} training documents, expected {n_train})")
-        offsets.flush()
-        tokens_info = stages.done("tokens", tokens_key, {"documents": n_train, "tokens": int(offsets[-1]),
-                                                         "dtype": np.dtype(token_dtype).name},
-                                  ["tokens.bin", "doc_offsets.npy"])
-        del offsets
-    offsets = np.load(out / "doc_offsets.npy", mmap_mode="r")
-    n_tokens = int(tokens_info["tokens"])
-    tokens = (np.memmap(out / "tokens.bin", dtype=tokens_info["dtype"], mode="r", shape=(n_tokens,)) if n_tokens
-              else np.zeros(0, tokens_info["dtype"]))
-
-    # units: documents or windows ------------------------------------------------------------------
-    unit_doc, unit_start, unit_stop, unit_ends = unit_spans(np.asarray(offsets), tc.embed_unit, tc.embed_window)
-    n_units = len(unit_doc)
-    leaves = require_units_for_tree(corpus, n_units, tc)
-
-    # 5. embed -------------------------------------------------------------------------------------
-    embedder = None
-    unit_key = (tc.embed_unit, tc.embed_window if tc.embed_unit == "window" else None)
-    embed_key = stage_key("embed", tokens_key if tc.embed_unit == "window" else read_key, unit_key, tc.embedder,
-                          tc.embed_max_tokens, *embed_dtype_key(tc))
-    embed_info = stages.lookup("embed", embed_key)
-    if embed_info is None:
-        from memlm.retrieval import get_embedder
-        from memlm.retrieval.embedder import embed_dtype_of, local_embed_mesh
-
-        embedder = get_embedder(cfg, mesh=local_embed_mesh())
-        emb = np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=np.float32,
-                                        shape=(n_units, embedder.dim))
-        chunk = max(int(tc.embed_batch) * 64, 1024)  # large calls: few part-filled batches per length bucket
-
-        def unit_texts() -> Iterator[str]:
-            if tc.embed_unit == "document":
-                for doc in _training_docs(source, heldout_set):
-                    yield doc.text
-            else:
-                for d, a, b in zip(unit_doc, unit_start, unit_stop, strict=True):
-                    yield tok.decode(tokens[offsets[d] + a:offsets[d] + b])
-
-        with _progress(console) as bar:
-            task = bar.add_task(f"embedding ({embedder.name})", total=n_units)
-            row, texts = 0, []
-            for text in unit_texts():
-                texts.append(text)
-                if len(texts) == chunk:
-                    emb[row:row + len(texts)] = embedder.embed(texts)
-                    row += len(texts)
-                    bar.advance(task, len(texts))
-                    texts = []
-            if texts:
-                emb[row:row + len(texts)] = embedder.embed(texts)
-                row += len(texts)
-                bar.advance(task, len(texts))
-        emb.flush()
-        del emb
-        embed_info = stages.done("embed", embed_key, {"units": n_units, "embedder": embedder.name,
-                                                      "dim": embedder.dim, "embed_dtype": embed_dtype_of(embedder)},
-                                 ["embeddings.npy"])
-    embeddings = np.load(out / "embeddings.npy", mmap_mode="r")
-
-    # 6. tree --------------------------------------------------------------------------------------
-    from memlm.data.route_stats import RouteStats
-    from memlm.retrieval import Tree, fit_tree, route
-
-    tree_key = stage_key("tree", embed_key, tc.k, tc.depth, tc.kmeans_steps, tc.kmeans_batch, tc.balance_factor,
-                         tc.seed, *([tc.fit_sample] if n_units > tc.fit_sample else []))
-    tree_info = stages.lookup("tree", tree_key)
-    if tree_info is None:
-        fit_points = embeddings  # at most tree.fit_sample units, drawn as the sharded prepare draws them
-        if n_units > tc.fit_sample:
-            fit_points = embeddings[np.sort(np.random.default_rng([tc.seed, 7]).choice(n_units, size=tc.fit_sample,
-                                                                                       replace=False))]
-        with console.status(f"fitting the tree (k = {tc.k}, depth = {tc.depth}) on {len(fit_points)} of {n_units} "
-                            "embeddings"):
-            tree = fit_tree(fit_points, k=tc.k, depth=tc.depth, steps=tc.kmeans_steps, batch=tc.kmeans_batch,
-                            balance_factor=tc.balance_factor, seed=tc.seed, embedder_name=embed_info["embedder"])
-        tree.save(out / "tree.npz")
-        tree_info = stages.done("tree", tree_key, {"id": tree.id}, ["tree.npz"])
-    tree = Tree.load(out / "tree.npz", expect_dim=embed_info["dim"], expect_embedder=embed_info["embedder"])
-
-    # 7. route -------------------------------------------------------------------------------------
-    route_key = stage_key("route", tree_key)
-    route_info = stages.lookup("route", route_key)
-    if route_info is None:
-        paths = np.lib.format.open_memmap(out / "paths.npy", mode="w+", dtype=np.int32, shape=(n_units, tc.depth))
-        acc = RouteStats(tree)
-        with _progress(console) as bar:
-            task = bar.add_task("routing", total=n_units)
-            for a in range(0, n_units, ROUTE_BATCH):
-                b = min(a + ROUTE_BATCH, n_units)
-                x = np.asarray(embeddings[a:b])
-                paths[a:b] = route(tree, x)
-                acc.add(paths[a:b], x, unit_doc[a:b])
-                bar.advance(task, b - a)
-        paths.flush()
-        del paths
-        route_info = stages.done("route", route_key, {"units": n_units, **acc.result()}, ["paths.npy"])
-    paths = np.load(out / "paths.npy", mmap_mode="r")
-    if "leaf_documents" not in route_info:  # routed by an older prepare: the statistics in one streaming pass
-        acc = RouteStats(tree)
-        for a in range(0, n_units, ROUTE_BATCH):
-            acc.add(paths[a:a + ROUTE_BATCH], np.asarray(embeddings[a:a + ROUTE_BATCH]), unit_doc[a:a + ROUTE_BATCH])
-        route_info = stages.done("route", route_key, {"units": n_units, **acc.result()}, ["paths.npy"])
-        stages.status["route"]["reused"] = True  # the paths are kept; only their statistics are new
-
-    # 8. pack --------------------------------------------------------------------------------------
-    pack_key = stage_key("pack", RECORD_VERSION, route_key, tokens_key, unit_key, dc.seq_len, dc.records_per_shard)
-    pack = stages.lookup("pack", pack_key)
-    if pack is None:
-        pack = _pack(out, tokens, offsets, (unit_doc, unit_start, unit_stop, unit_ends), paths, tok.eot_id,
-                     leaves, dc.seq_len, dc.records_per_shard, 2 if token_dtype == np.uint16 else 4, console)
-        stages.done("pack", pack_key, pack, pack["shards"])
-
-    # 9. entities ---------------------------------------------------------------------------------
-    entities = None
-    if dc.entity_field:
-        entities_key = stage_key("entities", route_key, unit_key, dc.entity_field)
-        entities = stages.lookup("entities", entities_key)
-        if entities is None:
-            with console.status(f"counting units per leaf by document field {dc.entity_field!r}"):
-                entities = _entity_leaves(out, _training_docs(source, heldout_set), dc.entity_field, unit_doc, paths,
-                                          leaves)
-            stages.done("entities", entities_key, entities, [entities["path"]] if entities["path"] else [])
-
-    # 10. probes -----------------------------------------------------------------------------------
-    probes = probes_stage(gen, read_key, out, stages, lambda: _training_texts(source, heldout_set), n_train, console,
-                          seed=int(dc.seed))
-
-    # manifest -------------------------------------------------------------------------------------
-    manifest = build_manifest(cfg, corpus, read, n_tokens=n_tokens, pack=pack, tok_info=tok_info, tree=tree,
-                              tree_info=tree_info, embed_info=embed_info, route_info=route_info, entities=entities,
-                              probes=probes, stages=stages.status)
-    write_json(out / MANIFEST, manifest)
-    report(console, out, manifest, time.time() - t_start)
-    return manifest
-
-
 def probes_stage(gen, read_key: str, out: Path, stages: Stages, training_texts, n_train: int, console,
                  seed: int = 0) -> dict[str, Any] | None:
     """(A generated corpus) entity mentions counted in the training documents, probe files written
@@ -395,146 +175,295 @@ def probes_stage(gen, read_key: str, out: Path, stages: Stages, training_texts, 
     return probes
 
 
-def build_manifest(cfg, corpus: str, read: dict[str, Any], *, n_tokens: int, pack: dict[str, Any],
-                   tok_info: dict[str, Any], tree, tree_info: dict[str, Any], embed_info: dict[str, Any],
-                   route_info: dict[str, Any], entities: dict[str, Any] | None, probes: dict[str, Any] | None,
-                   stages: dict[str, Any]) -> dict[str, Any]:
-    """The prepared data's manifest (version ``MANIFEST_VERSION``), from every stage's info."""
+
+@dataclasses.dataclass
+class Job:
+    """One prepare: its config, output directory, stage records, console, engine and work units."""
+
+    cfg: Any
+    corpus: str
+    out: Path
+    stages: Stages
+    console: Any
+    engine: LocalEngine | BeamEngine
+    plan: list[U.WorkUnit] = dataclasses.field(default_factory=list)
+
+    @property
+    def root(self) -> str:
+        return str(self.out)
+
+    def markers(self, stage: str, indices: Iterable[int], key: str) -> dict[int, dict]:
+        return {i: info for i in indices if (info := U.lookup(self.root, stage, i, key)) is not None}
+
+    def require(self, stage: str, indices: list[int], key: str) -> dict[int, dict]:
+        got = self.markers(stage, indices, key)
+        missing = [i for i in indices if i not in got]
+        if missing:
+            raise DataError(f"prepare stage {stage!r}: units {_ranges(missing)} did not finish (see the worker "
+                            "output above); rerun to redo only them")
+        return got
+
+    def todo(self, stage: str, key: str) -> list[U.WorkUnit]:
+        """The units of ``stage`` still to run (the reused ones are said); the stage counts as reused
+        in the manifest's stage list when none is left."""
+        done = self.markers(stage, range(len(self.plan)), key)
+        if done:
+            self.console.print(f"{stage}: reused units {_ranges(sorted(done))} ({len(done)} of {len(self.plan)})")
+        self.stages.status[stage] = {"key": key, "reused": len(done) == len(self.plan)}
+        return [u for u in self.plan if u.index not in done]
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _prefix(counts: list[int]) -> dict[int, int]:
+    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[:-1]
+    return {i: int(s) for i, s in enumerate(starts)}
+
+
+def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data", *, workers: int | None = None,
+            pipeline_options: str | Iterable[str] = (), console=None) -> dict[str, Any]:
+    """Prepare ``corpus`` (a .jsonl / parquet file, a folder of .txt files, "facts" or "bios"; default
+    ``cfg.data.corpus``) into ``out_dir`` for training; returns the manifest (also written there).
+
+    ``workers`` / ``pipeline_options``: run the units on Beam (see the module docstring); the output
+    is the same as in one process."""
+    from rich.console import Console
+
+    validate(cfg)
+    engine = engine_for(workers, pipeline_options)
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    job = Job(cfg, str(corpus or cfg.data.corpus), out, Stages(out), console or Console(), engine)
+    source, corpus_id, gen = generated_corpus(cfg, job.corpus, out, job.stages, job.console)
+    read, read_key, heldout, unit_docs = _scan_and_split(job, source, corpus_id)
+    n_train = int(read["training"])
+
+    def training_texts() -> Iterator[str]:
+        held = set(heldout.tolist())
+        g = 0
+        for u in job.plan:
+            for doc in U.unit_documents(u):
+                if g not in held:
+                    yield doc.text
+                g += 1
+
+    tok, tok_info = tokenizer_stage(cfg, out, job.stages, read_key, training_texts, n_train, job.console)
+    enc, embed_key, embed_info = _encode(job, read_key, tok, heldout, unit_docs)
+    tree, tree_key, tree_info = _fit_tree(job, embed_key, embed_info, [int(enc[i]["units"]) for i in enc])
+    route_info, pack, entities = _route_and_pack(job, tree, tree_key, enc, tok)
+    _gather(job, heldout, enc)
+    probes = probes_stage(gen, read_key, out, job.stages, training_texts, n_train, job.console,
+                          seed=int(cfg.data.seed))
+    manifest = build_manifest(cfg, job.corpus, read, n_tokens=sum(int(enc[i]["tokens"]) for i in enc), pack=pack,
+                              tok_info=tok_info, tree=tree, tree_info=tree_info, embed_info=embed_info,
+                              route_info=route_info, entities=entities, probes=probes, stages=job.stages.status)
+    manifest["engine"] = {"work_units": len(job.plan), "pack_ranges": len(pack["ranges"]),
+                          "fit_points": int(min(embed_info["units"], int(cfg.tree.fit_sample)))}
+    write_json(out / MANIFEST, manifest)
+    write_json(out / "prepare_run.json", {"runner": engine.runner, "workers": engine.workers,
+                                          "seconds": round(time.time() - t_start, 3),
+                                          "driver_max_rss_bytes": U.max_rss()})
+    report(job.console, out, manifest, time.time() - t_start)
+    return manifest
+
+
+def _scan_and_split(job: Job, source: str, corpus_id: str) -> tuple[dict, str, np.ndarray, list[int]]:
+    """Scan every work unit, merge the counts, draw the held-out documents."""
+    cfg, console = job.cfg, job.console
+    dc, ec = cfg.data, cfg.eval
+    job.plan = U.plan_units(corpus_shards(source), int(dc.unit_shards))
+    plan_key = stage_key("plan", corpus_id, int(dc.unit_shards))
+    console.print(f"corpus {job.corpus!r}: {sum(len(u.shards) for u in job.plan)} shards in {len(job.plan)} work "
+                  f"units, {job.engine.workers} worker(s)")
+    scan_key = stage_key("scan", plan_key)
+    job.engine.run_units("scan", job.todo("scan", scan_key), U.scan_unit, job.root, scan_key)
+    scans = job.require("scan", list(range(len(job.plan))), scan_key)
+    stats = ReadStats()
+    for i in range(len(job.plan)):
+        stats.merge(ReadStats(**scans[i]["stats"]))
+    for msg in stats.problems:
+        console.print(f"[yellow]skipped[/] {msg}")
+    if stats.documents == 0:
+        raise CorpusError(f"corpus {job.corpus!r} has no documents ({stats.skipped_empty} empty skipped, "
+                          f"{stats.undecodable} undecodable skipped)")
+    n = stats.documents
+    n_heldout = min(int(ec.heldout_documents), n // 10)
+    heldout = np.sort(np.random.default_rng([dc.seed, 1]).choice(n, size=n_heldout, replace=False))
+    read_key = stage_key("read", plan_key, ec.heldout_documents, dc.seed)
+    read = (job.stages.lookup("read", read_key)
+            or job.stages.done("read", read_key, {**stats.as_dict(), "heldout": n_heldout, "training": n - n_heldout},
+                               []))
+    return read, read_key, heldout, [int(scans[i]["stats"]["documents"]) for i in range(len(job.plan))]
+
+
+def _encode(job: Job, read_key: str, tok: Tokenizer, heldout: np.ndarray,
+            unit_docs: list[int]) -> tuple[dict[int, dict], str, dict[str, Any]]:
+    """Tokenize and embed every work unit; (unit markers, stage key, embedding info)."""
+    tc, dc = job.cfg.tree, job.cfg.data
+    token_dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    unit_key = (tc.embed_unit, tc.embed_window if tc.embed_unit == "window" else None)
+    embed_key = stage_key("encode", read_key, tok.id, unit_key, tc.embedder, tc.embed_max_tokens, dc.entity_field,
+                          *embed_dtype_key(tc))
+    spec = U.EncodeSpec(root=job.root, key=embed_key, tokenizer=str(job.out / "tokenizer.json"),
+                        vocab_multiple=int(job.cfg.model.vocab_multiple), token_dtype=token_dtype,
+                        tree={k: tc[k] for k in ("embedder", "embed_unit", "embed_window", "embed_batch",
+                                                 "embed_max_tokens", "embed_dtype")},
+                        entity_field=str(dc.entity_field), first_document=_prefix(unit_docs),
+                        heldout=tuple(heldout.tolist()))
+    job.engine.run_units("encode", job.todo("encode", embed_key), U.encode_unit, spec)
+    enc = job.require("encode", list(range(len(job.plan))), embed_key)
+    n_units = sum(int(enc[i]["units"]) for i in enc)
+    require_units_for_tree(job.corpus, n_units, tc)
+    dtypes = {str(enc[i].get("embed_dtype", "float32")) for i in enc}
+    if len(dtypes) > 1:  # "auto" resolved differently on CPU and accelerator workers
+        raise DataError(f"work units were embedded in different dtypes ({', '.join(sorted(dtypes))}): set "
+                        f"tree.embed_dtype to one of them explicitly and rerun")
+    info = {"units": n_units, "embedder": enc[0]["embedder"], "dim": int(enc[0]["dim"]), "embed_dtype": dtypes.pop()}
+    return enc, embed_key, info
+
+
+def _fit_sample(job: Job, counts: list[int], size: int, seed: int) -> np.ndarray:
+    """The tree's fit points: ``size`` units drawn uniformly (all when fewer), in global order."""
+    total = sum(counts)
+    pick = (np.arange(total) if total <= size
+            else np.sort(np.random.default_rng([seed, 7]).choice(total, size=size, replace=False)))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    parts = []
+    for u in job.plan:
+        a, b = np.searchsorted(pick, [starts[u.index], starts[u.index + 1]])
+        if b > a:
+            parts.append(np.asarray(U.load_embeddings(job.root, u.index)[pick[a:b] - starts[u.index]]))
+    return np.concatenate(parts)
+
+
+def _fit_tree(job: Job, embed_key: str, embed_info: dict[str, Any], unit_counts: list[int]):
+    """The tree, fitted on a sample of the units (or reused); (tree, stage key, stage info)."""
+    from memlm.retrieval import Tree, fit_tree
+
+    tc, out = job.cfg.tree, job.out
+    tree_key = stage_key("tree", embed_key, tc.k, tc.depth, tc.kmeans_steps, tc.kmeans_batch, tc.balance_factor,
+                         tc.seed, tc.fit_sample)
+    tree_info = job.stages.lookup("tree", tree_key)
+    if tree_info is None:
+        sample = _fit_sample(job, unit_counts, int(tc.fit_sample), int(tc.seed))
+        with job.console.status(f"fitting the tree (k = {tc.k}, depth = {tc.depth}) on {len(sample)} of "
+                                f"{embed_info['units']} units"):
+            tree = fit_tree(sample, k=tc.k, depth=tc.depth, steps=tc.kmeans_steps, batch=tc.kmeans_batch,
+                            balance_factor=tc.balance_factor, seed=tc.seed, embedder_name=embed_info["embedder"])
+        del sample
+        tree.save(out / "tree.npz")
+        tree_info = job.stages.done("tree", tree_key, {"id": tree.id}, ["tree.npz"])
+    tree = Tree.load(out / "tree.npz", expect_dim=embed_info["dim"], expect_embedder=embed_info["embedder"])
+    return tree, tree_key, tree_info
+
+
+def _route_and_pack(job: Job, tree, tree_key: str, enc: dict[int, dict], tok: Tokenizer):
+    """Route every unit and pack every leaf range (the finished ones reused); merge their statistics.
+    Returns (route info, pack info, entity info or None)."""
+    from memlm.data.route_stats import RouteStats
+
+    cfg, root, n = job.cfg, job.root, len(job.plan)
     tc, dc = cfg.tree, cfg.data
-    return {
-        "version": MANIFEST_VERSION,
-        "corpus": corpus,
-        "documents": {k: read[k] for k in ("documents", "skipped_empty", "undecodable", "files", "heldout",
-                                            "training")},
-        "problems": read["problems"],
-        "documents_per_shard": read.get("shards", {}),  # kept, empty and undecodable per input shard
-        "tokens": {"training": n_tokens, "packed": pack["packed_tokens"], "padding": pack["padding_tokens"],
-                   "fill": pack["fill"]},
-        "tokenizer": {"path": "tokenizer.json", **tok_info},
-        "tree": {"path": "tree.npz", "id": tree_info["id"], "k": tc.k, "depth": tc.depth,
-                 "embedder": embed_info["embedder"], "dim": embed_info["dim"], "embed_unit": tc.embed_unit,
-                 "embed_window": tc.embed_window if tc.embed_unit == "window" else None,
-                 "embed_max_tokens": tc.embed_max_tokens, "embed_dtype": embed_info.get("embed_dtype", "float32"),
-                 "units": embed_info["units"], "seed": tree.seed,
-                 "fit": {**tree.fit, "levels": {str(lv): tree.stats[f"level_{lv}"] for lv in range(1, tc.depth + 1)
-                                                if f"level_{lv}" in tree.stats}},
-                 "routed": route_info.get("distances", {})},
-        "seq_len": dc.seq_len,
-        "depth": tc.depth,
-        "k": tc.k,
-        "sequences": pack["sequences"],
-        "shards": pack["shards"],
-        "leaf_histogram": {"sequences": pack["leaf_sequences"], "units": pack["leaf_units"],
-                           "documents": route_info["leaf_documents"]},
-        "entities": entities or {},
-        "heldout": "heldout.jsonl",
-        "probes": probes["files"] if probes else {},
-        "mention_histogram": probes["histogram"] if probes else {},
-        "stages": stages,
-    }
+    leaves = tc.k ** tc.depth
+    token_dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    ranges = min(leaves, n)
+    unit_key = (tc.embed_unit, tc.embed_window if tc.embed_unit == "window" else None)
+    route_key = stage_key("route", tree_key)
+    pack_key = stage_key("pack", RECORD_VERSION, route_key, unit_key, dc.seq_len, dc.records_per_shard, ranges)
+    packed = job.markers("pack", range(ranges), pack_key)
+    if packed:
+        job.console.print(f"pack: reused ranges {_ranges(sorted(packed))} ({len(packed)} of {ranges})")
+    job.stages.status["pack"] = {"key": pack_key, "reused": len(packed) == ranges}
+    routed = len(job.todo("route", route_key)) == 0
+    pending = frozenset(r for r in range(ranges) if r not in packed)
+    if pending or not routed:
+        unit_counts = [int(enc[i]["units"]) for i in range(n)]
+        route_spec = U.RouteSpec(root=root, key=route_key, tree=str(job.out / "tree.npz"),
+                                 first_document=_prefix([int(enc[i]["documents"]) for i in range(n)]),
+                                 first_unit=_prefix(unit_counts), token_dtype=token_dtype, leaves=leaves,
+                                 ranges=ranges, pending_ranges=pending)
+        pack_spec = U.PackSpec(root=root, key=pack_key, leaves=leaves, ranges=ranges, seq_len=int(dc.seq_len),
+                               records_per_shard=int(dc.records_per_shard), eot_id=int(tok.eot_id),
+                               token_bytes=2 if token_dtype == "uint16" else 4)
+        job.engine.route_and_pack(list(range(n)), route_spec, pack_spec)
+    job.require("route", list(range(n)), route_key)
+    packs = job.require("pack", list(range(ranges)), pack_key)
+
+    acc = RouteStats(tree)
+    entity_counts: dict[str, dict[str, int]] = {}
+    for u in job.plan:
+        d = U.unit_dir(root, "route", u.index)
+        acc.merge(d / "stats.npz")
+        if (d / "entities.json").is_file():
+            for name, per in json.loads((d / "entities.json").read_text(encoding="utf-8")).items():
+                mine = entity_counts.setdefault(name, {})
+                for lf, c in per.items():
+                    mine[lf] = mine.get(lf, 0) + c
+    route_info = {"units": sum(int(enc[i]["units"]) for i in range(n)), **acc.result()}
+    pack = {"sequences": 0, "shards": [], "packed_tokens": 0, "leaf_sequences": [], "leaf_units": [],
+            "ranges": list(range(ranges))}
+    for r in range(ranges):
+        for k in ("sequences", "packed_tokens", "shards", "leaf_sequences", "leaf_units"):
+            pack[k] += packs[r][k]
+    slots = pack["sequences"] * int(dc.seq_len)
+    pack.update(padding_tokens=slots - pack["packed_tokens"], fill=pack["packed_tokens"] / max(1, slots))
+    if not job.stages.status["route"]["reused"]:
+        job.stages.done("route", route_key, route_info, [])
+    if not job.stages.status["pack"]["reused"]:
+        job.stages.done("pack", pack_key, pack, pack["shards"])
+    return route_info, pack, _entity_leaves(job, entity_counts)
 
 
-def _entity_leaves(out: Path, docs: Iterator[Document], field: str, unit_doc: np.ndarray, paths: np.ndarray,
-                   leaves: int) -> dict[str, Any]:
-    """Units per leaf of each value of a document field (e.g. the entity a document is about), in one
-    streaming pass over the training documents; written as ``entity_leaves.json`` when any has it."""
-    counts: dict[str, dict[int, int]] = {}
-    names: list[str] = []
-    ids: dict[str, int] = {}
-
-    def flush(d0: int, d1: int, value_of: np.ndarray) -> None:
-        lo, hi = np.searchsorted(unit_doc, d0), np.searchsorted(unit_doc, d1 - 1, side="right")
-        vid = value_of[unit_doc[lo:hi] - d0]
-        key = vid * leaves + np.asarray(paths[lo:hi, -1], np.int64)
-        uniq, n = np.unique(key[vid >= 0], return_counts=True)
-        for kk, c in zip(uniq.tolist(), n.tolist(), strict=True):
-            per = counts.setdefault(names[kk // leaves], {})
-            per[kk % leaves] = per.get(kk % leaves, 0) + c
-
-    d0, n_docs, value_of = 0, 0, np.full(ROUTE_BATCH, -1, np.int64)
-    for doc in docs:
-        if n_docs - d0 == ROUTE_BATCH:
-            flush(d0, n_docs, value_of)
-            d0, value_of = n_docs, np.full(ROUTE_BATCH, -1, np.int64)
-        value = doc.fields.get(field)
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = str(value)
-            if value not in ids:
-                ids[value] = len(names)
-                names.append(value)
-            value_of[n_docs - d0] = ids[value]
-        n_docs += 1
-    if n_docs > d0:
-        flush(d0, n_docs, value_of)
-    if not counts:
+def _entity_leaves(job: Job, entity_counts: dict[str, dict[str, int]]) -> dict[str, Any] | None:
+    """``entity_leaves.json``: units per leaf of each value of ``data.entity_field``."""
+    field = str(job.cfg.data.entity_field)
+    if not field:
+        return None
+    if not entity_counts:
         return {"field": field, "path": None, "values": 0}
-    table = {name: {str(lf): c for lf, c in sorted(counts[name].items())} for name in sorted(counts)}
-    write_json(out / "entity_leaves.json", {"field": field, "leaves": table})
+    table = {name: dict(sorted(entity_counts[name].items(), key=lambda kv: int(kv[0])))
+             for name in sorted(entity_counts)}
+    write_json(job.out / "entity_leaves.json", {"field": field, "leaves": table})
     return {"field": field, "path": "entity_leaves.json", "values": len(table)}
 
 
-def _pack(out: Path, tokens, offsets, units, paths, eot_id: int, leaves: int, seq_len: int, per_shard: int,
-          token_bytes: int, console) -> dict[str, Any]:
-    """Pack every leaf's units into sequences and write the shards (old shards removed first)."""
-    unit_doc, unit_start, unit_stop, unit_ends = units
-    shard_dir = out / "shards"
-    if shard_dir.exists():
-        shutil.rmtree(shard_dir)
-    leaf_sequences, leaf_units = [0] * leaves, [0] * leaves
-    packed = 0
-    with ShardWriter(shard_dir, per_shard) as writer, _progress(console) as bar:
-        task = bar.add_task("packing", total=leaves)
-        for lf, members in group_by_leaf(paths[:, -1], leaves):
-            bar.advance(task)
-            if len(members) == 0:
-                continue
-            path = np.asarray(paths[members[0]], dtype=np.int32)
-            lengths = (unit_stop[members] - unit_start[members]).tolist()
-
-            def unit_tokens(u: int, members=members) -> np.ndarray:
-                m = members[u]
-                base = offsets[unit_doc[m]]
-                return tokens[base + unit_start[m]:base + unit_stop[m]]
-
-            plan = plan_leaf(lengths, unit_ends[members].tolist(), seq_len)
-            for pieces in plan:
-                toks, seg_lens = materialize(pieces, unit_tokens, eot_id)
-                units_in = members[[p.unit for p in pieces]]
-                writer.write(encode_sequence(toks, seg_lens, path, lf, seq_len, token_bytes, units=units_in,
-                                             starts=[p.start for p in pieces]))
-                packed += len(toks)
-            leaf_sequences[lf] = len(plan)
-            leaf_units[lf] = len(members)
-        shards = writer.close()
-    n_seq = writer.count
-    return {"sequences": n_seq, "shards": [f"shards/{s}" for s in shards], "packed_tokens": packed,
-            "padding_tokens": n_seq * seq_len - packed, "fill": packed / max(1, n_seq * seq_len),
-            "leaf_sequences": leaf_sequences, "leaf_units": leaf_units}
-
-
-def report(console, out: Path, manifest: dict[str, Any], seconds: float) -> None:
-    """Say where everything went, and which stages were reused."""
-    from rich.table import Table
-
-    reused = [k for k, v in manifest["stages"].items() if v["reused"]]
-    d, t = manifest["documents"], manifest["tokens"]
-    table = Table(title=f"memlm prepare: {out} ({seconds:.1f} s)", show_lines=False)
-    table.add_column("what")
-    table.add_column("where")
-    rows = [
-        (f"{manifest['sequences']} sequences x {manifest['seq_len']} tokens ({t['fill']:.1%} filled), "
-         f"{len(manifest['shards'])} shards", str(out / "shards")),
-        (f"manifest ({d['training']} training documents, {d['skipped_empty']} empty and {d['undecodable']} "
-         f"undecodable skipped)", str(out / MANIFEST)),
-        (f"tokenizer (vocab {manifest['tokenizer']['tokenizer_vocab']}, padded {manifest['tokenizer']['vocab_size']})",
-         str(out / "tokenizer.json")),
-        (f"tree {manifest['tree']['id']} (k = {manifest['k']}, depth = {manifest['depth']}, "
-         f"{manifest['tree']['embedder']})", str(out / "tree.npz")),
-        (f"held-out documents ({d['heldout']})", str(out / "heldout.jsonl")),
-    ]
-    rows += [(f"probe '{name}'", str(out / p)) for name, p in manifest["probes"].items()]
-    for what, where in rows:
-        table.add_row(what, where)
-    console.print(table)
-    if reused:
-        console.print(f"reused cached stages: {', '.join(reused)}")
+def _gather(job: Job, heldout: np.ndarray, enc: dict[int, dict]) -> None:
+    """The corpus-wide files, streamed from the units': held-out documents, paths and document offsets
+    (what routing diagnostics read)."""
+    out, root = job.out, job.root
+    with open(out / "heldout.jsonl.tmp", "wb") as f:
+        for u in job.plan:
+            f.write((U.unit_dir(root, "encode", u.index) / "heldout.jsonl").read_bytes())
+    os.replace(out / "heldout.jsonl.tmp", out / "heldout.jsonl")
+    np.save(out / "heldout_ids.npy", heldout)
+    n_units = sum(int(enc[i]["units"]) for i in enc)
+    n_docs = sum(int(enc[i]["documents"]) for i in enc)  # training documents (held-out ones are apart)
+    depth = int(job.cfg.tree.depth)
+    paths = np.lib.format.open_memmap(out / "paths.npy.tmp.npy", mode="w+", dtype=np.int32, shape=(n_units, depth))
+    offsets = np.lib.format.open_memmap(out / "doc_offsets.npy.tmp.npy", mode="w+", dtype=np.int64,
+                                        shape=(n_docs + 1,))
+    offsets[0] = 0
+    row = doc = 0
+    for u in job.plan:
+        p = np.load(U.unit_dir(root, "route", u.index) / "paths.npy", mmap_mode="r")
+        paths[row:row + len(p)] = p
+        row += len(p)
+        o = np.load(U.unit_dir(root, "encode", u.index) / "doc_offsets.npy")
+        offsets[doc + 1:doc + len(o)] = offsets[doc] + o[1:]
+        doc += len(o) - 1
+    paths.flush()
+    offsets.flush()
+    del paths, offsets
+    os.replace(out / "paths.npy.tmp.npy", out / "paths.npy")
+    os.replace(out / "doc_offsets.npy.tmp.npy", out / "doc_offsets.npy")

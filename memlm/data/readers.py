@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from etils import epath
 
-from memlm.data.generated import is_generated
+from memlm.corpora.generated import is_generated
 from memlm.run.paths import LocationError, is_local, location
 
 MAX_REPORTED = 100  # problem locations kept in the stats (all are counted)
@@ -415,7 +415,7 @@ def iter_shard(shard: Shard, stats: ReadStats, report: Callable[[str], None] | N
 
 
 def _read_generated(name: str, n_documents: int, seed: int, stats: ReadStats) -> Iterator[Document]:
-    from memlm.data.generated import module
+    from memlm.corpora.generated import module
 
     for i, record in enumerate(module(name).generate(n_documents, seed), start=1):
         stats.documents += 1

@@ -202,10 +202,11 @@ def folder_config(folder: Path) -> dict:
 
 def apply_config_template(tok, config: dict) -> None:
     """Rebuild the template from ``add_bos_token`` / ``add_eos_token`` where ``transformers`` does: the
-    config sets either flag, or ``tokenizer.json`` has no post-processor."""
+    config sets either flag. (``transformers`` also rebuilds a missing post-processor, with both flags
+    off: the same as none, so such a tokenizer is left as it is.)"""
     from tokenizers import processors
 
-    if "add_bos_token" not in config and "add_eos_token" not in config and tok.post_processor is not None:
+    if "add_bos_token" not in config and "add_eos_token" not in config:
         return
     parts: list[str] = []
     specials: list[tuple[str, int]] = []

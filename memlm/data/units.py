@@ -84,13 +84,13 @@ def _fresh(root, stage: str, index: int) -> Path:
 
 
 def _mark(root, stage: str, index: int, key: str, info: dict[str, Any], started: float) -> dict[str, Any]:
-    info = {**info, "seconds": time.time() - started, "max_rss_bytes": _max_rss(), "worker_pid": os.getpid()}
+    info = {**info, "seconds": time.time() - started, "max_rss_bytes": max_rss(), "worker_pid": os.getpid()}
     write_json(unit_dir(root, stage, index) / "done.json", {"key": key, "info": info})
     _fault(f"prepare-{stage}-done", index)
     return info
 
 
-def _max_rss() -> int:
+def max_rss() -> int:
     """This worker process's peak resident memory so far (bytes)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -338,14 +338,12 @@ def _payloads(unit: int, spec: RouteSpec, depth: int) -> Iterator[tuple[int, dic
     paths = np.load(unit_dir(spec.root, "route", unit) / "paths.npy")
     spans = np.load(enc / "spans.npz")
     offsets = np.load(enc / "doc_offsets.npy")
-    leaf = paths[:, -1].astype(np.int64)
-    order = np.argsort(leaf, kind="stable")
-    bounds = np.searchsorted(leaf[order], np.arange(spec.leaves + 1))
-    for lf in np.unique(leaf).tolist():
+    from memlm.data.packing import group_by_leaf
+
+    for lf, members in group_by_leaf(paths[:, -1], spec.leaves):
         r = leaf_range(lf, spec.leaves, spec.ranges)
-        if r not in spec.pending_ranges:
+        if len(members) == 0 or r not in spec.pending_ranges:
             continue
-        members = order[bounds[lf]:bounds[lf + 1]]
         start, stop = spans["start"][members], spans["stop"][members]
         yield r, {"leaf": lf, "unit": unit, "path": paths[members[0]].copy(),
                   "ids": members.astype(np.int64) + spec.first_unit[unit],

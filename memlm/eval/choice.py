@@ -71,10 +71,11 @@ def _continuation(question: str, choice: str) -> str:
 def _rows(tokenizer: TextTokenizer, items: Sequence[ChoiceItem], max_len: int | None):
     """Per (item, choice): (item index, context ids, choice ids), the context cut from the left to fit."""
     rows = []
+    plain = getattr(tokenizer, "encode_plain", tokenizer.encode)  # a choice continues the question: no BOS
     for i, item in enumerate(items):
         question = [int(t) for t in tokenizer.encode(item.question)]
         for choice in item.choices:
-            c = [int(t) for t in tokenizer.encode(_continuation(item.question, choice))]
+            c = [int(t) for t in plain(_continuation(item.question, choice))]
             if not question or not c:
                 raise ValueError(f"question {item.question!r} or choice {choice!r} encodes to no tokens")
             q = question

@@ -73,6 +73,13 @@ def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...],
     if docs:
         ppl = evaluate_perplexity(run.fn, run.params, docs, texts, provider, conditions,
                                   seq_len=run.cfg.data.seq_len, batch_size=ev.batch_size)["conditions"]
+    from memlm.eval.ppl_key import format_key_table, parse_perplexity_key, prefix_perplexity
+
+    n_key = parse_perplexity_key(ev.perplexity_key)
+    ppl_prefix = (prefix_perplexity(run.fn, run.params, run.tokenizer, docs, texts, provider, conditions, n_key,
+                                    run.cfg.data.seq_len, ev.batch_size) if docs and n_key else None)
+    if ppl_prefix and not quiet:
+        print(format_key_table(ppl, ppl_prefix))
     results = {}
     for path in probe_files:
         probes = load_probes(path)
@@ -82,6 +89,8 @@ def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...],
         result = {"probes": name, "file": str(path), "run": str(run.workdir), "step": run.step,
                   "conditions": res["conditions"],
                   "perplexity": {c: ppl[c]["perplexity"] for c in ppl}}
+        if ppl_prefix:
+            result["perplexity_prefix"] = ppl_prefix
         routing = routing_of(run, probes, str(path), quiet, provider)
         if routing is not None:
             result["routing"] = routing

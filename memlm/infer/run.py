@@ -174,6 +174,7 @@ def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     step, params, meta = restore_item(workdir, "params",
                                       abstract_like(fn.shapes, jax.tree.map(lambda _: one, fn.shapes)))
     tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["path"], cfg.model.vocab_multiple)
-    check_template(manifest["tokenizer"].get("template"), tokenizer, str(data_dir))
+    if manifest.get("kind") != "tokenizer":  # a converted run's folder holds no tokens to check
+        check_template(manifest["tokenizer"].get("template"), tokenizer, str(data_dir))
     return Run(cfg=cfg, workdir=workdir, data_dir=data_dir, fn=fn, params=params, step=step, tokenizer=tokenizer,
                memory=RunMemory(cfg, workdir, data_dir, manifest, meta))

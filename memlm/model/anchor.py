@@ -461,8 +461,3 @@ def init_cache(spec: AnchorSpec, batch: int, max_len: int, dtype: str | None = N
     shape = (spec.n_layers, batch, max_len, spec.n_kv_heads, spec.head_dim)
     return dict(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), segments=jnp.zeros((batch, max_len), jnp.int32),
                 lengths=jnp.zeros((batch,), jnp.int32))
-
-
-def memory_arrays(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """Names of the FetchedMemory arrays the model reads for this config."""
-    return tuple(b.name for b in block_arrays(cfg))

@@ -71,6 +71,3 @@ class AnchorFunctional:
     def project(self, params: dict, hidden: jax.Array) -> jax.Array:
         """float32 logits of final-normed hidden states (the output head; see :meth:`Anchor.project`)."""
         return self.merge(params).project(hidden)
-
-    def num_params(self) -> int:
-        return sum(int(s.size) for s in jax.tree.leaves(self.shapes))

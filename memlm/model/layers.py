@@ -222,8 +222,3 @@ def gate(g: jax.Array, u: jax.Array, act: str = "silu") -> jax.Array:
 def gated_ffn(h: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array, act: str = "silu") -> jax.Array:
     """``w3 (act(w1 h) * (w2 h))``: w1 is the gate, w2 the up projection, w3 the down projection."""
     return gate(h @ w1, h @ w2, act) @ w3
-
-
-def swiglu(h: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array) -> jax.Array:
-    """``w3 (silu(w1 h) * (w2 h))``: w1 is the gate, w2 the up projection, w3 the down projection."""
-    return gated_ffn(h, w1, w2, w3, "silu")

@@ -43,11 +43,6 @@ def distances(x: jax.Array, centroids: jax.Array) -> jax.Array:
     return jnp.sum(centroids * centroids, -1) - 2.0 * x @ centroids.T
 
 
-def assign(x: jax.Array, centroids: jax.Array) -> jax.Array:
-    """Index of the nearest centroid (L2) of each row; ties go to the lowest index."""
-    return jnp.argmin(distances(x, centroids), axis=-1).astype(jnp.int32)
-
-
 def kmeans_pp(u: jax.Array, x: jax.Array, valid: jax.Array) -> jax.Array:
     """``len(u)`` centroids from the valid rows of ``x`` by D^2 sampling, pick j drawn by inverse CDF at
     ``u[j]`` in [0, 1); a row repeats only once every distinct valid row is a centroid."""

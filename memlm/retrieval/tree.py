@@ -56,11 +56,6 @@ class Tree:
             h.update(c.tobytes())
         return h.hexdigest()[:16]
 
-    @property
-    def n_nodes(self) -> list[int]:
-        """Nodes per level, shallowest first: k, k**2, ..., k**depth."""
-        return [self.k**level for level in range(1, self.depth + 1)]
-
     def meta(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "k": self.k, "depth": self.depth, "dim": self.dim,
                 "embedder": self.embedder, "seed": self.seed, "fit": self.fit, "stats": self.stats, "id": self.id}

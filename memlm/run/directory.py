@@ -21,11 +21,12 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import ml_collections
 from etils import epath
 
-from memlm.config import ConfigError, config_from_json, validate
+from memlm.config import ConfigError, config_from_json, drop_removed_keys, validate
 from memlm.run.paths import is_local, location
 
 FROZEN_SECTIONS = ("model", "memory", "tree")  # they define the anchor and the bank
@@ -86,7 +87,8 @@ class RunDir:
         """Refuse a config the recorded run cannot continue with (the message names the section)."""
         if not self.config_path.exists():
             return
-        old = self.record()["config"]
+        old = {section: drop_removed_keys(section, v) if isinstance(v, dict) else v
+               for section, v in self.record()["config"].items()}  # a key memlm no longer has is no change
         new = json.loads(cfg.to_json())
         for section in FROZEN_SECTIONS:
             if old.get(section) != new[section]:
@@ -99,12 +101,15 @@ class RunDir:
                                       f"{_diff(old.get(section, {}), new[section])}); pass --allow-config-change "
                                       "if you mean to change it mid-run")
 
-    def write_config(self, cfg: ml_collections.ConfigDict, data_dir: str | None, init_from: str | None) -> None:
-        """Record the config (atomically: a reader never sees half a file)."""
+    def write_config(self, cfg: ml_collections.ConfigDict, data_dir: str | None, init_from: str | None,
+                     **extra: Any) -> None:
+        """Record the config (atomically: a reader never sees half a file). The one writer of a run's
+        ``config.json``: train, merge and convert all record through it; ``extra`` adds fields after
+        ``init_from`` (a conversion's ``converted_from``)."""
         self.path.mkdir(parents=True, exist_ok=True)
         record = {"config": json.loads(cfg.to_json()),
                   "data_dir": None if data_dir is None else str(location(data_dir)),
-                  "init_from": None if init_from is None else str(location(init_from))}
+                  "init_from": None if init_from is None else str(location(init_from)), **extra}
         tmp = self.path / "config.json.tmp"
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(self.config_path)

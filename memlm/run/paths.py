@@ -2,8 +2,7 @@
 
 ``location(text)`` gives an ``etils.epath.Path``: ``gs://``, ``s3://`` and the other schemes epath
 knows stay URLs (``pathlib.Path("gs://b/r")`` would silently become ``gs:/b/r``); ``file://`` URLs
-and plain paths become absolute local paths. ``kvstore_url`` is the same location for
-tensorstore, which takes the URL itself.
+and plain paths become absolute local paths.
 """
 
 from __future__ import annotations
@@ -42,8 +41,3 @@ def location(text: str | os.PathLike | epath.Path) -> epath.Path:
 def is_local(path: epath.Path) -> bool:
     """Whether a location is on the local filesystem (where file locks and appends work)."""
     return "://" not in os.fspath(path)
-
-
-def kvstore_url(path: epath.Path) -> str:
-    """The location as tensorstore reads it: a local path, or the URL."""
-    return os.fspath(path)

@@ -38,9 +38,8 @@ from typing import Any
 
 import ml_collections
 
-from memlm.config import ConfigError, apply_overrides, load_config, validate
+from memlm.config import DEFAULT_PRESET, ConfigError, apply_overrides, load_config, validate
 
-RUN_KEYS = ("config", "init_from")  # keys of a run entry that are not config overrides
 NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -67,7 +66,7 @@ class Sweep:
     """A study: base preset, common overrides, stages, data preparation, whether to evaluate."""
 
     stages: list
-    config: str = "experiments/tiny.py"
+    config: str = DEFAULT_PRESET  # memlm's packaged default preset
     name: str = ""
     overrides: dict = dataclasses.field(default_factory=dict)
     data: dict | str | None = None  # {"corpus": ..., "overrides": {...}}: prepared once; a str: an existing dir

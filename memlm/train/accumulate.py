@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from memlm.bank.device import DP_AXES
 from memlm.bank.sharded import ShardedBank, shard_map
 from memlm.memspec import SlotMemory
+from memlm.sharding import DP_AXES
 
 __all__ = ["accumulate_gradients", "split_micro"]
 

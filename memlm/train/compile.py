@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from memlm.config import ConfigError, mesh_shape
+from memlm.config import mesh_shape
 
 # HBM per chip (bytes) where a compile-only device cannot tell.
 TPU_CAPACITY = {"v4": 32 * 2**30, "v5e": 16 * 2**30, "v5litepod": 16 * 2**30, "v5p": int(95.74 * 2**30),
@@ -116,7 +116,7 @@ def _exhausted(message: str) -> tuple[float | None, float | None]:
 def compile_report(cfg: ml_collections.ConfigDict, topology: str, capacity: float | None = None) -> dict[str, Any]:
     """Compile ``cfg``'s step for ``topology``; the report of DESIGN §4.14 (``fits`` says whether it fits)."""
     from memlm.bank.device import tier_bytes
-    from memlm.sharding import make_mesh
+    from memlm.sharding import MESH_AXES, make_mesh
     from memlm.train import hlo
     from memlm.train.step import build
 
@@ -128,7 +128,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, capacity: floa
     fns = build(cfg, mesh)
     report: dict[str, Any] = {
         "config": cfg.name, "topology": topology, "devices": description,
-        "mesh": dict(zip(("data", "fsdp", "tensor"), shape, strict=True)), "global_batch": cfg.train.batch_size,
+        "mesh": dict(zip(MESH_AXES, shape, strict=True)), "global_batch": cfg.train.batch_size,
         "microbatch": fns.plan.microbatch, "micro_steps": fns.plan.micro_steps,
         "tiers": tier_bytes(fns.bank_layout, fns.plan.levels, cfg.bank.host_cache_bytes) if fns.bank_layout else [],
     }
@@ -168,10 +168,3 @@ def misfit_line(report: dict) -> str:
         where = f"; compiler: {report['error'][:300]}"
     return (f"{report['config']} does not fit {report['topology']} at batch {report['global_batch']} "
             f"(micro-batch {report['microbatch']}): needs {need} per device, has {have}{where}")
-
-
-def check_topology_arg(topology: str | None) -> str:
-    if not topology:
-        raise ConfigError("memlm compile needs --topology (cpu:N or a TPU topology such as v5p:2x2x1)")
-    parse_topology(topology)
-    return topology

@@ -22,10 +22,10 @@ import ml_collections
 import numpy as np
 
 from memlm.config import ConfigError, validate
+from memlm.run import bank_io
 from memlm.run.checkpoints import Checkpointer, abstract_like, restore_item
 from memlm.run.directory import RunDir
 from memlm.run.paths import location
-from memlm.train import bank_io
 from memlm.train.mesh import build_mesh, check_batch, maybe_initialize_distributed
 from memlm.train.metrics import MetricsWriter, device_peak_flops
 from memlm.train.step import TrainState, build, device_batch
@@ -55,11 +55,6 @@ def _check_data(cfg: ml_collections.ConfigDict, data_dir) -> dict:
         raise ConfigError(f"config keys 'tree.k', 'tree.depth' = ({cfg.tree.k}, {cfg.tree.depth}): the data in "
                           f"{str(data_dir)!r} was routed with a tree of k={manifest['k']}, depth={manifest['depth']}")
     return manifest
-
-
-def load_run_config(workdir) -> tuple[ml_collections.ConfigDict, dict]:
-    """The config a run used, and its record (data_dir, init_from)."""
-    return RunDir(workdir).load_config()
 
 
 def anchor_items(state: TrainState) -> dict:

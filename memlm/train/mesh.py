@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
 import ml_collections
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from memlm.config import ConfigError, mesh_shape
-from memlm.sharding import make_mesh
+from memlm.sharding import DP_AXES, make_mesh
 
 _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
                       "MEGASCALE_COORDINATOR_ADDRESS")
@@ -51,14 +51,9 @@ def build_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
     return make_mesh(mesh_shape(cfg, jax.device_count()))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Batch-leading arrays split over the data-parallel axes."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
-
-
 def check_batch(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """The global batch must split evenly over the data-parallel devices and the processes."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = math.prod(mesh.shape[a] for a in DP_AXES)
     b = cfg.train.batch_size
     if b % dp:
         raise ConfigError(f"config key 'train.batch_size' = {b}: not divisible by the data-parallel size {dp} "

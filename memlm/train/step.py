@@ -46,7 +46,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from memlm.bank.device import (
-    DP_AXES,
     BankState,
     LevelPlacement,
     abstract_bank,
@@ -54,14 +53,16 @@ from memlm.bank.device import (
     dp_size,
     init_state,
     level_placement,
-    tier_bytes,
 )
 from memlm.bank.layout import BankLayout
+from memlm.bank.placement import check_device_budget, tier_placement
 from memlm.bank.sharded import ShardedBank
 from memlm.config import ConfigError
 from memlm.data.loader import uses_sibling_paths
+from memlm.memspec import uses_memory
 from memlm.model.anchor import BIASES
 from memlm.model.functional import AnchorFunctional
+from memlm.sharding import DP_AXES
 from memlm.train.accumulate import accumulate_gradients, split_micro
 from memlm.train.loss import chunk_length, chunked_nll
 from memlm.train.schedule import cosine_with_warmup
@@ -102,10 +103,6 @@ def per_sequence_nll(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Arra
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(mask, nll, 0.0), axis=1), jnp.sum(mask, axis=1)
-
-
-def uses_memory(cfg: ml_collections.ConfigDict) -> bool:
-    return cfg.train.mode != "anchor" and cfg.memory.type != "none"
 
 
 def decay_mask(axes: dict) -> dict:
@@ -168,52 +165,6 @@ def plan_step(cfg: ml_collections.ConfigDict, mesh: Mesh, bank_layout: BankLayou
         auto = max(1, math.ceil(requests[key] / pl.shards))
         capacity[key] = min(requests[key], cfg.bank.exchange_rows or auto)
     return StepPlan(batch, micro, shards, chunk, levels, requests, owned, capacity)
-
-
-def tier_placement(layout: BankLayout, mesh: Mesh, replicate_levels: int, device_levels: int,
-                   batch: int) -> dict[str, LevelPlacement]:
-    """The bank's placement with levels deeper than ``device_levels`` (>= 0) off device: each
-    shard then holds, per step, the rows of the nodes it owns that the batch touches."""
-    levels = level_placement(layout, mesh, replicate_levels)
-    off = {k: pl for k, pl in levels.items() if 0 <= device_levels < int(k[5:])}
-    if not off:
-        return levels
-    return level_placement(layout, mesh, replicate_levels, {k: min(batch, pl.per_shard) for k, pl in off.items()})
-
-
-def check_device_budget(cfg: ml_collections.ConfigDict, layout: BankLayout, mesh: Mesh,
-                        levels: dict[str, LevelPlacement]) -> None:
-    """Fail naming the levels to move off device when the bank state on one device exceeds
-    ``bank.device_bytes`` (replicated levels must stay on device)."""
-    budget, b = cfg.bank.device_bytes, cfg.bank
-    need = sum(t["device_bytes"] for t in tier_bytes(layout, levels, b.host_cache_bytes))
-    if need <= budget:
-        return
-    per_level = ", ".join(f"level {t['level']} {t['device_bytes'] / 1e9:.3g} GB ({t['tier']})"
-                          for t in tier_bytes(layout, levels, b.host_cache_bytes))
-    fits = None
-    deepest = layout.levels[-1].level
-    for n in range(deepest, b.replicate_levels - 1, -1):
-        trial = tier_placement(layout, mesh, b.replicate_levels, n, cfg.train.batch_size)
-        if sum(t["device_bytes"] for t in tier_bytes(layout, trial, b.host_cache_bytes)) <= budget:
-            fits = n
-            break
-    if fits is not None:
-        moved = f"level {deepest}" if fits + 1 == deepest else f"levels {fits + 1}-{deepest}"
-        advice = f"set bank.device_levels={fits} ({moved} off device)"
-    else:
-        advice = "no split fits: use more devices, replicate fewer levels or a smaller batch"
-    raise ConfigError(f"config key 'bank.device_bytes' = {budget}: the bank state needs {need / 1e9:.3g} GB per "
-                      f"device ({per_level}); {advice}")
-
-
-def tier_report(cfg: ml_collections.ConfigDict, mesh: Mesh) -> list[dict]:
-    """Per bank level on ``mesh``: tier, training-state bytes per device and off device per shard
-    (what ``memlm info`` and ``memlm compile`` print); empty without memory."""
-    if not uses_memory(cfg):
-        return []
-    layout = BankLayout.from_config(cfg)
-    return tier_bytes(layout, plan_step(cfg, mesh, layout).levels, cfg.bank.host_cache_bytes)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,83 @@
+"""``memlm eval --tasks``: lm-evaluation-harness tasks on a run, once per memory condition.
+
+Each condition's results are lm-eval's own results dict, written to ``RUN/eval/harness_<condition>.json``
+beside the probe results (one file per condition, so evaluating one condition never overwrites
+another's) and printed as lm-eval's table. Local tasks (a task YAML and its data files) are found
+with ``--include-path DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from memlm.infer.run import Run
+
+__all__ = ["HarnessUnavailableError", "evaluate_harness", "evaluate_tasks", "require_lm_eval"]
+
+INSTALL_HINT = "pip install 'memlm[eval]'"
+
+
+class HarnessUnavailableError(ValueError):
+    """lm-eval is not installed: one line naming the extra that installs it."""
+
+
+def require_lm_eval() -> None:
+    """Fail with one line when lm-eval cannot be imported."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise HarnessUnavailableError(f"evaluating tasks needs lm-eval, which is not installed: {INSTALL_HINT} "
+                                      f"({e})") from None
+
+
+def evaluate_tasks(run: Run, tasks: Sequence[str], conditions: Sequence[str], include_path: str | None = None,
+                   num_fewshot: int | None = None, limit: int | float | None = None,
+                   quiet: bool = False) -> dict[str, Any]:
+    """lm-eval results per condition (``{condition: results}``), each also saved as ``harness_<condition>.json``."""
+    require_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from memlm.eval.harness import MemlmLM
+
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    out_dir = run.workdir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for condition in conditions:
+        res = simple_evaluate(model=MemlmLM(run=run, condition=condition), tasks=list(tasks), num_fewshot=num_fewshot,
+                              limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
+        res = json.loads(json.dumps(res, default=handle_non_serializable))
+        res["memlm"] = {"run": str(run.workdir), "step": run.step, "condition": condition}
+        path = out_dir / f"harness_{condition}.json"
+        path.write_text(json.dumps(res, indent=2))
+        results[condition] = res
+        if not quiet:
+            print(f"{condition} ({run.workdir}, step {run.step})")
+            print(make_table(res))
+            print(f"memlm eval: wrote {path}")
+    return results
+
+
+def evaluate_harness(workdir: str, tasks: str, include_path: str | None = None, num_fewshot: int | None = None,
+                     conditions: str | None = None, limit: float | None = None, data_dir: str | None = None,
+                     overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """``memlm eval --tasks``: load the run, keep the conditions it has, evaluate the tasks under each."""
+    from memlm.infer.conditions import parse_conditions
+    from memlm.infer.run import load_run
+
+    require_lm_eval()
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise HarnessUnavailableError(f"--tasks {tasks!r} names no task")
+    run = load_run(workdir, data_dir, overrides)
+    wanted = parse_conditions(conditions or run.cfg.eval.conditions)
+    conds = tuple(c for c in wanted if c in run.conditions)
+    skipped = [c for c in wanted if c not in conds]
+    if skipped:
+        print(f"memlm eval: skipping {', '.join(skipped)} (this run has {', '.join(run.conditions)})")
+    limit_n = int(limit) if limit is not None and limit >= 1 else limit
+    return evaluate_tasks(run, names, conds, include_path, num_fewshot, limit_n)

@@ -1,0 +1,239 @@
+"""lm-evaluation-harness on a trained run, and perplexity keyed by a document's first N tokens.
+
+Every number is checked against a plain forward (``fn.apply`` + ``log_softmax``) with the memory
+fetched for the retrieval key through the run's memory, not through memlm's scoring code.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memlm.config import load_config
+
+SMALL = dict(d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64)
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="lm-eval is not installed (pip install 'memlm[eval]')")
+
+
+@pytest.fixture(scope="module")
+def run(facts_data, tmp_path_factory):
+    from memlm.infer.run import load_run
+    from memlm.train.loop import train
+
+    cfg = load_config("experiments/tiny.py")
+    cfg.model.update(SMALL)
+    cfg.tree.embedder = "hash"
+    cfg.train.update(mode="scratch", steps=4, batch_size=8, log_every=2, checkpoint_every=4)
+    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+    cfg.eval.update(batch_size=4, max_new_tokens=4, heldout_documents=6)
+    workdir = tmp_path_factory.mktemp("run")
+    train(cfg, facts_data, workdir, quiet=True)
+    return load_run(workdir)
+
+
+def _logp(run, ids: list[int], key: str, condition: str = "fetched") -> np.ndarray:
+    """log p(ids[t+1] | ids[:t+1]) for every t: one plain forward under the key's memory."""
+    memory = run.memory([key], condition)
+    logits = run.fn.apply(run.params, jnp.asarray([ids], jnp.int32), memory=memory)
+    logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1), np.float64)
+    return logp[np.arange(len(ids) - 1), ids[1:]]
+
+
+def _greedy(run, prompt: str, new: int, key: str) -> str:
+    ids = [int(t) for t in run.tokenizer.encode(prompt)]
+    memory = run.memory([key], "fetched")
+    out = []
+    for _ in range(new):
+        logits = run.fn.apply(run.params, jnp.asarray([ids + out], jnp.int32), memory=memory)
+        nxt = int(jnp.argmax(logits[0, -1]))
+        if nxt == run.tokenizer.eot_id:
+            break
+        out.append(nxt)
+    return run.tokenizer.decode(out)
+
+
+MC = [{"question": "The capital of France is", "choices": ["Paris", "Lima", "Oslo"], "gold": 0},
+      {"question": "The atomic number of tin is", "choices": ["50", "8", "26", "1"], "gold": 0},
+      {"question": "The capital of Peru is", "choices": ["Oslo", "Lima"], "gold": 1}]
+DOCS = [{"text": "Tin is a chemical element. The atomic number of tin is 50."},
+        {"text": "The capital of Peru is Lima. Peru is a country in South America."}]
+GEN = [{"prompt": "The capital of France is", "answer": "Paris"},
+       {"prompt": "The atomic number of tin is", "answer": "50"}]
+
+
+def _task(folder: Path, name: str, rows: list, body: str) -> None:
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                         f"    test: {json.dumps(str(data))}\ntest_split: test\n{body}")
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tasks")
+    metric = "metric_list:\n  - metric: {m}\n"
+    _task(folder, "t_mc", MC, 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+          'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n' + metric.format(m="acc"))
+    _task(folder, "t_roll", DOCS, 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+          'doc_to_target: "{{text}}"\n' + metric.format(m="word_perplexity"))
+    _task(folder, "t_gen", GEN, 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+          'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 5\n  do_sample: false\n'
+          + metric.format(m="exact_match"))
+    return folder
+
+
+@needs_lm_eval
+def test_simple_evaluate_equals_a_plain_forward_for_every_request_type(run, tasks, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from memlm.eval.harness import MemlmLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm = MemlmLM(run=run, condition="fetched")
+    calls = []
+    provider = lm.provider
+    lm.provider = lambda keys, cond: calls.append(list(keys)) or provider(keys, cond)
+    lm.provider.paths, lm.provider.gated = provider.paths, provider.gated
+    res = simple_evaluate(model=lm, tasks=["t_mc", "t_roll", "t_gen"],
+                          task_manager=TaskManager(include_path=str(tasks)), log_samples=True, bootstrap_iters=0)
+    tok = run.tokenizer
+    assert [len(res["samples"][t]) for t in ("t_mc", "t_roll", "t_gen")] == [len(MC), len(DOCS), len(GEN)]
+    for s in res["samples"]["t_mc"]:
+        item = MC[s["doc_id"]]
+        ctx = [int(t) for t in tok.encode(item["question"])]  # this BPE has no template: joined, then split
+        for choice, got in zip(item["choices"], s["resps"], strict=True):
+            whole = [int(t) for t in tok.encode(item["question"] + " " + choice)]
+            assert whole[: len(ctx)] == ctx
+            want = _logp(run, whole, item["question"])[len(ctx) - 1:].sum()
+            np.testing.assert_allclose(got[0][0], want, rtol=1e-4, atol=1e-4)
+    for s in res["samples"]["t_roll"]:
+        text = DOCS[s["doc_id"]]["text"]
+        ids = [tok.eot_id] + [int(t) for t in tok.encode_plain(text)]  # the EOT that ends the document before
+        np.testing.assert_allclose(s["resps"][0][0], _logp(run, ids, text).sum(), rtol=1e-4, atol=1e-4)
+    for s in res["samples"]["t_gen"]:
+        prompt = GEN[s["doc_id"]]["prompt"]
+        assert s["resps"][0][0] == _greedy(run, prompt, 5, prompt).split("\n")[0]
+    # batched by routed path: each batch asks for a memory once, each path's key at most once
+    paths = [tuple(p) for p in provider.paths([k for c in calls for k in dict.fromkeys(c)], "fetched")]
+    start = 0
+    for c in calls:
+        distinct = list(dict.fromkeys(c))
+        assert len({tuple(p) for p in paths[start: start + len(distinct)]}) == len(distinct)
+        start += len(distinct)
+
+
+@needs_lm_eval
+def test_context_and_continuation_split_with_a_bos_template(run):
+    from memlm.eval.harness import MemlmLM
+
+    lm = MemlmLM(run=run, condition="none")
+    bos = 7
+    lm._prefix = [bos]
+    ctx, cont = lm._encode_pair("The capital of France is ", "Paris")
+    plain = [int(t) for t in run.tokenizer.encode_plain("The capital of France is Paris")]
+    assert ctx[0] == bos and ctx[1:] + cont == plain and bos not in cont
+    assert lm.prefix_token_id == bos
+
+
+@needs_lm_eval
+def test_memlm_eval_tasks_writes_one_file_per_condition(run, tasks, capsys, monkeypatch):
+    from memlm.cli import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = ["eval", "--workdir", str(run.workdir), "--tasks", "t_mc", "--include-path", str(tasks), "--limit", "2"]
+    assert main(args + ["--conditions", "none,generic"]) == 0
+    assert main(args + ["--conditions", "fetched"]) == 0
+    out = capsys.readouterr().out
+    assert "t_mc" in out and "fetched" in out
+    for c in ("none", "generic", "fetched"):
+        saved = json.loads((run.workdir / "eval" / f"harness_{c}.json").read_text())
+        assert saved["memlm"]["condition"] == c and "acc,none" in saved["results"]["t_mc"]
+
+
+def test_tasks_without_lm_eval_fail_with_one_line_naming_the_extra(run, capsys, monkeypatch):
+    from memlm.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    assert main(["eval", "--workdir", str(run.workdir), "--tasks", "t_mc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'memlm[eval]'" in err
+
+
+def test_capital_task_building_is_deterministic_with_distinct_distractors(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from harness_capitals import build_capital_task
+
+    probes = tmp_path / "capital.jsonl"
+    rows = [{"prompt": f"The capital of {c} is", "answer": a, "bucket": str(i % 5), "context": "", "entity": c}
+            for i, (c, a) in enumerate([("France", "Paris"), ("Peru", "Lima"), ("Norway", "Oslo"),
+                                        ("Japan", "Tokyo"), ("Chile", "Santiago")])]
+    probes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    name = build_capital_task(probes, tmp_path / "a")
+    build_capital_task(probes, tmp_path / "b")
+    a = (tmp_path / "a" / f"{name}.jsonl").read_text()
+    assert a == (tmp_path / "b" / f"{name}.jsonl").read_text()
+    for row, item in zip(rows, map(json.loads, a.splitlines()), strict=True):
+        assert item["question"] == row["prompt"] and item["choices"][item["gold"]] == row["answer"]
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
+    assert "output_type: multiple_choice" in (tmp_path / "a" / f"{name}.yaml").read_text()
+
+
+def test_prefix_keyed_perplexity_equals_a_plain_forward(run):
+    from memlm.eval.ppl_key import parse_perplexity_key, prefix_perplexity
+
+    n = 6
+    assert parse_perplexity_key("prefix:6") == n and parse_perplexity_key("document") is None
+    with pytest.raises(ValueError, match="prefix:N"):
+        parse_perplexity_key("prefix:0")
+    tok = run.tokenizer
+    texts = [d["text"] for d in DOCS] + ["Tin."]  # the last is too short to score anything after 6 tokens
+    docs = [np.concatenate([ids, [tok.eot_id]]).astype(np.int32) for ids in tok.encode_batch(texts)]
+    res = prefix_perplexity(run.fn, run.params, tok, docs, texts, run.memory, ("none", "fetched"), n,
+                            seq_len=run.cfg.data.seq_len, batch_size=4)
+    assert res["documents"] == 2
+    for cond in ("none", "fetched"):
+        nll, count, nll_doc = 0.0, 0, 0.0
+        for text, ids in zip(texts[:2], docs[:2], strict=True):
+            ids = [int(t) for t in ids]
+            key = tok.decode(ids[:n])
+            assert key and key in text  # the key is the document's opening, never what is scored
+            nll -= _logp(run, ids, key, cond)[n - 1:].sum()  # targets ids[n:]
+            nll_doc -= _logp(run, ids, text, cond)[n - 1:].sum()
+            count += len(ids) - n
+        r = res["conditions"][cond]
+        assert res["tokens"] == count
+        np.testing.assert_allclose(r["perplexity"], np.exp(nll / count), rtol=1e-4)
+        np.testing.assert_allclose(r["document_key_perplexity"], np.exp(nll_doc / count), rtol=1e-4)
+
+
+def test_memlm_eval_reports_both_perplexity_keys(run, capsys):
+    from memlm.eval.run import evaluate
+
+    probes = run.workdir / "p.jsonl"
+    probes.write_text(json.dumps({"prompt": "The capital of Peru is", "answer": "Lima", "bucket": "0"}) + "\n")
+    res = evaluate(run.workdir, probes=str(probes), conditions="none,fetched",
+                   overrides={"eval.perplexity_key": "prefix:4"})["p"]
+    assert set(res["perplexity"]) == {"none", "fetched"}
+    assert res["perplexity_prefix"]["key"] == "prefix:4"
+    assert set(res["perplexity_prefix"]["conditions"]) == {"none", "fetched"}
+    assert "prefix:4 key" in capsys.readouterr().out
+
+
+def test_requests_group_by_the_memory_their_keys_fetch(run):
+    from memlm.eval.harness_score import memory_groups
+
+    keys = ["The capital of Peru is", "Tin is a metal.", "The capital of Peru is", "oxygen is a gas", "Lima"]
+    groups, reps = memory_groups(run.memory, keys, "fetched")
+    paths = [tuple(p) for p in run.memory.paths(keys, "fetched")]
+    assert len(reps) == len(set(paths)) and groups[0] == groups[2]
+    for i in range(len(keys)):
+        assert paths[keys.index(reps[groups[i]])] == paths[i]
+        assert all((groups[i] == groups[j]) == (paths[i] == paths[j]) for j in range(len(keys)))
+    assert memory_groups(run.memory, keys, "generic") == ([0] * len(keys), [keys[0]])
