@@ -25,8 +25,11 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the single-device reference
 
-from memlm.bank import BankLayout, BankStore, PathFetcher, gather, init_state, leaf_paths, sparse_adamw  # noqa: E402
+from oracles import sparse_adamw  # noqa: E402
+
+from memlm.bank import BankLayout, BankStore, PathFetcher, gather, init_state, leaf_paths  # noqa: E402
 from memlm.config import load_config  # noqa: E402
 
 # name: (n_layers, d_model, sizes, k, depth, dtype)

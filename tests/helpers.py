@@ -67,10 +67,11 @@ class CharTokenizer:
 def reference_step(cfg, state, batch):
     """An independent whole-batch step on one device: per-sequence fetched memory gathered from the
     bank, full logits, optax AdamW for the anchor and the single-device sparse row-wise AdamW for the
-    bank (``memlm.bank.optimizer.sparse_adamw``), clipped by the joint global norm."""
+    bank (``tests/oracles.sparse_adamw``), clipped by the joint global norm."""
     import optax
+    from oracles import fetched_grad_sq_norm, sparse_adamw
 
-    from memlm.bank import fetched_grad_sq_norm, gather, sparse_adamw
+    from memlm.bank import gather
     from memlm.model.functional import AnchorFunctional
     from memlm.train.schedule import cosine_with_warmup
     from memlm.train.step import anchor_optimizer, next_token_loss

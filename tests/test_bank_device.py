@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
+from oracles import sparse_adamw
 
 from memlm.bank import (
     BankLayout,
@@ -17,7 +18,6 @@ from memlm.bank import (
     gather,
     init_state,
     leaf_paths,
-    sparse_adamw,
     split_fetched,
 )
 from memlm.config import ConfigError, load_config

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from oracles import fetched_grad_sq_norm, sparse_adamw
 
-from memlm.bank import BankLayout, fetched_grad_sq_norm, gather, generic_paths, init_state, leaf_paths, sparse_adamw
+from memlm.bank import BankLayout, gather, generic_paths, init_state, leaf_paths
 from memlm.config import load_config
 
 HP = dict(lr=3e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
+from oracles import sparse_adamw
 
 from memlm.bank import (
     BankLayout,
@@ -22,7 +23,6 @@ from memlm.bank import (
     generic_paths,
     init_state,
     leaf_paths,
-    sparse_adamw,
 )
 from memlm.bank.init import init_blocks
 from memlm.config import load_config

@@ -4,11 +4,10 @@ and path fetch for inference. The model never imports this package (docs/design.
 from memlm.bank.device import BankState, bank_shardings, clear_dirty, gather, init_state, split_fetched
 from memlm.bank.fetch import PathFetcher
 from memlm.bank.layout import BankLayout, LevelLayout, generic_paths, leaf_paths
-from memlm.bank.optimizer import fetched_grad_sq_norm, sparse_adamw
 from memlm.bank.store import BankMismatchError, BankStore, BankStoreError
 
 __all__ = [
     "BankLayout", "BankMismatchError", "BankState", "BankStore", "BankStoreError", "LevelLayout", "PathFetcher",
-    "bank_shardings", "clear_dirty", "fetched_grad_sq_norm", "gather", "generic_paths", "init_state", "leaf_paths",
-    "sparse_adamw", "split_fetched",
+    "bank_shardings", "clear_dirty", "gather", "generic_paths", "init_state", "leaf_paths",
+    "split_fetched",
 ]
