@@ -31,7 +31,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "splash")
 TRAIN_MODES = ("anchor", "frozen", "cotrain", "scratch")
 DTYPES = ("float32", "bfloat16")
 EMBED_UNITS = ("document", "window")
-CONDITIONS = ("none", "generic", "fetched", "blocked")
+CONDITIONS = ("none", "generic", "fetched", "blocked", "rag", "rag+fetched")
 EMBEDDERS = ("minilm", "hash")
 EMBED_DTYPES = ("auto", "float32", "bfloat16")
 
@@ -40,7 +40,7 @@ EMBED_DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_PRESET = str(Path(__file__).resolve().parent / "presets" / "tiny.py")
 
 # Keys memlm once had and reads no more: a run's config.json that still has one loads without it.
-REMOVED_KEYS: dict[str, tuple[str, ...]] = {"data": ("shuffle_buffer",), "train": ("eval_every",)}
+REMOVED_KEYS: dict[str, tuple[str, ...]] = {"data": ("shuffle_buffer",)}
 
 
 class ConfigError(ValueError):
@@ -185,6 +185,11 @@ def default_config() -> ml_collections.ConfigDict:
             checkpoint_every=200,
             keep_checkpoints=3,
             log_every=10,
+            # > 0: every eval_every steps (and at the last step), held-out perplexity under the
+            # eval.conditions and the accuracy on the data directory's probe files, to metrics.jsonl
+            # and TensorBoard (memlm/train/evaluation.py); eval_probes caps the probes per file (0: all)
+            eval_every=0,
+            eval_probes=0,
         )
     )
 
@@ -225,6 +230,10 @@ def default_config() -> ml_collections.ConfigDict:
             # route_gate): "generic", the
             # generic memory; "none", zero blocks: the anchor alone
             route_fallback="generic",
+            # the rag conditions: the rag_documents training documents nearest the retrieval text,
+            # put before the context within rag_tokens tokens (memlm/infer/rag.py)
+            rag_documents=3,
+            rag_tokens=64,
         )
     )
 
@@ -445,7 +454,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(cfg, "train.mode", TRAIN_MODES)
     _check_positive(cfg, "train", ("steps", "batch_size", "lr", "b1", "b2", "eps", "clip_norm", "memory_lr",
                                    "checkpoint_every", "keep_checkpoints", "log_every", "loss_chunk"))
-    _check_positive(cfg, "train", ("microbatch_size",), strict=False)
+    _check_positive(cfg, "train", ("microbatch_size", "eval_every", "eval_probes"), strict=False)
     if t.subtree >= 0:
         if t.mode != "frozen":
             _fail("train.subtree", t.subtree, "per-subtree jobs train the bank of a frozen anchor: "
@@ -477,6 +486,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if c and c not in CONDITIONS:
             _fail("eval.conditions", cfg.eval.conditions, f"unknown condition {c!r}; choose from {CONDITIONS}")
     _check_positive(cfg, "eval", ("block_level", "max_new_tokens", "batch_size", "heldout_documents"))
+    _check_positive(cfg, "eval", ("rag_documents", "rag_tokens"))
     pkey = str(cfg.eval.perplexity_key)
     if pkey != "document" and not (pkey.startswith("prefix:") and pkey[7:].isdigit() and int(pkey[7:]) >= 1):
         _fail("eval.perplexity_key", pkey, "choose 'document' or 'prefix:N' with N >= 1 tokens")

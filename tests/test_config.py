@@ -164,8 +164,8 @@ def test_the_default_preset_ships_inside_the_package():
 
 
 def test_a_run_recorded_with_a_removed_key_still_opens_and_continues(tmp_path):
-    """train.eval_every and data.shuffle_buffer were read nowhere and are gone from the schema: an
-    old run's config.json that has them loads without them, and resuming it is no config change."""
+    """data.shuffle_buffer was read nowhere and is gone from the schema: an old run's config.json that
+    has it loads without it, and resuming it is no config change."""
     import json
 
     from memlm.config import REMOVED_KEYS
@@ -176,7 +176,6 @@ def test_a_run_recorded_with_a_removed_key_still_opens_and_continues(tmp_path):
         for k in keys:
             assert k not in cfg[section]
     record = {"config": json.loads(cfg.to_json()), "data_dir": None, "init_from": None}
-    record["config"]["train"]["eval_every"] = 0
     record["config"]["data"]["shuffle_buffer"] = 0
     got = config_from_record(record)
     assert got.to_json() == cfg.to_json()
@@ -184,7 +183,7 @@ def test_a_run_recorded_with_a_removed_key_still_opens_and_continues(tmp_path):
     assert load_config(str(tmp_path)).to_json() == cfg.to_json()
     RunDir(tmp_path).check_config(cfg)  # no "train section differs" for a key memlm no longer has
     with pytest.raises(ConfigError, match="unknown config key"):
-        apply_overrides(load_config("experiments/tiny.py"), {"train.eval_every": "5"})
+        apply_overrides(load_config("experiments/tiny.py"), {"data.shuffle_buffer": "5"})
 
 
 def test_sibling_paths_need_a_probability_below_one_and_a_tree_level():

@@ -237,3 +237,141 @@ def test_requests_group_by_the_memory_their_keys_fetch(run):
         assert paths[keys.index(reps[groups[i]])] == paths[i]
         assert all((groups[i] == groups[j]) == (paths[i] == paths[j]) for j in range(len(keys)))
     assert memory_groups(run.memory, keys, "generic") == ([0] * len(keys), [keys[0]])
+
+
+# ---- the RAG baseline ------------------------------------------------------------------------------------
+def _index_reference(data_dir: Path, queries: np.ndarray, k: int) -> list[list[int]]:
+    """The k nearest training documents by a full numpy search over prepare's unit embeddings."""
+    emb, doc, first = [], [], 0
+    for d in sorted((data_dir / ".units" / "encode").iterdir()):
+        emb.append(np.load(d / "embeddings.npy"))
+        doc.append(np.load(d / "spans.npz")["doc"] + first)
+        first += len(np.load(d / "doc_offsets.npy")) - 1
+    scores = queries @ np.concatenate(emb).T
+    doc = np.concatenate(doc)
+    out = []
+    for s in scores:
+        best = {}
+        for u in np.argsort(-s, kind="stable"):
+            best.setdefault(int(doc[u]), s[u])
+            if len(best) == k:
+                break
+        out.append(list(best))
+    return out
+
+
+def test_rag_retrieves_documents_naming_the_probe_entity_by_an_exact_search(run, monkeypatch):
+    import memlm.infer.rag as rag
+
+    monkeypatch.setattr(rag, "SEARCH_ROWS", 37)  # many blocks per shard: the running top-k merges
+    probes = [json.loads(line) for line in (run.data_dir / "probes" / "capital.jsonl").read_text().splitlines()][:40]
+    keys = [p["prompt"] for p in probes]
+    ids = run.memory.documents(keys)
+    found = run.memory._documents
+    index = found.index
+    named = [any(p["entity"] in index.text(d) for d, _ in found.retrieved[p["prompt"]]) for p in probes]
+    assert sum(named) >= 0.9 * len(probes), sum(named)
+    want = _index_reference(run.data_dir, run.memory.embed(keys), run.cfg.eval.rag_documents)
+    assert [[d for d, _ in found.retrieved[k]] for k in keys] == want
+    # what goes before the context: the documents best first, within the token budget
+    first = run.tokenizer.encode_plain(index.text(want[0][0]) + "\n\n")
+    assert 0 < len(ids[0]) <= run.cfg.eval.rag_tokens
+    assert ids[0][: min(len(first), len(ids[0]))] == [int(t) for t in first][: len(ids[0])]
+    # held-out documents are not in the index (perplexity cannot retrieve its own document)
+    manifest = json.loads((run.data_dir / "manifest.json").read_text())
+    assert index.documents == manifest["documents"]["training"]
+    held = [json.loads(line)["text"] for line in (run.data_dir / "heldout.jsonl").read_text().splitlines()]
+    texts = {index.text(d) for d in range(index.documents)}
+    assert held and not texts & set(held)
+
+
+def test_rag_index_is_rebuilt_when_the_data_is_prepared_again(run):
+    from memlm.data.records import read_manifest
+    from memlm.infer.rag import build_index
+
+    path = build_index(run.data_dir, read_manifest(run.data_dir), run.tokenizer)
+    info = json.loads((path / "index.json").read_text())
+    (path / "index.json").write_text(json.dumps({**info, "key": "stale"}))
+    (path / "00000.text.bin").write_bytes(b"")
+    build_index(run.data_dir, read_manifest(run.data_dir), run.tokenizer)
+    assert json.loads((path / "index.json").read_text())["key"] == info["key"]
+    assert (path / "00000.text.bin").stat().st_size > 0
+
+
+def _greedy_ids(run, ids: list[int], new: int, key: str, condition: str) -> list[int]:
+    memory = run.memory([key], condition)
+    out = []
+    for _ in range(new):
+        logits = run.fn.apply(run.params, jnp.asarray([ids + out], jnp.int32), memory=memory)
+        nxt = int(jnp.argmax(logits[0, -1]))
+        if nxt == run.tokenizer.eot_id:
+            break
+        out.append(nxt)
+    return out
+
+
+@pytest.mark.parametrize("condition", ["rag", "rag+fetched"])
+def test_rag_perplexity_and_probes_equal_a_plain_forward_with_the_documents_first(run, condition):
+    from memlm.eval.perplexity import evaluate_perplexity
+    from memlm.eval.probes import Probe, evaluate_probes
+
+    memory = {"rag": "none", "rag+fetched": "fetched"}[condition]
+    tok = run.tokenizer
+    assert tok.template["prefix"] == []  # memlm's BPE: the documents go first
+    texts = [d["text"] for d in DOCS]
+    docs = [np.concatenate([ids, [tok.eot_id]]).astype(np.int32) for ids in tok.encode_batch(texts)]
+    res = evaluate_perplexity(run.fn, run.params, docs, texts, run.memory, (condition, memory),
+                              seq_len=run.cfg.data.seq_len, batch_size=4)["conditions"]
+    nll, count = 0.0, 0
+    for text, ids in zip(texts, docs, strict=True):
+        pre = run.memory.documents([text])[0]
+        assert pre
+        nll -= _logp(run, pre + [int(t) for t in ids], text, memory)[len(pre):].sum()  # the document's own targets
+        count += len(ids) - 1
+    assert res[condition]["tokens"] == res[memory]["tokens"] == count
+    np.testing.assert_allclose(res[condition]["nll"], nll / count, rtol=1e-4)
+    assert abs(res[condition]["nll"] - res[memory]["nll"]) > 1e-3  # the documents change the scores
+    probes = [Probe(g["prompt"], g["answer"]) for g in GEN]
+    out = evaluate_probes(run.fn, run.params, tok, probes, run.memory, (condition,), max_new_tokens=4, batch_size=4,
+                          return_outputs=True)["outputs"][condition]
+    for p, o in zip(probes, out, strict=True):
+        pre = run.memory.documents([p.key])[0]
+        want = _greedy_ids(run, pre + [int(t) for t in tok.encode(p.prompt)], 4, p.key, memory)
+        assert o["output"] == tok.decode(want)
+
+
+@needs_lm_eval
+def test_harness_rag_scores_the_choices_after_the_retrieved_documents(run, tasks, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from memlm.eval.harness import MemlmLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    res = simple_evaluate(model=MemlmLM(run=run, condition="rag"), tasks=["t_mc"],
+                          task_manager=TaskManager(include_path=str(tasks)), log_samples=True, bootstrap_iters=0)
+    tok = run.tokenizer
+    for s in res["samples"]["t_mc"]:
+        item = MC[s["doc_id"]]
+        pre = run.memory.documents([item["question"]])[0]
+        ctx = [int(t) for t in tok.encode(item["question"])]
+        for choice, got in zip(item["choices"], s["resps"], strict=True):
+            whole = [int(t) for t in tok.encode(item["question"] + " " + choice)]
+            want = _logp(run, pre + whole, item["question"], "none")[len(pre) + len(ctx) - 1:].sum()
+            np.testing.assert_allclose(got[0][0], want, rtol=1e-4, atol=1e-4)
+
+
+@needs_lm_eval
+def test_a_schema_question_is_keyed_by_the_part_its_choices_share():
+    from lm_eval.api.instance import Instance
+
+    from memlm.eval.harness import schema_keys
+
+    def req(args, doc_id):
+        return Instance("loglikelihood", {}, args, 0, ("t", doc_id, 1))
+
+    reqs = [req(("Anna gave Mia her book because Anna", " was kind."), 0),
+            req(("Anna gave Mia her book because Mia", " was kind."), 0),
+            req(("The capital of Peru is", " Lima"), 1), req(("The capital of Peru is", " Oslo"), 1)]
+    keys = schema_keys(reqs)
+    assert keys == {reqs[0].args: " was kind.", reqs[1].args: " was kind."}

@@ -2,7 +2,8 @@
 
 ``MemlmLM(workdir=RUN, condition="fetched")`` serves lm-eval's three request types from the run's
 anchor and memory. The retrieval key, the text routed to fetch memory, follows docs/paper.md
-App. B: a log-likelihood (multiple-choice) request's context, a rolling log-likelihood
+App. B: a log-likelihood (multiple-choice) request's context (a schema task's shared continuation,
+:func:`schema_keys`), a rolling log-likelihood
 (perplexity) request's document, a generation request's prompt. Routing settings are the run's
 ``eval.*`` config, overridden like ``load_run``'s ``overrides`` (``{"eval.route_beam": "4"}``).
 
@@ -24,14 +25,16 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from memlm.eval.harness_score import generate_rows, score_rows
 from memlm.infer.beam import provider_of
+from memlm.infer.conditions import documents_for
+from memlm.infer.rag import splice
 from memlm.infer.run import Run, load_run
 
-__all__ = ["MemlmLM"]
+__all__ = ["MemlmLM", "schema_keys"]
 
 
 @register_model("memlm")
 class MemlmLM(TemplateLM):
-    """lm-eval's ``LM`` over a memlm run: ``condition`` is none, generic, fetched or blocked."""
+    """lm-eval's ``LM`` over a memlm run: ``condition`` is none, generic, fetched, blocked, rag or rag+fetched."""
 
     def __init__(self, workdir: str | os.PathLike | None = None, condition: str = "fetched",
                  data_dir: str | os.PathLike | None = None, overrides: dict[str, str] | None = None,
@@ -86,11 +89,30 @@ class MemlmLM(TemplateLM):
             cont = [int(t) for t in tok.encode_plain(continuation)]
         return self._prefix + ctx, cont
 
+    def _with_documents(self, rows: list[tuple]) -> list[tuple]:
+        """Rows ``(key, ids, ...)`` with a rag condition's documents put in their ids (as they are otherwise)."""
+        docs = documents_for(self.provider, [r[0] for r in rows], self.condition)
+        if docs is None:
+            return rows
+        return [(r[0], splice(r[1], d, self._prefix)[0], *r[2:]) for r, d in zip(rows, docs, strict=True)]
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+        """lm-eval's log-likelihood requests; a schema task's are keyed by the part its choices share."""
+        self._keys = schema_keys(requests)
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._keys = {}
+
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list:
-        """Score ``((context, continuation), context ids, continuation ids)``, keyed by the context."""
+        """Score ``((context, continuation), context ids, continuation ids)``, keyed by the context (by the
+        shared continuation for a schema task's requests, :func:`schema_keys`)."""
         rows = []
+        keys = getattr(self, "_keys", {})
         for (context, continuation), ctx, cont in requests:
-            rows.append((context if context.strip() else continuation, ctx, cont))
+            key = keys.get((context, continuation), context if context.strip() else continuation)
+            rows.append((key, ctx, cont))
+        rows = self._with_documents(rows)
         return score_rows(self.run.fn, self.run.params, self.provider, self.condition, rows, self.batch_size,
                           self.max_length)
 
@@ -105,6 +127,7 @@ class MemlmLM(TemplateLM):
             for ctx, cont in map(make_disjoint_window, windows):
                 rows.append((text, ctx, cont))
                 owner.append(n)
+        rows = self._with_documents(rows)
         scored = score_rows(self.run.fn, self.run.params, self.provider, self.condition, rows, self.batch_size,
                             self.max_length)
         total = [0.0] * len(requests)
@@ -128,6 +151,7 @@ class MemlmLM(TemplateLM):
             new = max(1, min(int(kwargs.get("max_gen_toks", 256)), self.max_length - 1))
             ids = self.tok_encode(context)[-(self.max_length - new):]
             rows.append((context, ids, new))
+        rows = [(k, ids[-(self.max_length - new):], new) for k, ids, new in self._with_documents(rows)]
         out = generate_rows(self.run.fn, self.run.params, self.provider, self.condition, rows, self.batch_size,
                             self.eot_token_id)
         texts = []
@@ -139,3 +163,24 @@ class MemlmLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", req.args, text)
             texts.append(text)
         return texts
+
+
+def schema_keys(requests: list) -> dict[tuple[str, str], str]:
+    """The retrieval key of each schema request: ``{(context, continuation): continuation}``.
+
+    A schema task (Winograd, WinoGrande) asks one question as several contexts (the sentence up to
+    the blank, each choice filled in) with one shared continuation; docs/paper.md App. B routes
+    such a question by the part all its choices share. A request group (one task's document) is
+    a schema when its contexts differ and its continuations are all the same.
+    """
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for req in requests:
+        if req.doc_id is None:  # not from a task's document: nothing to group by
+            continue
+        groups.setdefault((req.task_name, req.doc_id), []).append(tuple(req.args))
+    keys = {}
+    for pairs in groups.values():
+        contexts, continuations = {c for c, _ in pairs}, {x for _, x in pairs}
+        if len(pairs) > 1 and len(contexts) > 1 and len(continuations) == 1:
+            keys.update({pair: pair[1] for pair in pairs})
+    return keys

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlm.infer.conditions import MemoryProvider, memory_rows, pad_to, row_index
+from memlm.infer.conditions import MemoryProvider, memory_condition, memory_rows, pad_to, row_index
 from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket, gather_rows, generate
 
 __all__ = ["memory_groups", "generate_rows", "score_rows"]
@@ -32,6 +32,7 @@ def memory_groups(provider: MemoryProvider, keys: Sequence[str], condition: str)
     that cannot report paths groups by key.
     """
     distinct = list(dict.fromkeys(keys))
+    condition = memory_condition(condition)  # a rag condition's documents are inputs, not memory
     if condition in ("none", "generic"):
         ident = [()] * len(distinct)
     elif hasattr(provider, "paths"):

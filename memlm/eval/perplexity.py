@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from memlm.infer.conditions import MemoryProvider, memory_rows, pad_to, parse_conditions, row_index
-from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket
-from memlm.infer.scoring import target_logprobs
+from memlm.infer.conditions import MemoryProvider, documents_for, memory_rows, pad_to, parse_conditions, row_index
+from memlm.infer.scoring import chunk_arrays, target_logprobs
 
 __all__ = ["evaluate_perplexity"]
 
@@ -54,12 +53,13 @@ def _batches(documents: Iterable[tuple[Sequence[int], str]], seq_len: int, batch
 
 def evaluate_perplexity(fn: Any, params: Any, documents: Iterable[Sequence[int]], texts: Iterable[str],
                         memory_for: MemoryProvider, conditions: str | Iterable[str], seq_len: int,
-                        batch_size: int) -> dict:
+                        batch_size: int, template: Sequence[int] = ()) -> dict:
     """Perplexity of ``documents`` (token lists) under each memory condition.
 
     ``texts[i]`` is document i's retrieval text (its full text, as the paper). Streams: documents
     are read once, in batches of ``batch_size`` chunks, and each batch asks ``memory_for`` once per
-    condition. Returns ``{"conditions": {cond: {"perplexity", "nll", "tokens", "documents"}}}``
+    condition. ``template``: the ids the tokenizer puts before a text, after which a rag condition's
+    documents go. Returns ``{"conditions": {cond: {"perplexity", "nll", "tokens", "documents"}}}``
     (``nll``: mean per scored token in nats).
     """
     conds = parse_conditions(conditions)
@@ -76,23 +76,16 @@ def evaluate_perplexity(fn: Any, params: Any, documents: Iterable[Sequence[int]]
             yield pair
 
     for batch_texts, rows in _batches(counted(zip(documents, texts, strict=True)), seq_len, batch_size):
-        t = min(bucket(max(len(r[1]) for r in rows), MIN_PROMPT_BUCKET), seq_len)
-        inputs = np.zeros((batch_size, t), np.int32)
-        targets = np.zeros((batch_size, t), np.int32)
-        weights = np.zeros((batch_size, t), np.float32)
-        lengths = np.ones(batch_size, np.int32)
-        for i, (_, x, y) in enumerate(rows):
-            inputs[i, : len(x)] = x
-            targets[i, : len(y)] = y
-            weights[i, : len(y)] = 1.0
-            lengths[i] = len(x)
-        count += int(weights.sum())
+        count += sum(len(r[2]) for r in rows)
         # Texts padded to the batch size (repeating the last) give the memory one shape for every batch.
         keys = pad_to(batch_texts, batch_size)
         for c in conds:
             memory = memory_for(keys, c)
             idx = row_index([r[0] for r in rows], memory_rows(memory, len(keys), c), batch_size)
-            total[c] -= float(target_logprobs(fn, params, inputs, targets, weights, lengths, memory, idx).sum())
+            docs = documents_for(memory_for, keys, c)
+            arrays = chunk_arrays([(x, y, np.ones(len(y), np.float32)) for _, x, y in rows],
+                                  None if docs is None else [docs[r[0]] for r in rows], template, seq_len, batch_size)
+            total[c] -= float(target_logprobs(fn, params, *arrays, memory, idx).sum())
     result = {}
     for c in conds:
         nll = total[c] / count if count else float("nan")

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from memlm.infer.conditions import MemoryProvider, memory_rows, pad_to, row_index
-from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket
-from memlm.infer.scoring import target_logprobs
+from memlm.infer.conditions import MemoryProvider, documents_for, memory_rows, pad_to, row_index
+from memlm.infer.rag import template_prefix
+from memlm.infer.scoring import chunk_arrays, target_logprobs
 
 __all__ = ["format_key_table", "keyed_perplexity", "parse_perplexity_key", "prefix_perplexity"]
 
@@ -48,10 +48,11 @@ def _rows(documents: Sequence[Sequence[int]], first: Sequence[int], seq_len: int
 
 def keyed_perplexity(fn: Any, params: Any, documents: Sequence[Sequence[int]], keys: Sequence[str],
                      first: Sequence[int], provider: MemoryProvider, conditions: Iterable[str], seq_len: int,
-                     batch_size: int) -> dict[str, dict[str, float]]:
+                     batch_size: int, template: Sequence[int] = ()) -> dict[str, dict[str, float]]:
     """Per condition: perplexity of each document's tokens from index ``first[i]`` on, memory keyed by ``keys[i]``.
 
-    Chunks of ``seq_len`` inputs as ``perplexity.py`` (positions restart per chunk). Returns
+    Chunks of ``seq_len`` inputs as ``perplexity.py`` (positions restart per chunk; a rag condition's
+    documents, retrieved with the key, go after ``template``). Returns
     ``{cond: {"perplexity", "nll", "tokens"}}``.
     """
     rows = list(_rows(documents, first, seq_len))
@@ -60,17 +61,15 @@ def keyed_perplexity(fn: Any, params: Any, documents: Sequence[Sequence[int]], k
     for a in range(0, len(rows), batch_size):
         batch = rows[a: a + batch_size]
         docs = list(dict.fromkeys(r[0] for r in batch))
-        t = min(bucket(max(len(r[1]) for r in batch), MIN_PROMPT_BUCKET), seq_len)
-        inputs, targets = np.zeros((batch_size, t), np.int32), np.zeros((batch_size, t), np.int32)
-        weights, lengths = np.zeros((batch_size, t), np.float32), np.ones(batch_size, np.int32)
-        for i, (_, x, y, w) in enumerate(batch):
-            inputs[i, : len(x)], targets[i, : len(y)], weights[i, : len(w)], lengths[i] = x, y, w, len(x)
-        count += int(weights.sum())
+        count += int(sum(r[3].sum() for r in batch))
         texts = pad_to([keys[d] for d in docs], batch_size)
         for c in total:
             memory = provider(texts, c)
             idx = row_index([docs.index(r[0]) for r in batch], memory_rows(memory, len(texts), c), batch_size)
-            total[c] -= float(target_logprobs(fn, params, inputs, targets, weights, lengths, memory, idx).sum())
+            retrieved = documents_for(provider, texts, c)
+            arrays = chunk_arrays([r[1:] for r in batch], None if retrieved is None else
+                                  [retrieved[docs.index(r[0])] for r in batch], template, seq_len, batch_size)
+            total[c] -= float(target_logprobs(fn, params, *arrays, memory, idx).sum())
     return {c: {"perplexity": math.exp(v / count) if count else float("nan"),
                 "nll": v / count if count else float("nan"), "tokens": count} for c, v in total.items()}
 
@@ -88,8 +87,10 @@ def prefix_perplexity(fn: Any, params: Any, tokenizer: Any, documents: Sequence[
     first = [start + n] * len(docs)
     keys = [tokenizer.decode([int(t) for t in documents[i][start: start + n]]) for i in kept]
     conds = tuple(conditions)
-    prefix = keyed_perplexity(fn, params, docs, keys, first, provider, conds, seq_len, batch_size)
-    whole = keyed_perplexity(fn, params, docs, [texts[i] for i in kept], first, provider, conds, seq_len, batch_size)
+    tpl = template_prefix(tokenizer)
+    prefix = keyed_perplexity(fn, params, docs, keys, first, provider, conds, seq_len, batch_size, tpl)
+    whole = keyed_perplexity(fn, params, docs, [texts[i] for i in kept], first, provider, conds, seq_len, batch_size,
+                             tpl)
     return {"key": f"prefix:{n}", "documents": len(docs), "tokens": prefix[conds[0]]["tokens"] if conds else 0,
             "conditions": {c: {"perplexity": prefix[c]["perplexity"], "nll": prefix[c]["nll"],
                                "document_key_perplexity": whole[c]["perplexity"]} for c in conds}}

@@ -36,8 +36,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from memlm.infer.conditions import MemoryProvider, pad_to, parse_conditions
+from memlm.infer.conditions import MemoryProvider, documents_for, pad_to, parse_conditions
 from memlm.infer.generate import TextTokenizer, generate
+from memlm.infer.rag import splice, template_prefix
 
 __all__ = ["Probe", "ProbeFileError", "evaluate_probes", "is_correct", "load_probes", "normalize", "parse_integers",
            "read_jsonl"]
@@ -196,7 +197,10 @@ def evaluate_probes(fn: Any, params: Any, tokenizer: TextTokenizer, probes: Sequ
         keys = [p.key for p in padded]
         for c in conds:
             memory = memory_for(keys, c)
-            gen = generate(fn, params, ids, memory, max_new_tokens, tokenizer.eot_id)[: len(batch)]
+            docs = documents_for(memory_for, keys, c)
+            prompts = ids if docs is None else [splice(x, d, template_prefix(tokenizer))[0]
+                                                for x, d in zip(ids, docs, strict=True)]
+            gen = generate(fn, params, prompts, memory, max_new_tokens, tokenizer.eot_id)[: len(batch)]
             texts = [tokenizer.decode(g) for g in gen]
             outputs[c].extend(texts)
             correct[c].extend(is_correct(p.answer, t) for p, t in zip(batch, texts, strict=True))

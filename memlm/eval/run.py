@@ -21,6 +21,7 @@ import numpy as np
 
 from memlm.infer.beam import provider_of, uses_beam
 from memlm.infer.conditions import parse_conditions
+from memlm.infer.rag import template_prefix
 from memlm.infer.run import Run, load_run
 
 
@@ -72,7 +73,8 @@ def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...],
     ppl = {}
     if docs:
         ppl = evaluate_perplexity(run.fn, run.params, docs, texts, provider, conditions,
-                                  seq_len=run.cfg.data.seq_len, batch_size=ev.batch_size)["conditions"]
+                                  seq_len=run.cfg.data.seq_len, batch_size=ev.batch_size,
+                                  template=template_prefix(run.tokenizer))["conditions"]
     from memlm.eval.ppl_key import format_key_table, parse_perplexity_key, prefix_perplexity
 
     n_key = parse_perplexity_key(ev.perplexity_key)

@@ -54,7 +54,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from memlm.infer.conditions import pad_to
+from memlm.infer.conditions import memory_condition, pad_to
 from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket, generate
 from memlm.infer.scoring import target_logprobs
 from memlm.memspec import FetchedMemory
@@ -228,8 +228,13 @@ class BeamRouting:
         self._choose(texts)
         return np.array([self._choice[s][3] for s in texts], np.float64)
 
+    def documents(self, texts: list[str]) -> list[list[int]]:
+        """The rag conditions' documents (the run memory's)."""
+        return self.memory.documents(texts)
+
     def paths(self, texts: list[str], condition: str = "fetched") -> np.ndarray:
         """The chosen path under ``fetched`` (the greedy path where the generic memory was chosen)."""
+        condition = memory_condition(condition)
         if condition != "fetched":
             return self.memory.paths(texts, condition)
         return self._choose(texts)[0]
@@ -242,7 +247,7 @@ class BeamRouting:
         return generic
 
     def __call__(self, texts: list[str], condition: str) -> FetchedMemory | None:
-        if condition != "fetched":
+        if memory_condition(condition) != "fetched":
             return self.memory(texts, condition)
         paths = self.paths(texts)
         memory = self._fetch(paths)

@@ -6,7 +6,9 @@ The paper compares one anchor under several memories (docs/paper.md §4.5, §5.3
 - ``generic``: the context-independent generic memory, the same for every text;
 - ``fetched``: the blocks on the path the text routes to;
 - ``blocked``: the text's own subtree at a chosen level is blocked and the next-best sibling's
-  path used instead (the paper's Fig. 6b proxy for unlearning).
+  path used instead (the paper's Fig. 6b proxy for unlearning);
+- ``rag`` / ``rag+fetched``: the RAG baseline, the nearest training documents put before the
+  context, with the anchor alone or with the ``fetched`` memory (``rag.py``).
 
 Scoring code never routes or touches the bank: it asks a :class:`MemoryProvider` for the
 memory of a batch of retrieval texts under a condition, and gathers rows from it inside the
@@ -25,10 +27,12 @@ from memlm.config import CONDITIONS, ConditionError
 from memlm.memspec import FetchedMemory
 
 __all__ = [
-    "CONDITIONS", "ConditionError", "MemoryProvider", "memory_rows", "pad_to",
-    "parse_conditions", "row_index",
+    "CONDITIONS", "ConditionError", "MemoryProvider", "RAG_CONDITIONS", "documents_for", "memory_condition",
+    "memory_rows", "pad_to", "parse_conditions", "row_index",
 ]
 
+# the RAG conditions and the memory each adds to the retrieved documents
+RAG_CONDITIONS = {"rag": "none", "rag+fetched": "fetched"}
 
 
 class MemoryProvider(Protocol):
@@ -40,6 +44,20 @@ class MemoryProvider(Protocol):
     """
 
     def __call__(self, texts: list[str], condition: str) -> FetchedMemory | None: ...
+
+
+def memory_condition(condition: str) -> str:
+    """The memory a condition uses: itself, or for a RAG condition the memory beside its documents."""
+    return RAG_CONDITIONS.get(condition, condition)
+
+
+def documents_for(provider: MemoryProvider, texts: list[str], condition: str) -> list[list[int]] | None:
+    """The token ids a RAG condition puts before each text's context (None for the other conditions)."""
+    if condition not in RAG_CONDITIONS:
+        return None
+    if not hasattr(provider, "documents"):
+        raise ConditionError(f"condition {condition!r} needs a provider that retrieves documents")
+    return provider.documents(texts)
 
 
 def parse_conditions(conditions: str | Iterable[str]) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 
 from memlm.config import ConditionError, apply_overrides, validate
+from memlm.infer.conditions import memory_condition
 from memlm.memspec import FetchedMemory
 from memlm.model.functional import AnchorFunctional
 from memlm.run.checkpoints import abstract_like, restore_item
@@ -59,24 +60,23 @@ class RunMemory:
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: epath.Path, data_dir: epath.Path, manifest: dict,
-                 meta: dict | None = None):
-        self.cfg = cfg
+                 meta: dict | None = None, tokenizer: Any = None):
+        self.cfg, self.data_dir, self.manifest, self.tokenizer = cfg, data_dir, manifest, tokenizer
+        self._documents = None
         self.bank = self.generic = self.tiers = None
         self.tree = self.embedder = None
         self._emb_cache: dict[str, np.ndarray] = {}
+        self._tree_info = manifest.get("tree")
         available = ["none"]
         if cfg.memory.type != "none" and (workdir / "bank").exists():
             from memlm.bank.layout import BankLayout
             from memlm.bank.store import BankStore
-            from memlm.retrieval import Tree, get_embedder
+            from memlm.retrieval import Tree
 
             tree_info = manifest["tree"]
             self.tree = Tree.load(data_dir / tree_info["path"], expect_dim=int(tree_info["dim"]),
                                   expect_embedder=tree_info["embedder"])
-            ecfg = ml_collections.ConfigDict(cfg.to_dict())
-            ecfg.tree.embedder = tree_info["embedder"]
-            ecfg.tree.embed_dtype = tree_info.get("embed_dtype", "float32")  # as the documents were embedded
-            self.embedder = get_embedder(ecfg)
+            self.embedder = self._make_embedder()
             # The bank version the loaded checkpoint pairs with (a later, unpaired save is not used).
             meta = meta or {}
             store = BankStore.open(workdir / "bank", BankLayout.from_config(cfg), tree_id=self.tree.id,
@@ -94,12 +94,32 @@ class RunMemory:
                 self.generic = BankStore.open(workdir / "generic", BankLayout.generic_from_config(cfg),
                                               version=meta.get("generic_version")).load(inference=True)
                 available.insert(1, "generic")
+        if self._tree_info is not None and tokenizer is not None:
+            available += ["rag", "rag+fetched"] if "fetched" in available else ["rag"]
         self.available = tuple(available)
         if cfg.eval.route_gate != "off" and "fetched" in self.available and self.generic is None:
             raise ConditionError(f"eval.route_gate = {cfg.eval.route_gate!r} falls back to the generic memory, and "
                                  f"{str(workdir)!r} has none")
         self._gather = jax.jit(_gather)
         self._mix = jax.jit(_mix)
+
+    def _make_embedder(self):
+        """The embedder the data directory's documents were embedded with (its name and dtype)."""
+        from memlm.retrieval import get_embedder
+
+        if self._tree_info is None:
+            raise ConditionError("this data directory has no tree (a converted checkpoint's folder): nothing "
+                                 "says which embedder its documents were embedded with")
+        ecfg = ml_collections.ConfigDict(self.cfg.to_dict())
+        ecfg.tree.embedder = self._tree_info["embedder"]
+        ecfg.tree.embed_dtype = self._tree_info.get("embed_dtype", "float32")  # as the documents were embedded
+        return get_embedder(ecfg)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit embeddings of texts, as the training documents were embedded (cached per text)."""
+        if self.embedder is None:
+            self.embedder = self._make_embedder()
+        return self._embed(texts)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self._emb_cache]
@@ -108,10 +128,25 @@ class RunMemory:
                 self._emb_cache[t] = e
         return np.stack([self._emb_cache[t] for t in texts])
 
+    def documents(self, texts: list[str]) -> list[list[int]]:
+        """The token ids the rag conditions put before each text (``memlm.infer.rag``; the index is
+        built on first use)."""
+        if self._documents is None:
+            from memlm.infer.rag import DocumentIndex, RagError, RetrievedDocuments, build_index
+
+            index = DocumentIndex(build_index(self.data_dir, self.manifest, self.tokenizer))
+            if index.embedder != self._tree_info["embedder"]:
+                raise RagError(f"the rag index of {str(self.data_dir)!r} was embedded with {index.embedder!r}, "
+                               f"its tree with {self._tree_info['embedder']!r}: run `memlm prepare` again")
+            self._documents = RetrievedDocuments(index, self.embed, self.tokenizer, int(self.cfg.eval.rag_documents),
+                                                 int(self.cfg.eval.rag_tokens))
+        return self._documents(texts)
+
     def paths(self, texts: list[str], condition: str = "fetched") -> np.ndarray:
         """The tree path of each text under ``fetched`` or ``blocked`` routing."""
         from memlm.retrieval import route
 
+        condition = memory_condition(condition)
         block = self.cfg.eval.block_level if condition == "blocked" else None
         return route(self.tree, self._embed(texts), block_level=block)
 
@@ -130,6 +165,7 @@ class RunMemory:
         if condition not in self.available:
             raise ConditionError(f"condition {condition!r} is not available for this run "
                                  f"(available: {', '.join(self.available)})")
+        condition = memory_condition(condition)
         if condition == "none":
             return None
         if condition == "generic":
@@ -177,4 +213,4 @@ def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     if manifest.get("kind") != "tokenizer":  # a converted run's folder holds no tokens to check
         check_template(manifest["tokenizer"].get("template"), tokenizer, str(data_dir))
     return Run(cfg=cfg, workdir=workdir, data_dir=data_dir, fn=fn, params=params, step=step, tokenizer=tokenizer,
-               memory=RunMemory(cfg, workdir, data_dir, manifest, meta))
+               memory=RunMemory(cfg, workdir, data_dir, manifest, meta, tokenizer))

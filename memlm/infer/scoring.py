@@ -9,17 +9,18 @@ memory of several paths.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlm.infer.generate import gather_rows
+from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket, gather_rows
+from memlm.infer.rag import spliced_targets
 from memlm.memspec import FetchedMemory
 
-__all__ = ["target_logprobs"]
+__all__ = ["chunk_arrays", "target_logprobs"]
 
 
 def _logprob_kernel(fn, params, inputs, targets, weights, lengths, memory, rows):
@@ -49,3 +50,28 @@ def target_logprobs(fn: Any, params: Any, inputs: np.ndarray, targets: np.ndarra
                         np.asarray(weights, np.float32), np.asarray(lengths, np.int32), memory,
                         np.asarray(rows, np.int32))
     return np.asarray(out, np.float64)
+
+
+def chunk_arrays(rows: Sequence[tuple[Sequence[int], Sequence[int], np.ndarray]],
+                 documents: Sequence[Sequence[int]] | None, template: Sequence[int], seq_len: int,
+                 batch_size: int) -> tuple[np.ndarray, ...]:
+    """``(inputs, targets, weights, lengths)`` of ``(inputs, targets, weight per target)`` rows, right-padded
+    to a bucketed length (at most ``seq_len`` unless a row is longer).
+
+    With ``documents`` (a rag condition) row i gets ``documents[i]`` put in after the template
+    (``rag.spliced_targets``) and keeps the weights of its own targets; the documents are not scored.
+    """
+    seqs = []
+    for i, (x, y, w) in enumerate(rows):
+        if documents is None:
+            seqs.append((list(x), list(y), list(range(len(y))), w))
+        else:
+            seqs.append((*spliced_targets([*x, y[-1]], documents[i], template), w))
+    longest = max(len(s[0]) for s in seqs)
+    t = max(longest, min(bucket(longest, MIN_PROMPT_BUCKET), seq_len))
+    inputs, targets = np.zeros((batch_size, t), np.int32), np.zeros((batch_size, t), np.int32)
+    weights, lengths = np.zeros((batch_size, t), np.float32), np.ones(batch_size, np.int32)
+    for i, (x, y, scored, w) in enumerate(seqs):
+        inputs[i, : len(x)], targets[i, : len(y)], lengths[i] = x, y, len(x)
+        weights[i, scored] = w
+    return inputs, targets, weights, lengths
