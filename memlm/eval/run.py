@@ -25,7 +25,7 @@ from memlm.infer.rag import template_prefix
 from memlm.infer.run import Run, load_run
 
 
-def _heldout(run: Run) -> tuple[list[np.ndarray], list[str]]:
+def heldout_documents(run: Run) -> tuple[list[np.ndarray], list[str]]:
     path = run.data_dir / "heldout.jsonl"
     if not path.exists():
         return [], []
@@ -68,7 +68,7 @@ def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...],
     ev = run.cfg.eval
     out_dir = run.workdir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs, texts = _heldout(run)
+    docs, texts = heldout_documents(run)
     provider = provider_of(run)
     ppl = {}
     if docs:

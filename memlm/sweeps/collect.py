@@ -3,9 +3,9 @@
 A row per run, in the sweep's order: its knobs (the overrides that vary), parameter counts (anchor,
 fetched memory, total memory i.e. the bank, generic memory), tokens, exact training FLOPs split as
 ``memlm info`` counts them (anchor matmuls, causal attention, fetched memory; a run's own and,
-through its ``init_from`` chain, the total with its upstream stages), the final train loss and every
-eval result. The table is a pure function of the run directories: collecting twice writes the
-same bytes, and both files are written atomically.
+through its ``init_from`` chain, the total with its upstream stages), the final train loss, every
+eval result and the last evaluation during training (``train_eval.*``). The table is a pure function
+of the run directories: collecting twice writes the same bytes, and both files are written atomically.
 """
 
 from __future__ import annotations
@@ -104,7 +104,21 @@ def run_row(out: Path, spec: RunSpec, by_name: dict[str, dict]) -> dict[str, Any
     row["loss_final_mean"] = sum(losses[-FINAL_LOSS_WINDOW:]) / len(losses[-FINAL_LOSS_WINDOW:]) if losses else None
     row["train_s"] = done.get("train_s")
     row.update(_eval_results(run_dir))
+    row.update(_training_eval(records))
     return row
+
+
+def _training_eval(records: list[dict]) -> dict[str, Any]:
+    """The last evaluation during training (``train.eval_every``): ``train_eval.step`` and each scalar,
+    ``eval/perplexity/fetched`` as ``train_eval.perplexity.fetched``."""
+    rows = [r for r in records if any(k.startswith("eval/") and k != "eval/seconds" for k in r)]
+    if not rows:
+        return {}
+    last = rows[-1]
+    out: dict[str, Any] = {"train_eval.step": last["step"]}
+    out.update({"train_eval." + k[len("eval/"):].replace("/", "."): v for k, v in sorted(last.items())
+                if k.startswith("eval/") and k != "eval/seconds"})
+    return out
 
 
 def collect(sweep_file: str | Path, out: str | Path, quiet: bool = False) -> list[dict[str, Any]]:

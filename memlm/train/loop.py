@@ -220,6 +220,18 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str = "data/facts", workdir:
         return _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet)
 
 
+def _evaluate(cfg, workdir, ckpt, writer: MetricsWriter, step: int, log) -> None:
+    """``train.eval_every``: evaluate the checkpoint just saved (every process does the same reads and
+    forwards; process 0 writes the row)."""
+    from memlm.train.evaluation import evaluate_step, format_eval
+
+    ckpt.wait()
+    t0 = time.perf_counter()
+    scalars = evaluate_step(cfg, workdir)
+    writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - t0})
+    log(format_eval(step, scalars))
+
+
 def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
     from memlm.model.accounting import accounting
 
@@ -261,7 +273,8 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
             step += 1
             window.add(host, fns.bank_layout is not None)
             log_now = step % t.log_every == 0 or step == t.steps
-            save_now = step % t.checkpoint_every == 0 or step == t.steps
+            eval_now = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
+            save_now = step % t.checkpoint_every == 0 or step == t.steps or eval_now  # evaluation opens the checkpoint
             # Block every few steps: multi-device CPU collectives can deadlock when too many steps queue.
             # The same steps on every process: that is where they agree on a preemption.
             if not (log_now or save_now or step % 4 == 0):
@@ -298,6 +311,8 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
                 state = state.replace(bank=saved.get("bank", state.bank), generic=saved.get("generic", state.generic))
                 ckpt.save(step, anchor_items(state), {**meta, "step": step})
                 last_good = step
+            if eval_now and not stop:
+                _evaluate(cfg, workdir, ckpt, writer, step, log)
             if stop:
                 result["preempted"] = True
                 break

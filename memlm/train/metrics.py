@@ -92,7 +92,8 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    """All logged steps of a run (the last record wins for a step logged twice after a resume)."""
+    """All logged steps of a run, one record per step: records of the same step (training scalars and an
+    evaluation row, or a step logged again after a resume) merge, the later one's values winning."""
     from memlm.run.paths import location
 
     path = location(workdir) / "metrics.jsonl"
@@ -102,5 +103,5 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            by_step[rec["step"]] = rec
+            by_step.setdefault(rec["step"], {}).update(rec)
     return [by_step[s] for s in sorted(by_step)]
