@@ -178,7 +178,8 @@ def _cmd_eval(args, cfg) -> None:
         from memlm.eval.harness_run import evaluate_harness
 
         evaluate_harness(args.workdir, args.tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
-                         conditions=args.conditions, limit=args.limit, data_dir=args.data, overrides=args.overrides)
+                         conditions=args.conditions, limit=args.limit, data_dir=args.data, overrides=args.overrides,
+                         suite_data=args.suite_data)
         return
     evaluate(args.workdir, probes=args.probes, conditions=args.conditions, data_dir=args.data,
              overrides=args.overrides)
@@ -309,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--conditions", default=None, help="comma list of none,generic,fetched,blocked")
     sp.add_argument("--perplexity-key", default=None, help="held-out perplexity's retrieval key: document (default) "
                     "or prefix:N (also keyed by the first N tokens, scoring only the tokens after them)")
-    sp.add_argument("--tasks", default=None, help="comma list of lm-evaluation-harness tasks (instead of the probes)")
+    sp.add_argument("--tasks", default=None, help="comma list of lm-evaluation-harness tasks (instead of the probes); "
+                    "memlm_paper: the paper's 13 tasks with its shots, and Avg-CK / Avg-SK")
+    sp.add_argument("--suite-data", default=None, help="--tasks memlm_paper offline: a folder of TASK/SPLIT.jsonl "
+                    "(docs/evaluation.md)")
     sp.add_argument("--include-path", default=None, help="--tasks: a folder of local task YAML files")
     sp.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per task")
     sp.add_argument("--limit", type=float, default=None, help="--tasks: examples per task (a fraction when < 1)")

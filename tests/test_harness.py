@@ -375,3 +375,59 @@ def test_a_schema_question_is_keyed_by_the_part_its_choices_share():
             req(("The capital of Peru is", " Lima"), 1), req(("The capital of Peru is", " Oslo"), 1)]
     keys = schema_keys(reqs)
     assert keys == {reqs[0].args: " was kind.", reqs[1].args: " was kind."}
+
+
+# ---- the paper's suite ------------------------------------------------------------------------------------
+@needs_lm_eval
+def test_the_paper_suite_runs_offline_with_its_shots_and_averages(run, tmp_path, monkeypatch, capsys):
+    from suite_data import write_suite_data
+
+    from memlm.eval.harness_run import evaluate_tasks
+    from memlm.eval.suite import PAPER_SUITE, SUITE
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = write_suite_data(tmp_path / "suite")
+    res = evaluate_tasks(run, [SUITE], ["none"], suite_data=str(data), limit=2)["none"]
+    out = capsys.readouterr().out
+    paper = {"lambada_openai": (0, "CK"), "boolq": (0, "CK"), "squad": (3, "CK"), "wsc273": (3, "CK"),
+             "winogrande": (5, "CK"), "coqa": (0, "CK"), "hellaswag": (0, "SK"), "arc_easy": (3, "SK"),
+             "arc_challenge": (3, "SK"), "triviaqa": (3, "SK"), "piqa": (0, "SK"), "openbookqa": (10, "SK"),
+             "nq_open": (0, "SK")}  # docs/paper.md §5.1
+    assert {t.task: (t.shots, t.group) for t in PAPER_SUITE} == paper
+    ran = [t for t in PAPER_SUITE if t.derived in res["results"]]
+    has_transformers = importlib.util.find_spec("transformers") is not None
+    assert len(ran) == 13 - (not has_transformers)
+    if not has_transformers:
+        assert "CoQA skipped" in out
+    for t in ran:
+        assert res["n-shot"][t.derived] == t.shots, t.task
+        assert res["n-samples"][t.derived]["effective"] == min(2, len(_rows(data, t)))
+    suite = res["memlm"]["suite"]
+    for group in ("CK", "SK"):
+        names = [t.name for t in ran if t.group == group]
+        want = np.mean([suite["tasks"][n] for n in names])
+        np.testing.assert_allclose(suite[f"Avg-{group}"], want)
+        assert suite[f"Avg-{group} tasks"] == f"{len(names)}/{sum(t.group == group for t in PAPER_SUITE)}"
+    arc = res["results"][f"{SUITE}_arc_easy"]
+    assert suite["tasks"]["ARC-Easy"] == 100 * arc["acc_norm,none"]
+    assert "Avg-CK" in out and "Avg-SK" in out
+    saved = json.loads((run.workdir / "eval" / "harness_none.json").read_text())
+    assert saved["memlm"]["suite"] == suite
+
+
+def _rows(data: Path, task) -> list:
+    from suite_data import DATA
+
+    splits = DATA[task.task]
+    return splits.get("test") or splits["validation"]
+
+
+@needs_lm_eval
+def test_the_suite_without_local_data_fails_in_one_line(run, tmp_path, capsys):
+    from memlm.cli import main
+
+    (tmp_path / "empty").mkdir()
+    code = main(["eval", "--workdir", str(run.workdir), "--tasks", "memlm_paper", "--suite-data",
+                 str(tmp_path / "empty")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no task of the suite" in err
