@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import sys
+import threading
 from collections.abc import Sequence
 
 import ml_collections
@@ -365,6 +366,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _interruptible(verb: str):
+    """SIGTERM stops a verb as Ctrl-C does (``train`` has its own handler: it saves a checkpoint first)."""
+    import signal
+
+    if verb == "train" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compile":  # devices are fixed when jax is imported: set them up first
@@ -387,7 +407,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cfg = resolve_config(args.config, overrides)
         handler = globals()[f"_cmd_{args.verb}"]
-        handler(args, cfg)
+        with _interruptible(args.verb):
+            handler(args, cfg)
+    except KeyboardInterrupt:
+        print(f"memlm {argv[0]}: interrupted; what finished is kept: run the same command again to go on",
+              file=sys.stderr, flush=True)
+        return 130
     except (ConfigError, UsageError, FileNotFoundError) as e:
         print(f"memlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
         return 2

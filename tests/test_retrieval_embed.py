@@ -56,6 +56,17 @@ def test_same_text_same_vector_in_any_batch(minilm, golden):
     np.testing.assert_array_equal(alone, mixed)
 
 
+def test_same_text_same_vector_in_a_full_batch_and_in_a_tail_batch(golden):
+    """The default batch of 64: a bucket's full batches and its last rows (batches of 16, not padded to 64)."""
+    emb = MiniLMEmbedder(batch=64, max_tokens=int(golden["max_tokens"]))
+    texts = [f"Note {i}: the island of Tern has {i} lighthouses and a harbour." for i in range(90)]
+    mixed = emb.embed(texts)  # one bucket: 64 rows in a full batch, 26 in two tail batches
+    picks = [0, 1, 63, 64, 80, 89]
+    alone = np.concatenate([emb.embed([texts[i]]) for i in picks])
+    np.testing.assert_array_equal(alone, mixed[picks])
+    np.testing.assert_array_equal(emb.embed(texts[60:70]), mixed[60:70])
+
+
 def test_training_and_evaluation_texts_get_the_same_path(minilm):
     """Documents embedded and routed in bulk (data preparation) and one by one among other contexts
     (evaluation) go through the same code, so they land on the same path."""

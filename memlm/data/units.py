@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from memlm.data.progress import Progress
 from memlm.data.readers import Document, ReadStats, Shard, iter_shard
 from memlm.data.records import ShardWriter, encode_sequence, write_json
 from memlm.retrieval.embedder import embed_dtype_of
@@ -230,21 +231,64 @@ def encode_unit(unit: WorkUnit, spec: EncodeSpec) -> dict[str, Any]:
         tokens = np.fromfile(d / "tokens.bin", dtype=spec.token_dtype)
         texts = [tok.decode(tokens[offsets[a] + b:offsets[a] + c]) for a, b, c in zip(doc, start, stop, strict=True)]
     embedder = _embedder(spec.tree)
-    emb = np.lib.format.open_memmap(d / "embeddings.npy", mode="w+", dtype=np.float32, shape=(len(doc), embedder.dim))
-    chunk = max(int(spec.tree["embed_batch"]) * 64, 1024)
     t_embed = time.time()
-    for a in range(0, len(texts), chunk):
-        emb[a:a + chunk] = embedder.embed(texts[a:a + chunk])
-    emb.flush()
-    del emb
+    reused = _embed_chunks(unit.index, spec, texts, embedder, d / "embeddings.npy")
     info = _mark(spec.root, "encode", unit.index, spec.key,
                  {"documents": len(lengths), "heldout": n_heldout, "units": len(doc), "tokens": int(offsets[-1]),
                   "embedder": embedder.name, "dim": embedder.dim,
                   "embed_dtype": embed_dtype_of(embedder), "tokenize_seconds": t_tok - t0,
-                  "embed_seconds": time.time() - t_embed}, t0)
+                  "embed_seconds": time.time() - t_embed, "embed_chunks_reused": reused}, t0)
+    shutil.rmtree(_partial_dir(spec.root, unit.index), ignore_errors=True)
     say(f"encode unit {unit.index}: {len(lengths)} documents, {len(doc)} units embedded "
         f"({len(doc) / max(info['embed_seconds'], 1e-9):.0f} units/s)")
     return {"unit": unit.index, "reused": False, **info}
+
+
+def embed_chunk_size(tree: dict[str, Any]) -> int:
+    """Units embedded, and kept, per resumable chunk: a few of the embedder's batches (seconds of work)."""
+    return max(int(tree["embed_batch"]) * 4, 64)
+
+
+def _partial_dir(root: str | os.PathLike, index: int) -> Path:
+    return Path(root) / UNITS_DIR / "encode_partial" / f"{index:05d}"
+
+
+def _embed_chunks(index: int, spec: EncodeSpec, texts: list[str], embedder, out: Path) -> int:
+    """Embed ``texts`` into ``out`` (``[n, dim]`` float32) chunk by chunk; returns the chunks reused.
+
+    Each finished chunk is kept in ``.units/encode_partial/<unit>/`` under the stage key, so an
+    interrupted prepare (Ctrl-C, SIGTERM, a killed worker) redoes only the chunk it was in.
+    """
+    part = _partial_dir(spec.root, index)
+    key_file = part / "key"
+    if not (key_file.is_file() and key_file.read_text() == spec.key):
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        key_file.write_text(spec.key)
+    size = embed_chunk_size(spec.tree)
+    n_chunks = -(-len(texts) // size)
+    emb = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(len(texts), embedder.dim))
+    have = [c for c in range(n_chunks) if (part / f"{c:06d}.npy").is_file()]
+    if have:
+        say(f"encode unit {index}: reusing {len(have)} of {n_chunks} embedding chunks of an interrupted run")
+    progress = Progress(f"embed unit {index}", len(texts), "units", done=sum(
+        min(size, len(texts) - c * size) for c in have))
+    for c in range(n_chunks):
+        a, b = c * size, min((c + 1) * size, len(texts))
+        path = part / f"{c:06d}.npy"
+        if c in have:
+            emb[a:b] = np.load(path)
+            continue
+        vecs = embedder.embed(texts[a:b])
+        tmp = part / f"{c:06d}.tmp.npy"
+        np.save(tmp, vecs)
+        os.replace(tmp, path)
+        emb[a:b] = vecs
+        progress.advance(b - a)
+        _fault("prepare-embed-chunk", c)
+    emb.flush()
+    del emb
+    return len(have)
 
 
 def load_embeddings(root: str | os.PathLike, index: int) -> np.ndarray:

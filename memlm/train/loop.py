@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from memlm.config import ConfigError, validate
+from memlm.data.progress import format_seconds
 from memlm.run import bank_io
 from memlm.run.checkpoints import Checkpointer, abstract_like, restore_item
 from memlm.run.directory import RunDir
@@ -240,6 +241,7 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
     acc = accounting(cfg)
     fl = acc["flops_per_token"]
     peak, peak_src = device_peak_flops()
+    known_peak = peak_src.startswith("data sheet")  # else MFU is against a measured matmul rate: an estimate
     n_dev = jax.device_count()
     bytes_per_block = acc["fetched_params"] * np.dtype(cfg.memory.dtype).itemsize if fns.bank_layout else 0
     writer = MetricsWriter(workdir)
@@ -253,6 +255,7 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
     result: dict[str, Any] = {"preempted": False}
     step = step0
     data_iter = loader.iterate(step0)
+    t_start = time.perf_counter()
     bar = _progress(quiet or jax.process_index() != 0, t.steps, step0)
     with _Preemption() as preempt, bar:
         task = bar.tasks[0].id
@@ -277,7 +280,8 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
             save_now = step % t.checkpoint_every == 0 or step == t.steps or eval_now  # evaluation opens the checkpoint
             # Block every few steps: multi-device CPU collectives can deadlock when too many steps queue.
             # The same steps on every process: that is where they agree on a preemption.
-            if not (log_now or save_now or step % 4 == 0):
+            first = step == step0 + 1
+            if not (log_now or save_now or first or step % 4 == 0):
                 continue
             stop = agreed(preempt.requested)
             save_now = save_now or stop
@@ -287,6 +291,9 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
                 ckpt.wait()
                 raise TrainingError(f"non-finite loss ({loss}) at step {step}; stopped. The last good checkpoint "
                                     f"is step {last_good} in {workdir / 'checkpoints'}")
+            if first and not log_now:
+                log(f"step {step:>6}  loss {loss:.3f}  first step {time.perf_counter() - t_start:.1f} s "
+                    "(compilation included)")
             if log_now:
                 scalars = {k: float(v) for k, v in m.items()}
                 scalars.update(window.summary(fl, peak * n_dev))
@@ -298,11 +305,14 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
                     scalars["bank/bytes_fetched"] = float((~host["generic"]).sum() * bytes_per_block)
                     hist = {"bank/leaf_hits": host["paths"][~host["generic"], -1]}
                 writer.write(step, scalars, hist)
-                info = f"loss {loss:.3f}  {scalars['tokens_per_s']:,.0f} tok/s  MFU {100 * scalars['mfu']:.2f}%"
+                mfu = f"MFU {100 * scalars['mfu']:.2f}%" + ("" if known_peak else " (est.)")
+                info = f"loss {loss:.3f}  {scalars['tokens_per_s']:,.0f} tok/s  {mfu}"
                 bar.update(task, completed=step, info=info)
                 if bar.disable:
+                    eta = format_seconds((t.steps - step) * scalars["step_time_s"])
                     log(f"step {step:>6}  {info}  grad {scalars['grad_norm']:.3f}  "
-                        f"loader wait {1e3 * scalars['loader_wait_s']:.1f} ms")
+                        f"loader wait {1e3 * scalars['loader_wait_s']:.1f} ms  {scalars['step_time_s']:.2f} s/step  "
+                        f"ETA {eta}")
                 result["last"] = scalars
                 window = _Window()
                 run.heartbeat()
