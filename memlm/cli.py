@@ -183,6 +183,7 @@ def _cmd_eval(args, cfg) -> None:
                          suite_data=args.suite_data)
         return
     evaluate(args.workdir, probes=args.probes, conditions=args.conditions, data_dir=args.data,
+             perplexity_only=args.perplexity_only,
              overrides=args.overrides)
 
 
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workdir", default=DEFAULT_RUN)
     sp.add_argument("--data", default=None)
     sp.add_argument("--probes", default=None, help="probe file (.jsonl); default: the data dir's built-in probes")
+    sp.add_argument("--perplexity-only", action="store_true", help="held-out perplexity only, no probes "
+                    "(RUN/eval/perplexity.json)")
     sp.add_argument("--conditions", default=None, help="comma list of none,generic,fetched,blocked")
     sp.add_argument("--perplexity-key", default=None, help="held-out perplexity's retrieval key: document (default) "
                     "or prefix:N (also keyed by the first N tokens, scoring only the tokens after them)")

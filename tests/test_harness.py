@@ -431,3 +431,44 @@ def test_the_suite_without_local_data_fails_in_one_line(run, tmp_path, capsys):
                  str(tmp_path / "empty")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no task of the suite" in err
+
+
+# ---- results that stay ------------------------------------------------------------------------------------
+def test_eval_results_merge_per_condition_and_a_bad_probe_file_fails_before_loading(run, capsys, monkeypatch):
+    from memlm.cli import main
+    from memlm.eval.run import evaluate
+
+    probes = run.workdir / "merge.jsonl"
+    probes.write_text(json.dumps({"prompt": "The capital of Peru is", "answer": "Lima", "bucket": "0"}) + "\n")
+    first = evaluate(run.workdir, probes=str(probes), conditions="none,fetched")["merge"]
+    evaluate(run.workdir, probes=str(probes), conditions="rag")
+    saved = json.loads((run.workdir / "eval" / "merge.json").read_text())
+    assert set(saved["conditions"]) == {"none", "fetched", "rag"} and set(saved["perplexity"]) == {"none", "fetched",
+                                                                                                   "rag"}
+    assert saved["conditions"]["fetched"] == first["conditions"]["fetched"]
+    outputs = json.loads((run.workdir / "eval" / "merge.outputs.json").read_text())
+    assert {"none", "fetched", "rag"} <= set(outputs)
+    # results of another step are kept aside, not mixed in
+    (run.workdir / "eval" / "merge.json").write_text(json.dumps({**saved, "step": 999}))
+    evaluate(run.workdir, probes=str(probes), conditions="none")
+    assert set(json.loads((run.workdir / "eval" / "merge.json").read_text())["conditions"]) == {"none"}
+    assert json.loads((run.workdir / "eval" / "merge.step999.json").read_text())["step"] == 999
+    assert "kept it as merge.step999.json" in capsys.readouterr().out
+    # a probe file with a bad line fails in one line, before the run is loaded
+    import memlm.eval.run as eval_run
+
+    monkeypatch.setattr(eval_run, "load_run", lambda *a, **k: pytest.fail("loaded the run"))
+    bad = run.workdir / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    assert main(["eval", "--workdir", str(run.workdir), "--probes", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing field 'answer'" in err[0]
+
+
+def test_perplexity_only_writes_perplexity_without_probes(run, capsys):
+    from memlm.cli import main
+
+    assert main(["eval", "--workdir", str(run.workdir), "--perplexity-only", "--conditions", "none,fetched"]) == 0
+    saved = json.loads((run.workdir / "eval" / "perplexity.json").read_text())
+    assert set(saved["perplexity"]) == {"none", "fetched"} and saved["step"] == run.step
+    assert "held-out perplexity" in capsys.readouterr().out

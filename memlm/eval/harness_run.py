@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from memlm.eval.results import save_merged
 from memlm.infer.run import Run
 
 __all__ = ["HarnessUnavailableError", "evaluate_harness", "evaluate_tasks", "require_lm_eval"]
@@ -67,7 +68,7 @@ def evaluate_tasks(run: Run, tasks: Sequence[str], conditions: Sequence[str], in
         if suite is not None:
             res["memlm"]["suite"] = suite_averages(res)  # over the tasks that ran, out of the paper's
         path = out_dir / f"harness_{condition}.json"
-        path.write_text(json.dumps(res, indent=2))
+        res = save_merged(path, res, run.step, str(run.workdir), say=(lambda _: None) if quiet else print)
         results[condition] = res
         if not quiet:
             print(f"{condition} ({run.workdir}, step {run.step})")

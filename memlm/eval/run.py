@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memlm.eval.results import save_merged
 from memlm.infer.beam import provider_of, uses_beam
 from memlm.infer.conditions import parse_conditions
 from memlm.infer.rag import template_prefix
@@ -83,6 +84,16 @@ def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...],
     if ppl_prefix and not quiet:
         print(format_key_table(ppl, ppl_prefix))
     results = {}
+    if not probe_files:  # --perplexity-only
+        result = {"run": str(run.workdir), "step": run.step, "perplexity": {c: ppl[c]["perplexity"] for c in ppl}}
+        if ppl_prefix:
+            result["perplexity_prefix"] = ppl_prefix
+        results["perplexity"] = save_merged(out_dir / "perplexity.json", result, run.step, str(run.workdir))
+        if not quiet:
+            print(f"held-out perplexity ({run.workdir}, step {run.step}, {len(docs)} documents): "
+                  + ", ".join(f"{c} {r['perplexity']:.3f}" for c, r in ppl.items()))
+            print(f"memlm eval: wrote {out_dir / 'perplexity.json'}")
+        return results
     for path in probe_files:
         probes = load_probes(path)
         res = evaluate_probes(run.fn, run.params, run.tokenizer, probes, provider, conditions,
@@ -96,8 +107,9 @@ def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...],
         routing = routing_of(run, probes, str(path), quiet, provider)
         if routing is not None:
             result["routing"] = routing
-        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
-        (out_dir / f"{name}.outputs.json").write_text(json.dumps(res["outputs"], indent=2))
+        result = save_merged(out_dir / f"{name}.json", result, run.step, str(run.workdir))
+        save_merged(out_dir / f"{name}.outputs.json", {"run": str(run.workdir), "step": run.step, **res["outputs"]},
+                    run.step, str(run.workdir), say=lambda _: None)
         if not quiet:
             print(format_table(result, title=f"{name} ({run.workdir}, step {run.step})"))
             if routing is not None:
@@ -125,12 +137,17 @@ def probe_files_of(run: Run, probes: str | None) -> list[Path]:
 
 
 def evaluate(workdir: str | Path, probes: str | None = None, conditions: str | None = None,
-             data_dir: str | Path | None = None, overrides: dict[str, str] | None = None) -> dict:
-    """The ``memlm eval`` verb."""
+             data_dir: str | Path | None = None, overrides: dict[str, str] | None = None,
+             perplexity_only: bool = False) -> dict:
+    """The ``memlm eval`` verb (a probe file is checked before the run is loaded)."""
+    from memlm.eval.probes import load_probes
+
+    if probes and not perplexity_only:
+        load_probes(probes)  # a bad file fails in one line before minutes of loading
     run = load_run(workdir, data_dir, overrides)
     wanted = parse_conditions(conditions or run.cfg.eval.conditions)
     conds = tuple(c for c in wanted if c in run.conditions)
     skipped = [c for c in wanted if c not in conds]
     if skipped:
         print(f"memlm eval: skipping {', '.join(skipped)} (this run has {', '.join(run.conditions)})")
-    return evaluate_run(run, probe_files_of(run, probes), conds)
+    return evaluate_run(run, [] if perplexity_only else probe_files_of(run, probes), conds)

@@ -43,8 +43,8 @@ def _eval_results(run_dir: Path) -> dict[str, Any]:
     if not ev.is_dir():
         return out
     for path in sorted(ev.glob("*.json")):
-        if path.name.endswith(".outputs.json"):
-            continue
+        if path.name.endswith(".outputs.json") or ".step" in path.name or path.name.startswith("harness_"):
+            continue  # answers, results of earlier steps (memlm.eval.results), lm-eval's files
         res = json.loads(path.read_text())
         for cond, r in sorted(res.get("conditions", {}).items()):
             out[f"eval.{res.get('probes', path.stem)}.{cond}.accuracy"] = r.get("accuracy")
