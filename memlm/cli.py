@@ -149,7 +149,23 @@ def _cmd_compile(args, cfg) -> None:
 def _cmd_prepare(args, cfg) -> None:
     from memlm.data.prepare import prepare
 
-    prepare(cfg, args.corpus, args.out, workers=args.workers, pipeline_options=args.pipeline_options or ())
+    out = args.out or default_out(args.corpus)
+    prepare(cfg, args.corpus, out, workers=args.workers, pipeline_options=args.pipeline_options or ())
+
+
+def default_out(corpus: str) -> str:
+    """``data/<name>``: the corpus file's or folder's name without its extensions (``data/facts``)."""
+    import re
+
+    if corpus.startswith("hf://datasets/"):  # OWNER/NAME/CONFIG:SPLIT -> NAME_CONFIG
+        parts = corpus[len("hf://datasets/"):].split(":")[0].split("/")
+        name = "_".join(parts[1:] or parts)
+    else:
+        fixed = re.split(r"[*?\[]", corpus)[0]  # a glob: its fixed part
+        name = fixed.rstrip("/").rsplit("/", 1)[-1] if fixed == corpus else fixed.rsplit("/", 1)[0].rsplit("/", 1)[-1]
+    name = name or "corpus"
+    name = re.sub(r"(\.(jsonl|json|parquet|pq|txt|csv|tsv|arrow|gz|zst|zstd))+$", "", name, flags=re.I) or "corpus"
+    return f"data/{re.sub(r'[^A-Za-z0-9_.=+-]', '_', name)}"
 
 
 def _cmd_train(args, cfg) -> None:
@@ -283,9 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp = add("prepare", "tokenize, embed, cluster, route and pack a corpus")
     sp.add_argument("--corpus", default="facts",
-                    help="a corpus file (.jsonl[.gz|.zst] / parquet / .txt), a folder or glob of them (local or URL), "
-                         "or a generated corpus: 'facts' or 'bios'")
-    sp.add_argument("--out", default=DEFAULT_DATA)
+                    help="a corpus file (.jsonl[.gz|.zst], .json array, parquet, .txt, .csv / .tsv, .arrow), a folder "
+                         "or glob of them (local or URL; a `datasets.save_to_disk` folder), hf://datasets/OWNER/NAME"
+                         "[/CONFIG][:SPLIT], or a generated corpus: 'facts' or 'bios'. Records' text: "
+                         "--config.data.text_field (default text, else content or body); .txt files: "
+                         "--config.data.txt_split=file|paragraph|line")
+    sp.add_argument("--out", default=None, help=f"default data/<corpus name> ({DEFAULT_DATA} for facts)")
     sp.add_argument("--workers", type=int, default=None,
                     help="run prepare as an Apache Beam pipeline of resumable work units on N local worker "
                          "processes (default: one process, no engine)")

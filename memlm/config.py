@@ -150,6 +150,10 @@ def default_config() -> ml_collections.ConfigDict:
             seed=0,
             records_per_shard=4096,
             unit_shards=1,  # `prepare --workers N`: input shards per work unit (the unit of resumable work)
+            # the record field holding a document's text (JSON, parquet, CSV / TSV, Arrow, datasets);
+            # at "text", records without it are read from "content" or "body"
+            text_field="text",
+            txt_split="file",  # a .txt file is one document ("file"), one per "paragraph" or per "line"
             entity_field="entity",  # document field naming what a document is about (routing diagnostics); "": off
             num_threads=2,
             prefetch=4,
@@ -487,6 +491,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             _fail("eval.conditions", cfg.eval.conditions, f"unknown condition {c!r}; choose from {CONDITIONS}")
     _check_positive(cfg, "eval", ("block_level", "max_new_tokens", "batch_size", "heldout_documents"))
     _check_positive(cfg, "eval", ("rag_documents", "rag_tokens"))
+    _check_choice(cfg, "data.txt_split", ("file", "paragraph", "line"))
+    if not isinstance(cfg.data.text_field, str) or not cfg.data.text_field:
+        _fail("data.text_field", cfg.data.text_field, "must name a record field")
     pkey = str(cfg.eval.perplexity_key)
     if pkey != "document" and not (pkey.startswith("prefix:") and pkey[7:].isdigit() and int(pkey[7:]) >= 1):
         _fail("eval.perplexity_key", pkey, "choose 'document' or 'prefix:N' with N >= 1 tokens")

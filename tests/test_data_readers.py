@@ -64,11 +64,12 @@ def test_non_utf8_and_non_json_lines_are_reported_with_file_and_line(tmp_path):
 
 
 def test_missing_text_field_is_an_error_naming_file_and_line(tmp_path):
-    src = write_lines(tmp_path / "c.jsonl", [b'{"text": "ok"}', b'{"body": "no text here"}'])
-    with pytest.raises(CorpusError, match=r"c\.jsonl:2: record has no 'text' field"):
+    src = write_lines(tmp_path / "c.jsonl", [b'{"text": "ok"}', b'{"title": "no text here"}'])
+    with pytest.raises(CorpusError, match=r"c\.jsonl:2: record has no 'text' or 'content' or 'body' field "
+                                          r"\(set --config.data.text_field=NAME\); its fields: \['title'\]"):
         read_all(src)
     src = write_lines(tmp_path / "d.jsonl", [b'{"text": 5}'])
-    with pytest.raises(CorpusError, match=r"d\.jsonl:1: 'text' is int"):
+    with pytest.raises(CorpusError, match=r"d\.jsonl:1: the text is int"):
         read_all(src)
 
 
@@ -99,9 +100,9 @@ def test_txt_folder_reads_files_in_order_and_skips_bad_ones(tmp_path):
 def test_unusable_sources_fail_clearly(tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
         read_all(str(tmp_path / "nope.jsonl"))
-    (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(CorpusError, match="unknown file type '.csv'"):
-        read_all(str(tmp_path / "x.csv"))
+    (tmp_path / "x.xml").write_text("<a/>")
+    with pytest.raises(CorpusError, match="unknown file type '.xml'"):
+        read_all(str(tmp_path / "x.xml"))
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(CorpusError, match="holds no .txt files"):
         read_all(str(tmp_path / "empty_dir"))
@@ -280,9 +281,9 @@ def test_unusable_shard_sources_fail_clearly(tmp_path):
     write_lines(tmp_path / "a.jsonl", [b'{"text": "a"}'])
     with pytest.raises(CorpusError, match="matches nothing"):
         corpus_shards(str(tmp_path / "*.jsonl.gz"))
-    (tmp_path / "x.csv").write_text("a,b")
+    (tmp_path / "x.xml").write_text("<a/>")
     with pytest.raises(CorpusError, match="matches 1 paths, none a supported corpus file"):
-        corpus_shards(str(tmp_path / "*.csv"))
+        corpus_shards(str(tmp_path / "*.xml"))
     (tmp_path / "x.txt.gz").write_bytes(gzip.compress(b"text"))
     with pytest.raises(CorpusError, match="unknown file type '.txt.gz'"):
         corpus_shards(str(tmp_path / "x.txt.gz"))

@@ -50,7 +50,7 @@ from memlm.corpora import generated
 from memlm.data import units as U
 from memlm.data.engine import BeamEngine, LocalEngine, engine_for
 from memlm.data.manifest import build_manifest, report
-from memlm.data.readers import CorpusError, ReadStats, corpus_fingerprint, corpus_shards
+from memlm.data.readers import CorpusError, ReadOptions, ReadStats, corpus_fingerprint, corpus_shards
 from memlm.data.records import MANIFEST, write_json
 from memlm.data.records import VERSION as RECORD_VERSION
 from memlm.data.stages import Stages, stage_key
@@ -282,8 +282,9 @@ def _scan_and_split(job: Job, source: str, corpus_id: str) -> tuple[dict, str, n
     """Scan every work unit, merge the counts, draw the held-out documents."""
     cfg, console = job.cfg, job.console
     dc, ec = cfg.data, cfg.eval
-    job.plan = U.plan_units(corpus_shards(source), int(dc.unit_shards))
-    plan_key = stage_key("plan", corpus_id, int(dc.unit_shards))
+    options = ReadOptions(text_field=str(dc.text_field), txt_split=str(dc.txt_split))
+    job.plan = U.plan_units(corpus_shards(source, options), int(dc.unit_shards))
+    plan_key = stage_key("plan", corpus_id, int(dc.unit_shards), *options.key())
     console.print(f"corpus {job.corpus!r}: {sum(len(u.shards) for u in job.plan)} shards in {len(job.plan)} work "
                   f"units, {job.engine.workers} worker(s)")
     scan_key = stage_key("scan", plan_key)

@@ -18,12 +18,14 @@ the same order (``prepare`` reads the corpus more than once instead of holding i
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import gzip
 import io
 import json
 import os
 import posixpath
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -36,7 +38,7 @@ from memlm.run.paths import LocationError, is_local, location
 
 MAX_REPORTED = 100  # problem locations kept in the stats (all are counted)
 SHARD_COUNTS = ("documents", "skipped_empty", "undecodable")  # the per-shard counts in ReadStats.shards
-SUPPORTED = ".jsonl, .json, .jsonl.gz, .jsonl.zst, .parquet, .pq, .txt"
+SUPPORTED = ".jsonl, .json (lines or an array), .jsonl.gz, .jsonl.zst, .parquet, .pq, .txt, .csv, .tsv, .arrow"
 _GLOB_CHARS = "*?["
 _COMPRESSIONS = ((".gz", "gz"), (".zst", "zst"), (".zstd", "zst"))
 
@@ -54,14 +56,32 @@ class Document:
     origin: str  # "file:line" (jsonl), "file:row" (parquet) or "file" (txt)
 
 
+TEXT_FALLBACKS = ("text", "content", "body")  # tried in order when data.text_field is the default "text"
+TXT_SPLITS = ("file", "paragraph", "line")
+HF_PREFIX = "hf://datasets/"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """How a record's text is found: ``data.text_field`` and, for ``.txt`` files, ``data.txt_split``."""
+
+    text_field: str = "text"
+    txt_split: str = "file"  # a .txt file is one document, one per paragraph (blank lines) or per line
+
+    def key(self) -> list[str]:
+        """For stage keys: empty at the defaults (data prepared before these options keeps its keys)."""
+        return [] if self == ReadOptions() else [self.text_field, self.txt_split]
+
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """One file of a corpus: where it is, how to read it and, when known, the corpus root above it."""
 
     path: str  # a local absolute path or a URL
-    kind: str  # 'jsonl' | 'parquet' | 'txt'
+    kind: str  # 'jsonl' | 'parquet' | 'txt' | 'csv' | 'arrow' | 'hf'
     compression: str | None = None  # None | 'gz' | 'zst' (jsonl only)
     root: str | None = None  # the folder (or the fixed part of a glob) the shard was found under
+    options: ReadOptions = ReadOptions()
 
     @property
     def name(self) -> str:
@@ -136,6 +156,10 @@ def _classify(filename: str) -> tuple[str, str | None] | None:
         return "parquet", None
     if compression is None and ext == ".txt":
         return "txt", None
+    if compression is None and ext in (".csv", ".tsv"):
+        return "csv", None
+    if compression is None and ext == ".arrow":  # a Hugging Face datasets folder (save_to_disk) holds these
+        return "arrow", None
     return None
 
 
@@ -193,7 +217,15 @@ def _glob(pattern: str) -> list[Shard]:
     return shards
 
 
-def corpus_shards(source: str | os.PathLike) -> list[Shard]:
+def corpus_shards(source: str | os.PathLike, options: ReadOptions = ReadOptions()) -> list[Shard]:
+    """:func:`_shards` of a source, each read with ``options``; ``hf://datasets/NAME[/CONFIG][:SPLIT]``
+    is one shard streamed through Hugging Face ``datasets``."""
+    if os.fspath(source).startswith(HF_PREFIX):
+        return [Shard(os.fspath(source), "hf", options=options)]
+    return [dataclasses.replace(s, options=options) for s in _shards(source)]
+
+
+def _shards(source: str | os.PathLike) -> list[Shard]:
     """Resolve a corpus source (a file, a folder read recursively, or a glob pattern; local or URL) to
     its shards in a deterministic order (by path relative to the folder or the pattern's fixed part).
 
@@ -318,9 +350,56 @@ def _open_lines(shard: Shard) -> Iterator[BinaryIO]:
         yield f
 
 
+def _text(record: Any, options: ReadOptions, where: str) -> tuple[Any, dict[str, Any]]:
+    """(the record's text value, its other fields); ``data.text_field``, or the first of
+    :data:`TEXT_FALLBACKS` a record has when the field is the default ``text``."""
+    if not isinstance(record, dict):
+        raise CorpusError(f"{where}: expected an object with a text field, got {type(record).__name__}")
+    names = TEXT_FALLBACKS if options.text_field == "text" else (options.text_field,)
+    for name in names:
+        if name in record:
+            fields = dict(record)
+            return fields.pop(name), fields
+    tried = " or ".join(repr(n) for n in names)
+    hint = "" if options.text_field != "text" else " (set --config.data.text_field=NAME)"
+    raise CorpusError(f"{where}: record has no {tried} field{hint}; its fields: {sorted(record)[:12]}")
+
+
+def _document(value: Any, fields: dict[str, Any], where: str, stats: ReadStats,
+              counts: dict[str, int]) -> Document | None:
+    """A Document of a text value, or None (counted) when it is empty; a non-string fails naming ``where``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        stats._count(counts, "skipped_empty")
+        return None
+    if not isinstance(value, str):
+        raise CorpusError(f"{where}: the text is {type(value).__name__}, expected a string")
+    stats._count(counts, "documents")
+    return Document(value, fields, where)
+
+
+def _read_json_array(shard: Shard, f: BinaryIO, stats: ReadStats, counts: dict[str, int]) -> Iterator[Document]:
+    """A ``.json`` file holding one array of records (read whole: arrays cannot be streamed by line)."""
+    try:
+        records = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorpusError(f"{shard.path}: not a JSON array of records ({e})") from None
+    if not isinstance(records, list):
+        raise CorpusError(f"{shard.path}: expected a JSON array of records")
+    for i, record in enumerate(records):
+        doc = _document(*_text(record, shard.options, f"{shard.path}[{i}]"), f"{shard.path}[{i}]", stats, counts)
+        if doc is not None:
+            yield doc
+
+
 def _read_jsonl(shard: Shard, stats: ReadStats, counts: dict[str, int], report) -> Iterator[Document]:
     path = shard.path
     with _open_lines(shard) as f:
+        plain_json = shard.compression is None and shard.path.lower().endswith(".json")
+        if plain_json and not hasattr(f, "peek"):
+            f = io.BufferedReader(f)
+        if plain_json and f.peek(64)[:64].lstrip().startswith(b"["):
+            yield from _read_json_array(shard, f, stats, counts)
+            return
         try:
             for lineno, raw in _numbered_lines(f):
                 if not raw.strip():
@@ -337,16 +416,9 @@ def _read_jsonl(shard: Shard, stats: ReadStats, counts: dict[str, int], report) 
                     stats._count(counts, "undecodable")
                     stats.note(f"{path}:{lineno}: not JSON ({e.msg})", report)
                     continue
-                if not isinstance(record, dict) or "text" not in record:
-                    raise CorpusError(f"{path}:{lineno}: record has no 'text' field")
-                text = record.pop("text")
-                if not isinstance(text, str):
-                    raise CorpusError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
-                if not text.strip():
-                    stats._count(counts, "skipped_empty")
-                    continue
-                stats._count(counts, "documents")
-                yield Document(text, record, f"{path}:{lineno}")
+                doc = _document(*_text(record, shard.options, f"{path}:{lineno}"), f"{path}:{lineno}", stats, counts)
+                if doc is not None:
+                    yield doc
         except _CorruptStream as e:
             stats.corrupt_shards += 1
             stats.note(f"shard {path}: truncated/corrupt compressed stream after line {e.lines} ({e})", report)
@@ -362,11 +434,20 @@ def _read_txt(shard: Shard, stats: ReadStats, counts: dict[str, int], report) ->
         stats._count(counts, "undecodable")
         stats.note(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); file skipped", report)
         return
-    if not text.strip():
-        stats._count(counts, "skipped_empty")
-        return
-    stats._count(counts, "documents")
-    yield Document(text, {"file": path}, path)
+    if shard.options.txt_split == "file":
+        pieces = [(text, path)]
+    elif shard.options.txt_split == "paragraph":
+        pieces, line = [], 1
+        for para in re.split(r"(\n[ \t]*\n)", text):
+            if para.strip() and not re.fullmatch(r"\n[ \t]*\n", para):
+                pieces.append((para.strip("\n"), f"{path}:{line}"))
+            line += para.count("\n")
+    else:
+        pieces = [(ln, f"{path}:{i}") for i, ln in enumerate(text.split("\n"), 1)]
+    for piece, where in pieces:
+        doc = _document(piece, {"file": path}, where, stats, counts)
+        if doc is not None:
+            yield doc
 
 
 def _read_parquet(shard: Shard, stats: ReadStats, counts: dict[str, int], report,
@@ -380,23 +461,74 @@ def _read_parquet(shard: Shard, stats: ReadStats, counts: dict[str, int], report
     with contextlib.ExitStack() as stack:
         src = path if is_local(location(path)) else stack.enter_context(location(path).open("rb"))
         pf = stack.enter_context(pq.ParquetFile(src))
-        if "text" not in pf.schema_arrow.names:
-            raise CorpusError(f"{path}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
-        row = 0
-        for batch in pf.iter_batches(batch_size=batch_rows):
-            for record in batch.to_pylist():
-                row += 1
-                text = record.pop("text")
-                if text is None or (isinstance(text, str) and not text.strip()):
-                    stats._count(counts, "skipped_empty")
-                    continue
-                if not isinstance(text, str):
-                    raise CorpusError(f"{path}: row {row}: 'text' is {type(text).__name__}, expected a string")
-                stats._count(counts, "documents")
-                yield Document(text, record, f"{path}:{row}")
+        yield from _rows(shard, (b.to_pylist() for b in pf.iter_batches(batch_size=batch_rows)), stats, counts)
 
 
-_READERS = {"jsonl": _read_jsonl, "txt": _read_txt, "parquet": _read_parquet}
+def _rows(shard: Shard, batches: Iterator[list[dict]], stats: ReadStats, counts: dict[str, int]) -> Iterator[Document]:
+    """Documents of table rows (parquet, CSV, Arrow, a Hugging Face dataset), ``path:row`` as origin."""
+    row = 0
+    for batch in batches:
+        for record in batch:
+            row += 1
+            where = f"{shard.path}:{row}"
+            doc = _document(*_text(record, shard.options, where), where, stats, counts)
+            if doc is not None:
+                yield doc
+
+
+def _read_csv(shard: Shard, stats: ReadStats, counts: dict[str, int], report) -> Iterator[Document]:
+    """CSV (``.csv``) or tab-separated (``.tsv``) with a header row; the text is a named column."""
+    delimiter = "\t" if shard.path.lower().endswith(".tsv") else ","
+    csv.field_size_limit(1 << 30)
+    with location(shard.path).open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            yield from _rows(shard, iter([[row] for row in reader]), stats, counts)
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{shard.path}: not UTF-8 ({e.reason})") from None
+        except csv.Error as e:
+            raise CorpusError(f"{shard.path}:{reader.line_num}: not CSV ({e})") from None
+
+
+def _read_arrow(shard: Shard, stats: ReadStats, counts: dict[str, int], report) -> Iterator[Document]:
+    """An Arrow file of a Hugging Face ``datasets`` folder (``save_to_disk``: the Arrow stream format)."""
+    import pyarrow as pa
+
+    with location(shard.path).open("rb") as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            reader = pa.ipc.open_file(f)
+            batches = (reader.get_batch(i).to_pylist() for i in range(reader.num_record_batches))
+        else:
+            batches = (b.to_pylist() for b in reader)
+        yield from _rows(shard, batches, stats, counts)
+
+
+def _read_hf(shard: Shard, stats: ReadStats, counts: dict[str, int], report) -> Iterator[Document]:
+    """``hf://datasets/OWNER/NAME[/CONFIG][:SPLIT]`` streamed by Hugging Face ``datasets`` (default split
+    train); NAME may be a local folder of data files, as ``datasets.load_dataset`` takes it."""
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"{shard.path}: reading a Hugging Face dataset needs the 'datasets' package "
+                          "(pip install datasets)") from None
+    spec, _, split = shard.path[len(HF_PREFIX):].partition(":")
+    parts = spec.split("/")
+    if os.path.isdir(spec) or len(parts) <= 2:  # a local dataset folder, NAME or OWNER/NAME
+        name, config = spec, None
+    else:  # OWNER/NAME/CONFIG
+        name, config = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train", streaming=True)
+        yield from _rows(shard, ([r] for r in ds), stats, counts)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise CorpusError(f"{shard.path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+_READERS = {"jsonl": _read_jsonl, "txt": _read_txt, "parquet": _read_parquet, "csv": _read_csv,
+            "arrow": _read_arrow, "hf": _read_hf}
 
 
 def iter_shard(shard: Shard, stats: ReadStats, report: Callable[[str], None] | None = _stderr) -> Iterator[Document]:
@@ -424,7 +556,7 @@ def _read_generated(name: str, n_documents: int, seed: int, stats: ReadStats) ->
 
 def iter_documents(source: str | os.PathLike, stats: ReadStats | None = None,
                    report: Callable[[str], None] | None = _stderr, *, facts_documents: int = 20_000,
-                   facts_seed: int = 0) -> Iterator[Document]:
+                   facts_seed: int = 0, options: ReadOptions = ReadOptions()) -> Iterator[Document]:
     """Stream the documents of a corpus (a file, a folder or a glob pattern; see corpus_shards) shard
     by shard, or of a generated corpus (``"facts"`` or ``"bios"``, of ``facts_documents`` documents for
     ``facts_seed``), filling ``stats`` as it goes.
@@ -436,7 +568,7 @@ def iter_documents(source: str | os.PathLike, stats: ReadStats | None = None,
     if is_generated(source):
         yield from _read_generated(str(source), facts_documents, facts_seed, stats)
         return
-    for shard in corpus_shards(source):
+    for shard in corpus_shards(source, options):
         yield from iter_shard(shard, stats, report)
     if stats.documents == 0:
         raise CorpusError(f"corpus {os.fspath(source)!r} has no documents ({stats.skipped_empty} empty skipped, "
@@ -447,6 +579,8 @@ def corpus_fingerprint(source: str | os.PathLike) -> list[list[Any]]:
     """A cheap identity of a corpus, for stage caching: per shard (path, size, mtime) — local files
     as os.stat gives them, URLs as epath's stat does (size only where it gives no mtime)."""
     out: list[list[Any]] = []
+    if os.fspath(source).startswith(HF_PREFIX):  # a hub dataset: named, not stat-able
+        return [[os.fspath(source)]]
     for shard in corpus_shards(source):
         path = location(shard.path)
         if is_local(path):
