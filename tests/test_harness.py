@@ -472,3 +472,21 @@ def test_perplexity_only_writes_perplexity_without_probes(run, capsys):
     saved = json.loads((run.workdir / "eval" / "perplexity.json").read_text())
     assert set(saved["perplexity"]) == {"none", "fetched"} and saved["step"] == run.step
     assert "held-out perplexity" in capsys.readouterr().out
+
+
+def test_heldout_documents_are_embedded_once_at_prepare_time(run, monkeypatch):
+    from memlm.eval.run import evaluate
+    from memlm.infer.run import load_run
+
+    fresh = load_run(run.workdir)
+    texts = [json.loads(line)["text"] for line in (run.data_dir / "heldout.jsonl").read_text().splitlines()]
+    stored = np.load(run.data_dir / "heldout_embeddings.npy")
+    np.testing.assert_array_equal(stored, fresh.memory.embedder.embed(texts))  # as evaluation embeds them
+    embedded = []
+    real = type(fresh.memory.embedder).embed
+    monkeypatch.setattr(type(fresh.memory.embedder), "embed", lambda self, t: embedded.extend(t) or real(self, t))
+    import memlm.eval.run as eval_run
+
+    monkeypatch.setattr(eval_run, "load_run", lambda *a, **k: fresh)
+    evaluate(run.workdir, conditions="fetched", perplexity_only=True)
+    assert not set(embedded) & set(texts) and fresh.memory._emb_cache  # perplexity routed by stored vectors

@@ -448,6 +448,9 @@ def _gather(job: Job, heldout: np.ndarray, enc: dict[int, dict]) -> None:
             f.write((U.unit_dir(root, "encode", u.index) / "heldout.jsonl").read_bytes())
     os.replace(out / "heldout.jsonl.tmp", out / "heldout.jsonl")
     np.save(out / "heldout_ids.npy", heldout)
+    held = [np.load(U.unit_dir(root, "encode", u.index) / "heldout_embeddings.npy") for u in job.plan]
+    np.save(out / "heldout_embeddings.npy.tmp.npy", np.concatenate(held).astype(np.float32))
+    os.replace(out / "heldout_embeddings.npy.tmp.npy", out / "heldout_embeddings.npy")
     n_units = sum(int(enc[i]["units"]) for i in enc)
     n_docs = sum(int(enc[i]["documents"]) for i in enc)  # training documents (held-out ones are apart)
     depth = int(job.cfg.tree.depth)

@@ -195,6 +195,7 @@ def encode_unit(unit: WorkUnit, spec: EncodeSpec) -> dict[str, Any]:
     lengths: list[int] = []
     entities: list[str | None] = []
     texts: list[str] = []  # document units: the texts to embed, in order
+    held: list[str] = []  # held-out documents, embedded whole as evaluation routes them
     n_heldout = 0
     with open(d / "tokens.bin", "wb") as tf, open(d / "heldout.jsonl", "w", encoding="utf-8") as hf:
         batch: list[str] = []
@@ -210,6 +211,7 @@ def encode_unit(unit: WorkUnit, spec: EncodeSpec) -> dict[str, Any]:
             j = np.searchsorted(heldout, g)
             if j < len(heldout) and heldout[j] == g:
                 hf.write(json.dumps({"text": doc.text, **doc.fields}, ensure_ascii=False) + "\n")
+                held.append(doc.text)
                 n_heldout += 1
                 continue
             batch.append(doc.text)
@@ -233,6 +235,8 @@ def encode_unit(unit: WorkUnit, spec: EncodeSpec) -> dict[str, Any]:
     embedder = _embedder(spec.tree)
     t_embed = time.time()
     reused = _embed_chunks(unit.index, spec, texts, embedder, d / "embeddings.npy")
+    # evaluation fetches a held-out document's memory with its whole text: embedded here, once
+    np.save(d / "heldout_embeddings.npy", embedder.embed(held) if held else np.zeros((0, embedder.dim), np.float32))
     info = _mark(spec.root, "encode", unit.index, spec.key,
                  {"documents": len(lengths), "heldout": n_heldout, "units": len(doc), "tokens": int(offsets[-1]),
                   "embedder": embedder.name, "dim": embedder.dim,

@@ -121,7 +121,29 @@ class RunMemory:
             self.embedder = self._make_embedder()
         return self._embed(texts)
 
+    def _preload(self) -> None:
+        """The held-out documents' embeddings ``memlm prepare`` computed (``heldout_embeddings.npy``), when
+        this embedder is the one that computed them: perplexity does not embed them again."""
+        self._preloaded = True
+        path = self.data_dir / "heldout_embeddings.npy"
+        tree = self._tree_info or {}
+        same = (getattr(self.embedder, "name", None) == tree.get("embedder")
+                and str(getattr(self.embedder, "dtype", "float32")) == tree.get("embed_dtype", "float32")
+                and int(getattr(self.embedder, "max_tokens", tree.get("embed_max_tokens") or 0))
+                == int(tree.get("embed_max_tokens") or getattr(self.embedder, "max_tokens", 0)))
+        if not same or not path.exists() or not (self.data_dir / "heldout.jsonl").exists():
+            return
+        import json
+
+        vecs = np.load(path)
+        texts = [json.loads(line)["text"] for line in (self.data_dir / "heldout.jsonl").read_text().splitlines()
+                 if line.strip()]
+        if len(texts) == len(vecs):
+            self._emb_cache.update({t: v for t, v in zip(texts, vecs, strict=True)})
+
     def _embed(self, texts: list[str]) -> np.ndarray:
+        if not getattr(self, "_preloaded", False):
+            self._preload()
         missing = [t for t in dict.fromkeys(texts) if t not in self._emb_cache]
         if missing:
             for t, e in zip(missing, self.embedder.embed(missing), strict=True):
