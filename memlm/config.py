@@ -194,6 +194,10 @@ def default_config() -> ml_collections.ConfigDict:
             # and TensorBoard (memlm/train/evaluation.py); eval_probes caps the probes per file (0: all)
             eval_every=0,
             eval_probes=0,
+            # where metrics go besides metrics.jsonl (always written): a comma list of "tensorboard"
+            # and "wandb" (pip install 'memlm[track]'; WANDB_MODE=offline records without network)
+            trackers="tensorboard",
+            wandb_project="memlm",
         )
     )
 
@@ -492,6 +496,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_positive(cfg, "eval", ("block_level", "max_new_tokens", "batch_size", "heldout_documents"))
     _check_positive(cfg, "eval", ("rag_documents", "rag_tokens"))
     _check_choice(cfg, "data.txt_split", ("file", "paragraph", "line"))
+    for tracker in str(cfg.train.trackers).split(","):
+        if tracker.strip() and tracker.strip() not in ("tensorboard", "wandb"):
+            _fail("train.trackers", cfg.train.trackers, f"unknown tracker {tracker.strip()!r}; choose from "
+                  "tensorboard, wandb (comma separated; metrics.jsonl is always written)")
     if not isinstance(cfg.data.text_field, str) or not cfg.data.text_field:
         _fail("data.text_field", cfg.data.text_field, "must name a record field")
     pkey = str(cfg.eval.perplexity_key)

@@ -72,3 +72,66 @@ def test_records_of_one_step_merge_and_a_later_value_wins(tmp_path):
             {"step": 4, "loss": 2.5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_metrics(tmp_path) == [{"step": 2, "loss": 3.0, "eval/perplexity/none": 9.0}, {"step": 4, "loss": 2.5}]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is None,
+                    reason="wandb is not installed (pip install 'memlm[track]')")
+def test_wandb_records_offline_the_rows_of_metrics_jsonl_and_resumes_the_same_run(facts_data, tmp_path, monkeypatch):
+    from memlm.train.loop import train
+    from memlm.train.metrics import read_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = _cfg(4)
+    cfg.train.update(eval_every=0, trackers="tensorboard,wandb", checkpoint_every=2)
+    workdir = tmp_path / "run"
+    train(cfg, facts_data, workdir, quiet=True)
+    run_id = (workdir / "wandb_id").read_text().strip()
+    history = _wandb_history(workdir, run_id)
+    rows = {r["step"]: r for r in read_metrics(workdir)}
+    assert sorted(history) == sorted(rows) == [2, 4]
+    for step, row in rows.items():
+        assert history[step]["loss"] == pytest.approx(row["loss"]) and history[step]["tokens_per_s"] > 0
+    cfg.train.steps = 6  # resumed: the same wandb run goes on
+    train(cfg, facts_data, workdir, quiet=True, allow_config_change=True)
+    assert (workdir / "wandb_id").read_text().strip() == run_id
+    assert 6 in _wandb_history(workdir, run_id)
+
+
+def _wandb_history(workdir, run_id: str) -> dict[int, dict]:
+    """The history rows of the offline wandb runs with this id, read from their ``.wandb`` files (a
+    LevelDB-style log of protobuf records: 32 KiB blocks, 7-byte record headers)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    out: dict[int, dict] = {}
+    for path in sorted((workdir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        data, pos, pending, records = path.read_bytes(), 7, b"", []
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+            if left < 7 or (length == 0 and kind == 0):
+                pos += left
+                continue
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):
+                records.append(pending + chunk)
+                pending = b""
+            else:
+                pending += chunk
+        for raw in records:
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(raw)
+            if rec.WhichOneof("record_type") == "history":
+                out[rec.history.step.num] = {"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                                             for i in rec.history.item}
+    return out
+
+
+def test_an_unknown_tracker_is_refused_naming_the_key():
+    from memlm.config import ConfigError, apply_overrides, validate
+
+    cfg = load_config("experiments/tiny.py")
+    with pytest.raises(ConfigError, match="train.trackers.*unknown tracker 'mlflow'"):
+        validate(apply_overrides(cfg, {"train.trackers": "tensorboard,mlflow"}))

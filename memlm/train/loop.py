@@ -244,7 +244,7 @@ def _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet) -> dict:
     known_peak = peak_src.startswith("data sheet")  # else MFU is against a measured matmul rate: an estimate
     n_dev = jax.device_count()
     bytes_per_block = acc["fetched_params"] * np.dtype(cfg.memory.dtype).itemsize if fns.bank_layout else 0
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, trackers=t.trackers, config=cfg.to_dict(), project=t.wandb_project)
     log(f"memlm train: {cfg.name} mode={t.mode} steps={t.steps} batch={t.batch_size}x{cfg.data.seq_len} "
         f"(micro-batch {fns.plan.microbatch}) devices={n_dev} processes={jax.process_count()} "
         f"mesh={dict(fns.state_shardings.step.mesh.shape)} anchor={acc['anchor_params']:,} params "

@@ -10,6 +10,7 @@ measured matmul rate (CPU), and the source is logged with it.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,24 @@ def device_peak_flops() -> tuple[float, str]:
     return 2 * n**3 * 10 / (time.perf_counter() - t) / jax.local_device_count(), f"measured fp32 matmul ({kind})"
 
 
-class MetricsWriter:
-    """Writes each logged step to ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+TRACKERS = ("tensorboard", "wandb")
 
-    def __init__(self, workdir: str | Path, enabled: bool | None = None):
+
+class TrackerError(ValueError):
+    """A tracker named in ``train.trackers`` cannot be used (its package is missing)."""
+
+
+class MetricsWriter:
+    """Writes each logged step to ``metrics.jsonl`` (always: the run's record), TensorBoard and, when
+    ``train.trackers`` names it, Weights & Biases (process 0 only).
+
+    wandb: the run is named after the config and run directory, its files go under ``RUN/wandb/``,
+    a resumed run continues the same wandb run (its id is kept in ``RUN/wandb_id``), and
+    ``WANDB_MODE=offline`` records without network (``wandb sync`` uploads later).
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool | None = None, trackers: str = "tensorboard",
+                 config: dict | None = None, project: str = "memlm"):
         from memlm.run.paths import is_local, location
 
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -54,17 +69,21 @@ class MetricsWriter:
         self.path = root / "metrics.jsonl"
         self._local = is_local(root)
         self._lines: list[str] | None = None  # remote stores cannot append: the file is rewritten whole
-        self._tb = None
+        self._tb = self._wandb = None
+        names = [t.strip() for t in str(trackers).split(",") if t.strip()]
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self._local:
                 self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-            try:
-                from tensorboardX import SummaryWriter
+            if "tensorboard" in names:
+                try:
+                    from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(root / "tensorboard"), flush_secs=10) if self._local else None
-            except ImportError:  # TensorBoard events are optional; metrics.jsonl always exists
-                self._tb = None
+                    self._tb = SummaryWriter(str(root / "tensorboard"), flush_secs=10) if self._local else None
+                except ImportError:  # TensorBoard events are optional; metrics.jsonl always exists
+                    self._tb = None
+            if "wandb" in names:
+                self._wandb = _wandb_run(root, config or {}, project)
 
     def write(self, step: int, scalars: dict[str, Any], histograms: dict[str, np.ndarray] | None = None) -> None:
         if not self.enabled:
@@ -85,10 +104,30 @@ class MetricsWriter:
             for k, h in (histograms or {}).items():
                 if h.size:
                     self._tb.add_histogram(k, h, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, float | int)}, step=int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_run(root: Path, config: dict, project: str):
+    """A wandb run for this run directory: the same wandb run again when it resumes."""
+    try:
+        import wandb
+    except ImportError:
+        raise TrackerError("train.trackers names wandb, which is not installed: pip install 'memlm[track]'") from None
+    id_file = root / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    if not id_file.exists():
+        id_file.write_text(run_id + "\n")
+    name = f"{config.get('name', 'memlm')}-{root.name}"
+    return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(root), config=config,
+                      settings=wandb.Settings(console="off", x_disable_stats=True))
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
