@@ -281,12 +281,29 @@ def _cmd_demo(args, cfg) -> None:
     run_demo(workdir=args.workdir or "runs/demo", data_dir=args.data or DEFAULT_DATA, config=args.config)
 
 
+CONFIG_EPILOG = ("Any config key is set with --config.SECTION.KEY=VALUE (e.g. --config.train.steps=500, "
+                 "--config.tree.embedder=hash); `memlm info` prints a config's sizes, and memlm/config.py lists "
+                 "every key with its default and meaning.")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that names each flag's default, unless its help text already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        silent = action.default in (None, "", False, argparse.SUPPRESS) or not action.option_strings
+        if silent or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
 
     def add(name, help_text):
-        sp = sub.add_parser(name, help=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text, epilog=CONFIG_EPILOG,
+                            formatter_class=_DefaultsFormatter)
         sp.add_argument("--config", default=None, help="preset file (default: the packaged tiny preset, "
                         "memlm/presets/tiny.py)")
         return sp
@@ -312,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Beam pipeline options for a cluster runner, e.g. "
                          "'--runner=DataflowRunner --project=P --region=R --temp_location=gs://...'")
     sp = add("train", "train an anchor and / or its memory bank")
-    sp.add_argument("--data", default=DEFAULT_DATA)
-    sp.add_argument("--workdir", default=DEFAULT_RUN)
+    sp.add_argument("--data", default=DEFAULT_DATA, help="prepared data directory")
+    sp.add_argument("--workdir", default=DEFAULT_RUN, help="the run directory (resumed when it has checkpoints)")
     sp.add_argument("--init-from", default=None, help="start from another run's anchor")
     sp.add_argument("--allow-config-change", action="store_true",
                     help="resume with a different train section (e.g. more steps: the cosine is re-shaped)")
@@ -325,12 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("runs", nargs="+", help="the subtree runs (train.subtree=i each)")
     sp.add_argument("--out", required=True, help="the merged run directory")
     sp = add("eval", "perplexity and long-tail probes under memory conditions")
-    sp.add_argument("--workdir", default=DEFAULT_RUN)
-    sp.add_argument("--data", default=None)
+    sp.add_argument("--workdir", default=DEFAULT_RUN, help="the run directory")
+    sp.add_argument("--data", default=None, help="data directory (default: the one the run was trained on)")
     sp.add_argument("--probes", default=None, help="probe file (.jsonl); default: the data dir's built-in probes")
     sp.add_argument("--perplexity-only", action="store_true", help="held-out perplexity only, no probes "
                     "(RUN/eval/perplexity.json)")
-    sp.add_argument("--conditions", default=None, help="comma list of none,generic,fetched,blocked")
+    sp.add_argument("--conditions", default=None, help="comma list of none,generic,fetched,blocked,rag,rag+fetched "
+                    "(default: the run's eval.conditions)")
     sp.add_argument("--perplexity-key", default=None, help="held-out perplexity's retrieval key: document (default) "
                     "or prefix:N (also keyed by the first N tokens, scoring only the tokens after them)")
     sp.add_argument("--tasks", default=None, help="comma list of lm-evaluation-harness tasks (instead of the probes); "
@@ -341,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per task")
     sp.add_argument("--limit", type=float, default=None, help="--tasks: examples per task (a fraction when < 1)")
     sp = add("generate", "greedy generation with fetched memory")
-    sp.add_argument("--workdir", default=DEFAULT_RUN)
+    sp.add_argument("--workdir", default=DEFAULT_RUN, help="the run directory")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--condition", default=None, help="none, generic, fetched or blocked (default: fetched when "
                     "the run has a bank, else none)")

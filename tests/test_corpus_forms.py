@@ -110,3 +110,7 @@ def test_prepare_names_its_output_after_the_corpus_and_bad_input_fails_in_one_li
         main(["prepare", "--help"])
     helptext = capsys.readouterr().out
     assert "default data/<corpus name>" in helptext and "text_field" in helptext
+    assert "--config.SECTION.KEY=VALUE" in " ".join(helptext.split())  # how any config key is set
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default: data/facts)" in capsys.readouterr().out  # every flag names its default
