@@ -361,7 +361,8 @@ def _fit_tree(job: Job, embed_key: str, embed_info: dict[str, Any], unit_counts:
         with job.console.status(f"fitting the tree (k = {tc.k}, depth = {tc.depth}) on {len(sample)} of "
                                 f"{embed_info['units']} units"):
             tree = fit_tree(sample, k=tc.k, depth=tc.depth, steps=tc.kmeans_steps, batch=tc.kmeans_batch,
-                            balance_factor=tc.balance_factor, seed=tc.seed, embedder_name=embed_info["embedder"])
+                            balance_factor=tc.balance_factor, seed=tc.seed, embedder_name=embed_info["embedder"],
+                            say=U.say)
         del sample
         tree.save(out / "tree.npz")
         tree_info = job.stages.done("tree", tree_key, {"id": tree.id}, ["tree.npz"])

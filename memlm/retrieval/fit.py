@@ -16,6 +16,7 @@ level is O(steps * min(n, k**(l-1) * steps * batch) * k * dim); memory never gro
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -122,7 +123,7 @@ def _level_stats(counts: np.ndarray, k: int, n: int, inertia: float, distance_su
 
 def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, batch: int = 6400,
              balance_factor: float | None = 1.5, seed: int = 0, embedder_name: str = "minilm",
-             group_bytes: int = GROUP_BYTES) -> Tree:
+             group_bytes: int = GROUP_BYTES, say=None) -> Tree:
     """Fit a depth-``depth``, ``k``-ary tree on ``embeddings`` ``[n, dim]`` (array or memmap).
 
     ``steps`` mini-batch Lloyd steps of ``batch`` samples per node; a cluster over
@@ -130,6 +131,7 @@ def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, bat
     Deterministic for ``seed`` (see ``kmeans`` for the per-node algorithm and edge cases).
     A node uses at most ``steps * batch`` of its points, so at corpus scale fit on a uniform sample
     of about ``k**(depth-1) * steps * batch`` points and route the whole corpus with ``route``.
+    ``say`` (a callable) gets a line as each level is fitted.
     """
     if embeddings.ndim != 2 or embeddings.shape[0] < 1 or embeddings.shape[1] < 1:
         raise ValueError(f"fit_tree: embeddings of shape {tuple(embeddings.shape)}, need [n >= 1, dim >= 1]")
@@ -140,6 +142,7 @@ def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, bat
     if not factor >= 1.0:
         raise ValueError(f"fit_tree: balance_factor = {balance_factor!r}, must be >= 1 (or None / inf for off)")
     n, dim = embeddings.shape
+    t0 = time.perf_counter()
     node = np.zeros(n, np.int32)  # each point's node at the level above (the root: 0)
     parent_centroids = np.zeros((1, dim), np.float32)
     centroids, counts, stats = [], [], {"n_points": int(n)}
@@ -160,6 +163,8 @@ def fit_tree(embeddings: np.ndarray, *, k: int, depth: int, steps: int = 20, bat
         stats[f"level_{level}"] = _level_stats(counts[-1], k, n, *_distance_sums(embeddings, level_centroids, node))
         centroids.append(level_centroids)
         parent_centroids = level_centroids
+        if say is not None:
+            say(f"tree level {level}/{depth} fitted: {k ** level} nodes ({time.perf_counter() - t0:.1f} s)")
     fit = {"steps": int(steps), "batch": int(batch), "n_points": int(n),
            "balance_factor": None if math.isinf(factor) else factor}
     return Tree(k=int(k), depth=int(depth), dim=int(dim), embedder=embedder_name, centroids=centroids, counts=counts,
