@@ -203,6 +203,15 @@ def _cmd_eval(args, cfg) -> None:
              overrides=args.overrides)
 
 
+def _cmd_trace(args, cfg) -> None:
+    from memlm.infer.lineage import format_trace, trace
+    from memlm.infer.run import load_run
+
+    if (args.text is None) == (args.block is None):
+        raise UsageError("give one of --text TEXT or --block LEVEL:NODE")
+    print(format_trace(trace(load_run(args.workdir, args.data), text=args.text, block=args.block, limit=args.limit)))
+
+
 def _cmd_generate(args, cfg) -> None:
     from memlm.serve.generate import generate_cli
 
@@ -398,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(launch/slurm_gpu.sh, launch/tpu_pod.sh; the job scripts set it)")
     sp.add_argument("--prepare-only", action="store_true", help="run: prepare the sweep's data and stop")
     sp.add_argument("--bootstrap", type=int, default=200, help="report: bootstrap resamples per fit")
+    sp = add("trace", "which training documents trained the blocks a text fetches (or one block)")
+    sp.add_argument("--workdir", default=DEFAULT_RUN, help="the run directory")
+    sp.add_argument("--data", default=None, help="data directory (default: the one the run was trained on)")
+    sp.add_argument("--text", default=None, help="a text: routed as `fetched` routes it")
+    sp.add_argument("--block", default=None, help="LEVEL:NODE, e.g. 2:13")
+    sp.add_argument("--limit", type=int, default=5, help="documents shown per block")
     sp = add("demo", "the whole pipeline on the embedded default")
     sp.add_argument("--workdir", default=None, help="default runs/demo (runs/demo_tiers with --tiers)")
     sp.add_argument("--data", default=None, help=f"default {DEFAULT_DATA} (data/facts_k32 with --tiers)")

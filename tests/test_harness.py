@@ -490,3 +490,50 @@ def test_heldout_documents_are_embedded_once_at_prepare_time(run, monkeypatch):
     monkeypatch.setattr(eval_run, "load_run", lambda *a, **k: fresh)
     evaluate(run.workdir, conditions="fetched", perplexity_only=True)
     assert not set(embedded) & set(texts) and fresh.memory._emb_cache  # perplexity routed by stored vectors
+
+
+# ---- lineage ------------------------------------------------------------------------------------------------
+def test_trace_names_the_probed_entity_among_the_documents_of_the_fetched_leaf(run, capsys):
+    from memlm.cli import main
+    from memlm.infer.lineage import trace
+
+    probes = [json.loads(line) for line in (run.data_dir / "probes" / "capital.jsonl").read_text().splitlines()][:20]
+    paths = np.load(run.data_dir / "paths.npy")
+    doc = np.concatenate([np.load(d / "spans.npz")["doc"] + off for d, off in _unit_dirs(run.data_dir)])
+    emb = np.concatenate([np.load(d / "embeddings.npy") for d, _ in _unit_dirs(run.data_dir)])
+    named = held = 0
+    texts = {}
+    for d, off in _unit_dirs(run.data_dir):  # document texts as the training documents hold them
+        offsets, tokens = np.load(d / "doc_offsets.npy"), np.fromfile(d / "tokens.bin", np.uint16)
+        texts.update({off + i: run.tokenizer.decode(tokens[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)})
+    for p in probes:
+        res = trace(run, text=p["prompt"], limit=10_000)  # every document of each block
+        leaf = res["levels"][-1]
+        path = run.memory.paths([p["prompt"]], "fetched")[0]
+        assert [(lv["level"], lv["node"]) for lv in res["levels"]] == [(1, int(path[0])), (2, int(path[1]))]
+        want = np.unique(doc[paths[:, 1] == path[1]])  # independent: prepare's unit files and paths.npy
+        assert leaf["documents"] == len(want) and {d["document"] for d in leaf["shown"]} <= set(want.tolist())
+        assert sorted(d["document"] for d in leaf["shown"]) == want.tolist()
+        if any(p["entity"] in texts[int(i)] for i in want):  # the leaf the probe fetches holds its entity
+            held += 1
+            named += any(p["entity"] in d["text"] for d in leaf["shown"])
+        # nearest the text first: by the best cosine of a document's units, from prepare's embeddings
+        q = run.memory.embed([p["prompt"]])[0]
+        best = {}
+        for u in np.nonzero(paths[:, 1] == path[1])[0]:
+            best[int(doc[u])] = max(best.get(int(doc[u]), -9.0), float(emb[u] @ q))
+        shown = [best[d["document"]] for d in leaf["shown"]]
+        assert shown == sorted(shown, reverse=True)
+    assert held >= 5 and named == held, (named, held)
+    assert main(["trace", "--workdir", str(run.workdir), "--block", "1:2", "--limit", "2"]) == 0
+    assert "level 1 node 2: trained by" in capsys.readouterr().out
+    assert main(["trace", "--workdir", str(run.workdir), "--block", "3:0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "level must be in 1..2" in err[0]
+
+
+def _unit_dirs(data_dir):
+    first = 0
+    for d in sorted((data_dir / ".units" / "encode").iterdir()):
+        yield d, first
+        first += len(np.load(d / "doc_offsets.npy")) - 1

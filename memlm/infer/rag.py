@@ -149,6 +149,37 @@ class DocumentIndex:
             out.append(list(seen.items()))
         return out
 
+    def _unit_shards(self):
+        """(first global unit, unit count, shard) of each shard, in the order of ``paths.npy``."""
+        if not hasattr(self, "_spans"):
+            first, self._spans = 0, []
+            for shard in self.shards:
+                n = len(np.load(self.path / f"{shard['name']}.doc.npy", mmap_mode="r"))
+                self._spans.append((first, n, shard))
+                first += n
+        return self._spans
+
+    def unit_documents(self, units: np.ndarray) -> np.ndarray:
+        """The document of each global unit id (prepare's unit order, that of ``paths.npy``)."""
+        units = np.asarray(units, np.int64)
+        out = np.full(len(units), -1, np.int64)
+        for first, n, shard in self._unit_shards():
+            sel = (units >= first) & (units < first + n)
+            if sel.any():
+                out[sel] = np.load(self.path / f"{shard['name']}.doc.npy", mmap_mode="r")[units[sel] - first]
+        return out
+
+    def unit_scores(self, units: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """Cosine of each global unit's embedding with ``query`` (a unit vector)."""
+        units = np.asarray(units, np.int64)
+        out = np.zeros(len(units), np.float32)
+        for first, n, shard in self._unit_shards():
+            sel = (units >= first) & (units < first + n)
+            if sel.any():
+                emb = np.load(self.path / f"{shard['name']}.emb.npy", mmap_mode="r")
+                out[sel] = np.asarray(emb[units[sel] - first], np.float32) @ np.asarray(query, np.float32)
+        return out
+
     def text(self, document: int) -> str:
         """The training document's text (as its tokens decode, without the template)."""
         for shard in self.shards:
