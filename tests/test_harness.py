@@ -505,7 +505,8 @@ def test_trace_names_the_probed_entity_among_the_documents_of_the_fetched_leaf(r
     texts = {}
     for d, off in _unit_dirs(run.data_dir):  # document texts as the training documents hold them
         offsets, tokens = np.load(d / "doc_offsets.npy"), np.fromfile(d / "tokens.bin", np.uint16)
-        texts.update({off + i: run.tokenizer.decode(tokens[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)})
+        texts.update({off + i: run.tokenizer.decode(tokens[offsets[i]:offsets[i + 1]])
+                      for i in range(len(offsets) - 1)})
     for p in probes:
         res = trace(run, text=p["prompt"], limit=10_000)  # every document of each block
         leaf = res["levels"][-1]
