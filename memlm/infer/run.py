@@ -214,8 +214,11 @@ def _mix(fetched: FetchedMemory, generic: FetchedMemory, use_generic: jax.Array)
 
 
 def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-             overrides: dict[str, str] | None = None) -> Run:
-    """Load a run's config, newest complete anchor parameters, tokenizer, tree and banks."""
+             overrides: dict[str, str] | None = None, fn: AnchorFunctional | None = None) -> Run:
+    """Load a run's config, newest complete anchor parameters, tokenizer, tree and banks.
+
+    ``fn``: the anchor of an earlier load of the same run, whose compiled scoring and decoding are
+    reused (evaluation during training opens each new checkpoint with it)."""
     from memlm.data.records import read_manifest
     from memlm.data.tokenizer import check_template, load_tokenizer
 
@@ -227,7 +230,7 @@ def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = No
         validate(cfg)
     data_dir = location(data_dir or record["data_dir"])
     manifest = read_manifest(data_dir)
-    fn = AnchorFunctional(cfg)
+    fn = fn if fn is not None else AnchorFunctional(cfg)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     step, params, meta = restore_item(workdir, "params",
                                       abstract_like(fn.shapes, jax.tree.map(lambda _: one, fn.shapes)))

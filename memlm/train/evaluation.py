@@ -6,8 +6,8 @@ checkpoint as ``memlm eval`` opens a run (``memlm.infer.run.load_run``): the sam
 tree, embedder and routing settings, so a number logged during training is the number
 ``memlm eval`` gives for that step. Evaluating from the checkpoint, not from the training state,
 keeps the bank's exchange out of evaluation (the training step holds only the fetched rows of a
-sharded bank), and costs one checkpoint read per evaluation: keep ``eval_every`` a multiple of
-``checkpoint_every`` for large banks.
+sharded bank), and costs one checkpoint read per evaluation (the scoring compiles once per run):
+keep ``eval_every`` a multiple of ``checkpoint_every`` for large banks.
 
 Scalars (each condition of ``eval.conditions`` the run has):
 ``eval/perplexity/<condition>`` on the data directory's held-out documents (``eval.heldout_documents``)
@@ -24,6 +24,9 @@ import ml_collections
 import numpy as np
 
 __all__ = ["evaluate_step", "format_eval"]
+
+
+_ANCHORS: dict[str, Any] = {}  # run directory -> the anchor its evaluations score with
 
 
 def _spread(items: list, n: int) -> list:
@@ -43,7 +46,9 @@ def evaluate_step(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     from memlm.infer.rag import template_prefix
     from memlm.infer.run import load_run
 
-    run = load_run(workdir)
+    key = os.fspath(workdir)
+    run = load_run(workdir, fn=_ANCHORS.get(key))
+    _ANCHORS[key] = run.fn  # the next evaluation of this run reuses its compiled scoring and decoding
     ev = cfg.eval
     conds = tuple(c for c in parse_conditions(ev.conditions) if c in run.conditions)
     provider = provider_of(run)
