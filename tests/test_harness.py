@@ -538,3 +538,11 @@ def _unit_dirs(data_dir):
     for d in sorted((data_dir / ".units" / "encode").iterdir()):
         yield d, first
         first += len(np.load(d / "doc_offsets.npy")) - 1
+
+
+def test_generate_refuses_the_rag_conditions_in_one_line(run, capsys):
+    from memlm.cli import main
+
+    assert main(["generate", "--workdir", str(run.workdir), "--prompt", "Lima is", "--condition", "rag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "RAG baseline of `memlm eval`" in err[0]

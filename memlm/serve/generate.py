@@ -25,11 +25,15 @@ def generate_cli(workdir: str, prompt: str, condition: str | None = "fetched", m
     run = load_run(workdir, overrides=overrides)
     if condition is None:
         condition = "fetched" if "fetched" in run.conditions else "none"
-    if condition not in run.conditions:
-        from memlm.config import ConditionError
+    from memlm.config import ConditionError
+    from memlm.infer.conditions import RAG_CONDITIONS
 
+    if condition in RAG_CONDITIONS:
+        raise ConditionError(f"condition {condition!r} is the RAG baseline of `memlm eval`; generate with none, "
+                             "generic, fetched or blocked")
+    if condition not in run.conditions:
         raise ConditionError(f"condition {condition!r} is not available for {workdir} "
-                             f"(available: {', '.join(run.conditions)})")
+                             f"(available: {', '.join(c for c in run.conditions if c not in RAG_CONDITIONS)})")
     provider = provider_of(run)
     memory = provider([prompt], condition)
     if chat and run.tokenizer.chat_template is None:
