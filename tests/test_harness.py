@@ -45,9 +45,9 @@ def _logp(run, ids: list[int], key: str, condition: str = "fetched") -> np.ndarr
     return logp[np.arange(len(ids) - 1), ids[1:]]
 
 
-def _greedy(run, prompt: str, new: int, key: str) -> str:
-    ids = [int(t) for t in run.tokenizer.encode(prompt)]
-    memory = run.memory([key], "fetched")
+def _greedy_ids(run, ids: list[int], new: int, key: str, condition: str) -> list[int]:
+    """Greedy continuation of ``ids`` by plain forwards under the key's memory, stopping at the EOT."""
+    memory = run.memory([key], condition)
     out = []
     for _ in range(new):
         logits = run.fn.apply(run.params, jnp.asarray([ids + out], jnp.int32), memory=memory)
@@ -55,7 +55,12 @@ def _greedy(run, prompt: str, new: int, key: str) -> str:
         if nxt == run.tokenizer.eot_id:
             break
         out.append(nxt)
-    return run.tokenizer.decode(out)
+    return out
+
+
+def _greedy(run, prompt: str, new: int, key: str) -> str:
+    ids = [int(t) for t in run.tokenizer.encode(prompt)]
+    return run.tokenizer.decode(_greedy_ids(run, ids, new, key, "fetched"))
 
 
 MC = [{"question": "The capital of France is", "choices": ["Paris", "Lima", "Oslo"], "gold": 0},
@@ -296,18 +301,6 @@ def test_rag_index_is_rebuilt_when_the_data_is_prepared_again(run):
     build_index(run.data_dir, read_manifest(run.data_dir), run.tokenizer)
     assert json.loads((path / "index.json").read_text())["key"] == info["key"]
     assert (path / "00000.text.bin").stat().st_size > 0
-
-
-def _greedy_ids(run, ids: list[int], new: int, key: str, condition: str) -> list[int]:
-    memory = run.memory([key], condition)
-    out = []
-    for _ in range(new):
-        logits = run.fn.apply(run.params, jnp.asarray([ids + out], jnp.int32), memory=memory)
-        nxt = int(jnp.argmax(logits[0, -1]))
-        if nxt == run.tokenizer.eot_id:
-            break
-        out.append(nxt)
-    return out
 
 
 @pytest.mark.parametrize("condition", ["rag", "rag+fetched"])

@@ -127,11 +127,11 @@ class RunMemory:
         self._preloaded = True
         path = self.data_dir / "heldout_embeddings.npy"
         tree = self._tree_info or {}
-        same = (getattr(self.embedder, "name", None) == tree.get("embedder")
-                and str(getattr(self.embedder, "dtype", "float32")) == tree.get("embed_dtype", "float32")
-                and int(getattr(self.embedder, "max_tokens", tree.get("embed_max_tokens") or 0))
-                == int(tree.get("embed_max_tokens") or getattr(self.embedder, "max_tokens", 0)))
-        if not same or not path.exists() or not (self.data_dir / "heldout.jsonl").exists():
+        emb = self.embedder
+        mine = (emb.name, getattr(emb, "dtype", "float32"), getattr(emb, "max_tokens", None))
+        theirs = (tree.get("embedder"), tree.get("embed_dtype", "float32"),
+                  tree.get("embed_max_tokens") if mine[2] is not None else None)
+        if mine != theirs or not path.exists() or not (self.data_dir / "heldout.jsonl").exists():
             return
         import json
 
