@@ -51,6 +51,14 @@ def resolve_config(path: str | None, overrides: dict[str, str]) -> ml_collection
 
 
 def _cmd_info(args, cfg) -> None:
+    if args.block is not None or args.run is not None:
+        if args.run is None or args.block is None:
+            raise UsageError("give a run and a block: memlm info RUN --block LEVEL:NODE")
+        from memlm.infer.lineage import format_trace, trace
+        from memlm.infer.run import load_run
+
+        print(format_trace(trace(load_run(args.run), block=args.block, limit=args.limit)))
+        return
     from memlm.model.accounting import accounting
 
     acc = accounting(cfg)
@@ -212,6 +220,30 @@ def _cmd_trace(args, cfg) -> None:
     print(format_trace(trace(load_run(args.workdir, args.data), text=args.text, block=args.block, limit=args.limit)))
 
 
+def _cmd_learn(args, cfg) -> None:
+    from memlm.edit.learn import learn
+
+    e = learn(args.run, args.corpus, steps=args.steps, epochs=args.epochs, replay=args.replay, lr=args.lr,
+              batch_size=args.batch_size)
+    print(f"memlm learn: edit {e['edit']}: {e['documents']} documents (numbers {e['first_document']}.."
+          f"{e['first_document'] + e['documents'] - 1}) into {len(e['leaves'])} leaves; {e['steps']} steps on "
+          f"{e['new_sequences']} new + {e['replay_sequences']} replayed sequences, loss {e['loss_first']:.3f} -> "
+          f"{e['loss_last']:.3f}; checkpoint {e['step']} (bank version {e.get('bank_version')}), "
+          f"{e['seconds_total']:.0f} s")
+
+
+def _cmd_forget(args, cfg) -> None:
+    from memlm.edit.forget import forget
+
+    e = forget(args.run, documents=args.documents, entity=args.entity, corpus=args.corpus, levels=args.levels,
+               steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    reset = ", ".join(f"level {lv}: {len(ids)}" for lv, ids in e["reset"].items())
+    print(f"memlm forget: edit {e['edit']}: {len(e['documents'])} documents forgotten; blocks reset ({reset}) and "
+          f"retrained on {e['retrain_sequences']} sequences of {len(e['leaves_retrained'])} leaves in {e['steps']} "
+          f"steps; checkpoint {e['step']} (bank version {e.get('bank_version')}), {e['seconds_total']:.0f} s. "
+          "The anchor and the levels not reset still learnt from them (docs/editing.md)")
+
+
 def _cmd_generate(args, cfg) -> None:
     from memlm.serve.generate import generate_cli
 
@@ -317,7 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "memlm/presets/tiny.py)")
         return sp
 
-    sp = add("info", "parameter, bank and FLOP accounting of a config")
+    sp = add("info", "parameter, bank and FLOP accounting of a config; with RUN --block, a block's documents")
+    sp.add_argument("run", nargs="?", default=None, metavar="RUN", help="a run directory (with --block)")
+    sp.add_argument("--block", default=None, help="LEVEL:NODE: the documents that trained this block of RUN")
+    sp.add_argument("--limit", type=int, default=5, help="--block: documents shown")
     sp.add_argument("--json", action="store_true")
     sp = add("compile", "compile the train step ahead of time for a topology: per-device memory and collectives")
     sp.add_argument("--topology", required=True, help="cpu:N or a TPU topology such as v5p:2x2x1")
@@ -413,6 +448,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--text", default=None, help="a text: routed as `fetched` routes it")
     sp.add_argument("--block", default=None, help="LEVEL:NODE, e.g. 2:13")
     sp.add_argument("--limit", type=int, default=5, help="documents shown per block")
+    sp = add("learn", "teach a trained run new documents: only the blocks on their paths train")
+    sp.add_argument("run", metavar="RUN", help="the run directory (a memory run with checkpoints)")
+    sp.add_argument("--corpus", required=True, help="the new documents (any corpus form `memlm prepare` reads)")
+    sp.add_argument("--steps", type=int, default=None, help="training steps (default: --epochs over the edit's data)")
+    sp.add_argument("--epochs", type=float, default=8.0, help="passes over the new and replayed sequences")
+    sp.add_argument("--replay", type=float, default=0.5, help="share of each touched leaf's old sequences in the "
+                    "edit's data (0: the new ones only)")
+    sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: the run's "
+                    "train.memory_lr)")
+    sp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    sp = add("forget", "remove documents from a trained run's blocks: reset their leaves, retrain on the rest")
+    sp.add_argument("run", metavar="RUN", help="the run directory")
+    sp.add_argument("--documents", default=None, help="document numbers, e.g. 3,17,40-45 (as `memlm trace` "
+                    "lists them)")
+    sp.add_argument("--entity", default=None, help="every document whose text names this (whole words, any case)")
+    sp.add_argument("--corpus", default=None, help="every document whose text is one of this file's documents")
+    sp.add_argument("--levels", default=None, help="also reset these levels' nodes on the paths, e.g. 1 (default: "
+                    "the leaf level only)")
+    sp.add_argument("--steps", type=int, default=None, help="retraining steps (default: --epochs over the "
+                    "remaining sequences)")
+    sp.add_argument("--epochs", type=float, default=8.0)
+    sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: train.memory_lr)")
+    sp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
     sp = add("demo", "the whole pipeline on the embedded default")
     sp.add_argument("--workdir", default=None, help="default runs/demo (runs/demo_tiers with --tiers)")
     sp.add_argument("--data", default=None, help=f"default {DEFAULT_DATA} (data/facts_k32 with --tiers)")

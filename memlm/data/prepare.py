@@ -231,12 +231,15 @@ def _prefix(counts: list[int]) -> dict[int, int]:
 
 
 def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data", *, workers: int | None = None,
-            pipeline_options: str | Iterable[str] = (), console=None) -> dict[str, Any]:
+            pipeline_options: str | Iterable[str] = (), console=None, tree_file: str | os.PathLike | None = None,
+            holdout: bool = True) -> dict[str, Any]:
     """Prepare ``corpus`` (a .jsonl / parquet file, a folder of .txt files, "facts" or "bios"; default
     ``cfg.data.corpus``) into ``out_dir`` for training; returns the manifest (also written there).
 
     ``workers`` / ``pipeline_options``: run the units on Beam (see the module docstring); the output
-    is the same as in one process."""
+    is the same as in one process. ``tree_file``: route with this fitted tree instead of fitting one
+    (``memlm learn`` routes new documents with a run's tree; any corpus size is then allowed);
+    ``holdout=False``: no held-out documents (every document trains)."""
     from rich.console import Console
 
     validate(cfg)
@@ -246,7 +249,7 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     out.mkdir(parents=True, exist_ok=True)
     job = Job(cfg, str(corpus or cfg.data.corpus), out, Stages(out), console or Console(), engine)
     source, corpus_id, gen = generated_corpus(cfg, job.corpus, out, job.stages, job.console)
-    read, read_key, heldout, unit_docs = _scan_and_split(job, source, corpus_id)
+    read, read_key, heldout, unit_docs = _scan_and_split(job, source, corpus_id, holdout)
     n_train = int(read["training"])
 
     def training_texts() -> Iterator[str]:
@@ -259,8 +262,11 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
                 g += 1
 
     tok, tok_info = tokenizer_stage(cfg, out, job.stages, read_key, training_texts, n_train, job.console)
-    enc, embed_key, embed_info = _encode(job, read_key, tok, heldout, unit_docs)
-    tree, tree_key, tree_info = _fit_tree(job, embed_key, embed_info, [int(enc[i]["units"]) for i in enc])
+    enc, embed_key, embed_info = _encode(job, read_key, tok, heldout, unit_docs, any_size=tree_file is not None)
+    if tree_file is not None:
+        tree, tree_key, tree_info = _given_tree(job, Path(tree_file), embed_key, embed_info)
+    else:
+        tree, tree_key, tree_info = _fit_tree(job, embed_key, embed_info, [int(enc[i]["units"]) for i in enc])
     route_info, pack, entities = _route_and_pack(job, tree, tree_key, enc, tok)
     _gather(job, heldout, enc)
     probes = probes_stage(gen, read_key, out, job.stages, training_texts, n_train, job.console,
@@ -278,7 +284,8 @@ def prepare(cfg, corpus: str | None = None, out_dir: str | os.PathLike = "data",
     return manifest
 
 
-def _scan_and_split(job: Job, source: str, corpus_id: str) -> tuple[dict, str, np.ndarray, list[int]]:
+def _scan_and_split(job: Job, source: str, corpus_id: str, holdout: bool = True
+                    ) -> tuple[dict, str, np.ndarray, list[int]]:
     """Scan every work unit, merge the counts, draw the held-out documents."""
     cfg, console = job.cfg, job.console
     dc, ec = cfg.data, cfg.eval
@@ -299,17 +306,17 @@ def _scan_and_split(job: Job, source: str, corpus_id: str) -> tuple[dict, str, n
         raise CorpusError(f"corpus {job.corpus!r} has no documents ({stats.skipped_empty} empty skipped, "
                           f"{stats.undecodable} undecodable skipped)")
     n = stats.documents
-    n_heldout = min(int(ec.heldout_documents), n // 10)
+    n_heldout = min(int(ec.heldout_documents), n // 10) if holdout else 0
     heldout = np.sort(np.random.default_rng([dc.seed, 1]).choice(n, size=n_heldout, replace=False))
-    read_key = stage_key("read", plan_key, ec.heldout_documents, dc.seed)
+    read_key = stage_key("read", plan_key, ec.heldout_documents if holdout else 0, dc.seed)
     read = (job.stages.lookup("read", read_key)
             or job.stages.done("read", read_key, {**stats.as_dict(), "heldout": n_heldout, "training": n - n_heldout},
                                []))
     return read, read_key, heldout, [int(scans[i]["stats"]["documents"]) for i in range(len(job.plan))]
 
 
-def _encode(job: Job, read_key: str, tok: Tokenizer, heldout: np.ndarray,
-            unit_docs: list[int]) -> tuple[dict[int, dict], str, dict[str, Any]]:
+def _encode(job: Job, read_key: str, tok: Tokenizer, heldout: np.ndarray, unit_docs: list[int],
+            any_size: bool = False) -> tuple[dict[int, dict], str, dict[str, Any]]:
     """Tokenize and embed every work unit; (unit markers, stage key, embedding info)."""
     tc, dc = job.cfg.tree, job.cfg.data
     token_dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
@@ -325,7 +332,8 @@ def _encode(job: Job, read_key: str, tok: Tokenizer, heldout: np.ndarray,
     job.engine.run_units("encode", job.todo("encode", embed_key), U.encode_unit, spec)
     enc = job.require("encode", list(range(len(job.plan))), embed_key)
     n_units = sum(int(enc[i]["units"]) for i in enc)
-    require_units_for_tree(job.corpus, n_units, tc)
+    if not any_size:
+        require_units_for_tree(job.corpus, n_units, tc)
     dtypes = {str(enc[i].get("embed_dtype", "float32")) for i in enc}
     if len(dtypes) > 1:  # "auto" resolved differently on CPU and accelerator workers
         raise DataError(f"work units were embedded in different dtypes ({', '.join(sorted(dtypes))}): set "
@@ -368,6 +376,21 @@ def _fit_tree(job: Job, embed_key: str, embed_info: dict[str, Any], unit_counts:
         tree_info = job.stages.done("tree", tree_key, {"id": tree.id}, ["tree.npz"])
     tree = Tree.load(out / "tree.npz", expect_dim=embed_info["dim"], expect_embedder=embed_info["embedder"])
     return tree, tree_key, tree_info
+
+
+def _given_tree(job: Job, src: Path, embed_key: str, embed_info: dict[str, Any]):
+    """A fitted tree taken as it is (copied into the data directory); (tree, stage key, stage info)."""
+    import shutil
+
+    from memlm.retrieval import Tree
+
+    tree = Tree.load(src, expect_dim=embed_info["dim"], expect_embedder=embed_info["embedder"])
+    tree_key = stage_key("tree-file", embed_key, tree.id)
+    tree_info = job.stages.lookup("tree", tree_key)
+    if tree_info is None:
+        shutil.copyfile(src, job.out / "tree.npz")
+        tree_info = job.stages.done("tree", tree_key, {"id": tree.id, "given": str(src)}, ["tree.npz"])
+    return Tree.load(job.out / "tree.npz"), tree_key, tree_info
 
 
 def _route_and_pack(job: Job, tree, tree_key: str, enc: dict[int, dict], tok: Tokenizer):

@@ -164,6 +164,19 @@ def _embedder(tree: dict[str, Any]):
     return _EMBEDDERS[name]
 
 
+def write_origins(path: Path, origins: list[str]) -> None:
+    """Each document's source as ``{"files": [...], "documents": [[file, line], ...]}`` (line -1 when the
+    reader gives none): a few bytes a document, the file names once per work unit."""
+    files: dict[str, int] = {}
+    rows = []
+    for o in origins:
+        name, _, line = o.rpartition(":")
+        if not (name and line.isdigit()):
+            name, line = o, "-1"
+        rows.append([files.setdefault(name, len(files)), int(line)])
+    path.write_text(json.dumps({"files": list(files), "documents": rows}, separators=(",", ":")), encoding="utf-8")
+
+
 def unit_spans(offsets: np.ndarray, unit: str, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(doc, start, stop, ends_document) per unit: whole documents, or windows of ``window`` tokens."""
     lengths = np.diff(offsets)
@@ -194,6 +207,7 @@ def encode_unit(unit: WorkUnit, spec: EncodeSpec) -> dict[str, Any]:
     heldout = np.asarray(spec.heldout, np.int64)
     lengths: list[int] = []
     entities: list[str | None] = []
+    origins: list[str] = []  # each training document's "file:line" (lineage: memlm trace, memlm info --block)
     texts: list[str] = []  # document units: the texts to embed, in order
     held: list[str] = []  # held-out documents, embedded whole as evaluation routes them
     n_heldout = 0
@@ -217,6 +231,7 @@ def encode_unit(unit: WorkUnit, spec: EncodeSpec) -> dict[str, Any]:
             batch.append(doc.text)
             if spec.tree["embed_unit"] == "document":
                 texts.append(doc.text)
+            origins.append(doc.origin)
             value = doc.fields.get(spec.entity_field) if spec.entity_field else None
             entities.append(str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None)
             if len(batch) == ENCODE_BATCH:
@@ -228,6 +243,7 @@ def encode_unit(unit: WorkUnit, spec: EncodeSpec) -> dict[str, Any]:
     np.savez(d / "spans.npz", doc=doc, start=start, stop=stop, ends=ends)
     if spec.entity_field:
         (d / "entities.json").write_text(json.dumps(entities), encoding="utf-8")
+    write_origins(d / "origins.json", origins)
     t_tok = time.time()
     if spec.tree["embed_unit"] != "document":
         tokens = np.fromfile(d / "tokens.bin", dtype=spec.token_dtype)
@@ -419,7 +435,7 @@ def shard_prefix(r: int) -> str:
 def _member_tokens(spec: PackSpec, part: dict[str, Any]) -> np.ndarray:
     """The tokens of one payload's members, read from its unit's ``tokens.bin`` (a memmap)."""
     dtype = "<u2" if spec.token_bytes == 2 else "<u4"
-    path = unit_dir(spec.root, "encode", int(part["unit"])) / "tokens.bin"
+    path = unit_dir(part.get("root", spec.root), "encode", int(part["unit"])) / "tokens.bin"
     if path.stat().st_size == 0:
         return np.zeros(0, dtype)
     tokens = np.memmap(path, dtype=dtype, mode="r")
@@ -427,10 +443,34 @@ def _member_tokens(spec: PackSpec, part: dict[str, Any]) -> np.ndarray:
                                                            strict=True)] or [np.zeros(0, dtype)])
 
 
-def pack_range(r: int, payloads: list[dict[str, Any]], spec: PackSpec) -> dict[str, Any]:
-    """Pack the leaves of range ``r`` from every unit's payloads into ``shards/train-rRRRRR-*``."""
+def pack_leaf(writer: ShardWriter, lf: int, parts: list[dict[str, Any]], spec: PackSpec) -> tuple[int, int, int]:
+    """Pack one leaf's payloads (in global unit order) into ``writer``; (sequences, units, tokens packed).
+    ``memlm learn`` / ``forget`` re-pack a leaf without some documents with this same function."""
     from memlm.data.packing import materialize, plan_leaf
 
+    parts = sorted(parts, key=lambda p: p.get("order", p["unit"]))  # global unit order
+    ids = np.concatenate([p["ids"] for p in parts])
+    lengths = np.concatenate([p["lengths"] for p in parts])
+    ends = np.concatenate([p["ends"] for p in parts])
+    tokens = np.concatenate([_member_tokens(spec, p) for p in parts])  # this leaf's tokens only
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+
+    def unit_tokens(u: int) -> np.ndarray:
+        return tokens[starts[u]:starts[u + 1]]
+
+    plan = plan_leaf(lengths.tolist(), ends.tolist(), spec.seq_len)
+    path = np.asarray(parts[0]["path"], np.int32)
+    packed = 0
+    for pieces in plan:
+        toks, seg_lens = materialize(pieces, unit_tokens, spec.eot_id)
+        writer.write(encode_sequence(toks, seg_lens, path, lf, spec.seq_len, spec.token_bytes,
+                                     units=ids[[p.unit for p in pieces]], starts=[p.start for p in pieces]))
+        packed += len(toks)
+    return len(plan), len(ids), packed
+
+
+def pack_range(r: int, payloads: list[dict[str, Any]], spec: PackSpec) -> dict[str, Any]:
+    """Pack the leaves of range ``r`` from every unit's payloads into ``shards/train-rRRRRR-*``."""
     done = lookup(spec.root, "pack", r, spec.key)
     if done is not None:
         return {"range": r, "reused": True, **done}
@@ -448,26 +488,11 @@ def pack_range(r: int, payloads: list[dict[str, Any]], spec: PackSpec) -> dict[s
     packed = 0
     with ShardWriter(shard_dir, spec.records_per_shard, prefix=shard_prefix(r)) as writer:
         for lf in range(lo, hi):
-            parts = sorted(by_leaf.get(lf, []), key=lambda p: p["unit"])  # global unit order
+            parts = by_leaf.get(lf, [])
             if not parts:
                 continue
-            ids = np.concatenate([p["ids"] for p in parts])
-            lengths = np.concatenate([p["lengths"] for p in parts])
-            ends = np.concatenate([p["ends"] for p in parts])
-            tokens = np.concatenate([_member_tokens(spec, p) for p in parts])  # this leaf's tokens only
-            starts = np.concatenate([[0], np.cumsum(lengths)])
-
-            def unit_tokens(u: int, tokens=tokens, starts=starts) -> np.ndarray:
-                return tokens[starts[u]:starts[u + 1]]
-
-            plan = plan_leaf(lengths.tolist(), ends.tolist(), spec.seq_len)
-            path = np.asarray(parts[0]["path"], np.int32)
-            for pieces in plan:
-                toks, seg_lens = materialize(pieces, unit_tokens, spec.eot_id)
-                writer.write(encode_sequence(toks, seg_lens, path, lf, spec.seq_len, spec.token_bytes,
-                                             units=ids[[p.unit for p in pieces]], starts=[p.start for p in pieces]))
-                packed += len(toks)
-            leaf_sequences[lf - lo], leaf_units[lf - lo] = len(plan), len(ids)
+            leaf_sequences[lf - lo], leaf_units[lf - lo], n_tok = pack_leaf(writer, lf, parts, spec)
+            packed += n_tok
         shards = writer.close()
     info = _mark(spec.root, "pack", r, spec.key,
                  {"leaves": [lo, hi], "sequences": writer.count, "shards": [f"shards/{s}" for s in shards],

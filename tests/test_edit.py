@@ -1,0 +1,177 @@
+"""``memlm learn`` / ``memlm forget`` / lineage on a small trained run.
+
+Checked against the run's files read directly (``tests/state.py``, prepare's unit files with numpy):
+only the blocks on the edited paths change, the anchor and every other block are bit-identical;
+re-packing a leaf with nothing left out gives prepare's own sequences; a forgotten document's units
+are in no retraining sequence; bad input leaves the run as it was.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memlm.config import load_config
+from tests.state import run_state
+
+SMALL = dict(d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64)
+NEW = ["Zorblat Quenn was born in the town of Frellow in 1788.",
+       "Zorblat Quenn painted harbour scenes and was born in Frellow.",
+       "The painter Zorblat Quenn came into the world in Frellow.",
+       "Records give 1788 as the year of birth of Zorblat Quenn."] * 3
+
+
+@pytest.fixture(scope="module")
+def trained(facts_data, tmp_path_factory):
+    from memlm.train.loop import train
+
+    cfg = load_config("experiments/tiny.py")
+    cfg.model.update(SMALL)
+    cfg.tree.embedder = "hash"
+    cfg.train.update(mode="scratch", steps=4, batch_size=8, log_every=2, checkpoint_every=4)
+    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+    workdir = tmp_path_factory.mktemp("edit_run") / "run"
+    train(cfg, facts_data, workdir, quiet=True)
+    return workdir
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def _nodes_changed(before: dict, after: dict, level: int) -> set[int]:
+    """Nodes of ``level`` whose parameters, moments or counter differ."""
+    changed = set()
+    for name, a in before.items():
+        if name.startswith(f"bank/level{level}/") and not name.endswith("written"):
+            b = after[name]
+            diff = (a != b).reshape(len(a), -1).any(axis=1)
+            changed |= set(np.nonzero(diff)[0].tolist())
+    return changed
+
+
+def _leaf_nodes(leaves, k: int, depth: int, level: int) -> set[int]:
+    return {int(lf) // k ** (depth - level) for lf in leaves}
+
+
+def test_repacking_every_leaf_with_nothing_left_out_gives_prepares_sequences(run, tmp_path, facts_data):
+    from memlm.data.loader import Loader
+    from memlm.edit.documents import RunDocuments
+    from memlm.edit.repack import build
+
+    docs = RunDocuments(run)
+    n_leaves = len(docs.manifest["leaf_histogram"]["sequences"])
+    man = build(tmp_path / "all", docs, repack=np.ones(n_leaves, bool), exclude=np.zeros(0, np.int64))
+    assert man["leaf_histogram"]["sequences"] == docs.manifest["leaf_histogram"]["sequences"]
+    ours = Loader(tmp_path / "all", batch_size=1, seed=0, generic_prob=0.0)._source
+    theirs = Loader(facts_data, batch_size=1, seed=0, generic_prob=0.0)._source
+    assert len(ours) == len(theirs)
+    assert all(ours[i] == theirs[i] for i in range(len(ours)))
+
+
+def test_learn_trains_only_the_new_documents_paths_and_traces_them(run, tmp_path, capsys):
+    from memlm.cli import main
+    from memlm.edit.documents import RunDocuments, read_log
+
+    corpus = tmp_path / "new.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in NEW))
+    before = run_state(run)
+    total = RunDocuments(run).total
+    assert main(["learn", str(run), "--corpus", str(corpus), "--steps", "3", "--replay", "0.5"]) == 0
+    assert "memlm learn: edit 1" in capsys.readouterr().out
+    after = run_state(run)
+    (entry,) = read_log(run)
+    assert entry["documents"] == len(NEW) and entry["first_document"] == total
+    assert after["checkpoint/step"] == before["checkpoint/step"] + 3
+    for name in before:  # the anchor (and its optimizer) is frozen; the generic memory is never drawn
+        if name.startswith(("anchor/params", "generic/level")):
+            np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+    k, depth = 8, 2
+    for level in (1, 2):
+        on_paths = _leaf_nodes(entry["leaves"], k, depth, level)
+        changed = _nodes_changed(before, after, level)
+        assert changed and changed <= on_paths, (level, changed, on_paths)
+    # lineage: the new documents are numbered after the run's and trace finds them in their leaf
+    docs = RunDocuments(run)
+    assert docs.total == total + len(NEW)
+    assert docs.text(total).strip() == NEW[0]
+    assert docs.origin(total).endswith("new.jsonl:1")
+    assert main(["info", str(run), "--block", f"2:{entry['leaves'][0]}", "--limit", "100"]) == 0
+    out = capsys.readouterr().out
+    assert f"[{total}" in out or f"{total} " in out, out
+    assert "new.jsonl" in out
+
+
+def test_forget_resets_the_leaves_of_a_documents_and_retrains_them_on_the_rest(run, tmp_path, capsys):
+    from memlm.cli import main
+    from memlm.edit.documents import RunDocuments, read_log
+    from memlm.edit.forget import leaves_of
+    from memlm.edit.repack import build
+    from memlm.data.records import decode_segments
+
+    docs = RunDocuments(run)
+    gone = docs.mentioning("Lima")
+    assert len(gone) > 0
+    n_leaves = 64
+    hit = leaves_of(docs, gone, n_leaves)
+    # the retraining data holds no unit of a forgotten document, and every other unit of those leaves
+    man = build(tmp_path / "retrain", docs, repack=hit, exclude=gone)
+    from memlm.data.loader import Loader
+
+    src = Loader(tmp_path / "retrain", batch_size=1, seed=0, generic_prob=0.0)._source
+    seen = set()
+    for i in range(len(src)):
+        seg = decode_segments(src[i])
+        assert hit[seg["leaf"]]
+        seen |= set(seg["units"].tolist())
+    unit_doc = np.concatenate([u.documents() for u in docs.units()])
+    unit_leaf = np.concatenate([u.paths()[:, -1] for u in docs.units()])
+    want = set(np.nonzero(hit[unit_leaf] & ~np.isin(unit_doc, gone))[0].tolist())
+    assert seen == want and man["sequences"] == len(src)
+
+    before = run_state(run)
+    assert main(["forget", str(run), "--entity", "Lima", "--steps", "2"]) == 0
+    after = run_state(run)
+    (entry,) = read_log(run)
+    assert entry["documents"] == gone.tolist() and entry["reset"] == {"2": np.nonzero(hit)[0].tolist()}
+    changed = _nodes_changed(before, after, 2)
+    assert changed == set(np.nonzero(hit)[0].tolist())
+    for lf in changed:  # reset, then trained from its initial block: its counter is the retraining's own
+        assert after["bank/level2/count"][lf] <= 2
+    assert RunDocuments(run).live(gone).size == 0
+    # forgetting them again: nothing to forget, one line, the run unchanged
+    assert main(["forget", str(run), "--entity", "Lima"]) == 2
+    assert "nothing to forget" in capsys.readouterr().err
+    assert len(read_log(run)) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["learn", "RUN_MISSING", "--corpus", "CORPUS"], "not a memlm run directory"),
+    (["learn", "RUN", "--corpus", "nowhere.jsonl"], "no such file"),
+    (["learn", "RUN", "--corpus", "OTHER_TOKENIZER"], "another tokenizer"),
+    (["forget", "RUN", "--documents", "999999"], "out of range"),
+    (["forget", "RUN", "--documents", "1", "--entity", "Lima"], "one of --documents, --entity or --corpus"),
+    (["forget", "RUN", "--entity", "Nobody Anywhere"], "nothing to forget"),
+    (["info", "RUN", "--block", "3:0"], "level must be in 1..2"),
+])
+def test_bad_input_fails_in_one_line_and_leaves_the_run_unchanged(run, tmp_path, capsys, argv, message):
+    from memlm.cli import main
+
+    corpus = tmp_path / "new.jsonl"
+    corpus.write_text(json.dumps({"text": NEW[0]}) + "\n")
+    other = tmp_path / "other"
+    (other).mkdir()
+    (other / "manifest.json").write_text(json.dumps({"tokenizer": {"id": "another"}, "tree": {"id": "x"}}))
+    subst = {"RUN": str(run), "RUN_MISSING": str(tmp_path / "missing"), "CORPUS": str(corpus),
+             "OTHER_TOKENIZER": str(other)}
+    before = sorted(str(p.relative_to(run)) for p in Path(run).rglob("*") if "rag" not in p.parts)
+    assert main([subst.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    after = sorted(str(p.relative_to(run)) for p in Path(run).rglob("*") if "rag" not in p.parts)
+    assert before == after
