@@ -109,10 +109,10 @@ def test_learn_trains_only_the_new_documents_paths_and_traces_them(run, tmp_path
 
 def test_forget_resets_the_leaves_of_a_documents_and_retrains_them_on_the_rest(run, tmp_path, capsys):
     from memlm.cli import main
+    from memlm.data.records import decode_segments
     from memlm.edit.documents import RunDocuments, read_log
     from memlm.edit.forget import leaves_of
     from memlm.edit.repack import build
-    from memlm.data.records import decode_segments
 
     docs = RunDocuments(run)
     gone = docs.mentioning("Lima")

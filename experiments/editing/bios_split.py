@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--out", default="data/editing_bios")
     a = ap.parse_args()
     p = split(a.documents, a.seed, Path(a.out))
-    n_new = sum(1 for line in open(Path(a.out) / "new.jsonl"))
+    n_new = len((Path(a.out) / "new.jsonl").read_text(encoding="utf-8").splitlines())
     print(f"{len(p['new'])} new people ({n_new} documents), {len(p['forget'])} to forget -> {a.out}")
 
 
