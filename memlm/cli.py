@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run", metavar="RUN", help="the run directory")
     sp.add_argument("--documents", default=None, help="document numbers, e.g. 3,17,40-45 (as `memlm trace` "
                     "lists them)")
-    sp.add_argument("--entity", default=None, help="every document whose text names this (whole words, any case)")
+    sp.add_argument("--entity", default=None, action="append", help="every document whose text names this (whole "
+                    "words, any case); give it again for more names")
     sp.add_argument("--corpus", default=None, help="every document whose text is one of this file's documents")
     sp.add_argument("--levels", default=None, help="also reset these levels' nodes on the paths, e.g. 1 (default: "
                     "the leaf level only)")

@@ -207,11 +207,13 @@ class RunDocuments:
             raise EditError(f"--documents {spec!r}: no document numbers given")
         return np.unique(np.asarray(out, np.int64))
 
-    def mentioning(self, name: str) -> np.ndarray:
-        """The documents whose text names ``name`` (whole words, any case)."""
-        if not name.strip():
+    def mentioning(self, *names: str) -> np.ndarray:
+        """The documents whose text names any of ``names`` (whole words, any case): one pass over the texts."""
+        names = tuple(n.strip() for n in names)
+        if not names or not all(names):
             raise EditError("--entity: give a name")
-        pattern = re.compile(r"\b" + re.escape(name.strip()) + r"\b", re.IGNORECASE)
+        alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+        pattern = re.compile(r"(?<!\w)(?:" + alternatives + r")(?!\w)", re.IGNORECASE)
         return np.asarray([d for d, text in self.texts() if pattern.search(text)], np.int64)
 
     def matching(self, texts: list[str]) -> np.ndarray:

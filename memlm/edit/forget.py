@@ -31,7 +31,8 @@ from memlm.edit.repack import build
 DEFAULT_EPOCHS = 8.0
 
 
-def select(docs: RunDocuments, documents: str | None, entity: str | None, corpus: str | None) -> np.ndarray:
+def select(docs: RunDocuments, documents: str | None, entity: str | list[str] | None,
+           corpus: str | None) -> np.ndarray:
     """The live documents named by exactly one of ``documents`` / ``entity`` / ``corpus``."""
     given = [x for x in (documents, entity, corpus) if x is not None]
     if len(given) != 1:
@@ -40,8 +41,9 @@ def select(docs: RunDocuments, documents: str | None, entity: str | None, corpus
         chosen = docs.parse_ids(documents)
         what = f"--documents {documents}"
     elif entity is not None:
-        chosen = docs.mentioning(entity)
-        what = f"--entity {entity!r}"
+        names = [entity] if isinstance(entity, str) else list(entity)
+        chosen = docs.mentioning(*names)
+        what = f"--entity {names[0]!r}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
     else:
         from memlm.data.readers import CorpusError, iter_documents
 
@@ -70,7 +72,8 @@ def leaves_of(docs: RunDocuments, documents: np.ndarray, n_leaves: int) -> np.nd
     return hit
 
 
-def forget(workdir: str, *, documents: str | None = None, entity: str | None = None, corpus: str | None = None,
+def forget(workdir: str, *, documents: str | None = None, entity: str | list[str] | None = None,
+           corpus: str | None = None,
            levels: str | None = None, steps: int | None = None, epochs: float = DEFAULT_EPOCHS,
            lr: float | None = None, batch_size: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Forget the chosen documents in run ``workdir`` (see the module docstring); returns the log entry."""

@@ -1,0 +1,53 @@
+"""Evaluate a run on the editing split's probe groups (``bios_split.py``): new, forget and kept people.
+
+Greedy answers under ``none`` and ``fetched``, with ``fetched`` routed two ways: greedy by the
+embedding (the default) and by the likelihood descent that ``docs/routing.md`` picked for bios
+(width 2, posterior 0.9, fallback to the anchor alone). Writes ``OUT`` as JSON:
+``{route: {group/probe: {condition: {"accuracy", "by_bucket", "n_by_bucket", "correct"}}}}``.
+
+    python experiments/editing/evaluate.py RUN SPLIT_DIR OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROUTES = {
+    "greedy": {},
+    "descent": {"eval.route_descent": "likelihood", "eval.route_descent_width": "2", "eval.route_posterior": "0.9",
+                "eval.route_fallback": "none"},
+}
+GROUPS = ("new", "forget", "kept")
+PROBES = ("hometown", "birth_year")
+
+
+def evaluate(workdir: str, split: Path) -> dict:
+    """Every group and probe under none / fetched, per route (see the module docstring)."""
+    from memlm.eval.probes import evaluate_probes, load_probes
+    from memlm.eval.run import provider_of
+    from memlm.infer.run import load_run
+
+    out: dict = {}
+    for route, overrides in ROUTES.items():
+        run = load_run(workdir, overrides=overrides)
+        provider = provider_of(run)
+        out[route] = {"step": run.step}
+        conds = ("none", "fetched") if route == "greedy" else ("fetched",)
+        for g in GROUPS:
+            for p in PROBES:
+                probes = load_probes(split / "probes" / f"{g}_{p}.jsonl")
+                r = evaluate_probes(run.fn, run.params, run.tokenizer, probes, provider, conds,
+                                    max_new_tokens=run.cfg.eval.max_new_tokens, batch_size=run.cfg.eval.batch_size,
+                                    return_outputs=True)
+                for c in conds:
+                    r["conditions"][c]["correct"] = [o["correct"] for o in r["outputs"][c]]
+                out[route][f"{g}/{p}"] = r["conditions"]
+                print(route, g, p, {c: round(100 * r["conditions"][c]["accuracy"], 1) for c in conds}, flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    result = evaluate(sys.argv[1], Path(sys.argv[2]))
+    Path(sys.argv[3]).write_text(json.dumps(result, indent=1))
