@@ -224,7 +224,7 @@ def _cmd_learn(args, cfg) -> None:
     from memlm.edit.learn import learn
 
     e = learn(args.run, args.corpus, steps=args.steps, epochs=args.epochs, replay=args.replay, lr=args.lr,
-              batch_size=args.batch_size)
+              batch_size=args.batch_size, levels=args.levels)
     print(f"memlm learn: edit {e['edit']}: {e['documents']} documents (numbers {e['first_document']}.."
           f"{e['first_document'] + e['documents'] - 1}) into {len(e['leaves'])} leaves; {e['steps']} steps on "
           f"{e['new_sequences']} new + {e['replay_sequences']} replayed sequences, loss {e['loss_first']:.3f} -> "
@@ -458,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: the run's "
                     "train.memory_lr)")
     sp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    sp.add_argument("--levels", default=None, help="the levels that learn, e.g. 1,2 (default: the leaf level only; "
+                    "shallower blocks are shared with other leaves)")
     sp = add("forget", "remove documents from a trained run's blocks: reset their leaves, retrain on the rest")
     sp.add_argument("run", metavar="RUN", help="the run directory")
     sp.add_argument("--documents", default=None, help="document numbers, e.g. 3,17,40-45 (as `memlm trace` "

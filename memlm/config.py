@@ -172,6 +172,9 @@ def default_config() -> ml_collections.ConfigDict:
             # blocks do not learn from it, so only the anchor learns to cope with a block it did not get.
             sibling_path_prob=0.0,
             sibling_path_level=1,
+            # the bank levels that learn (others are read, never updated); (): every level. memlm learn
+            # trains the leaf level only, so blocks shared with other leaves keep what they hold
+            memory_levels=(),
             loss_chunk=4096,  # tokens per device whose logits are held at once by the loss (never [B, T, vocab])
             seed=0,
             lr=5e-3,
@@ -476,6 +479,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("train.subtree", t.subtree, "must be -1 (all subtrees) or a level-1 node")
     if not isinstance(t.sibling_path_prob, (int, float)) or not 0.0 <= t.sibling_path_prob < 1.0:
         _fail("train.sibling_path_prob", t.sibling_path_prob, "must be a probability in [0, 1)")
+    levels = t.memory_levels
+    if not isinstance(levels, (tuple, list)) or not all(isinstance(x, int) and 1 <= x <= cfg.tree.depth
+                                                        for x in levels):
+        _fail("train.memory_levels", levels, f"must be a tuple of tree levels in 1..{cfg.tree.depth} (() for all)")
     if not isinstance(t.sibling_path_level, int) or not 1 <= t.sibling_path_level <= cfg.tree.depth:
         _fail("train.sibling_path_level", t.sibling_path_level, f"must be a tree level in 1..{cfg.tree.depth}")
     if t.sibling_path_prob and t.mode == "frozen":

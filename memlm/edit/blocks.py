@@ -1,9 +1,10 @@
 """Frozen-anchor training of an edit's blocks, from a run's newest checkpoint, saved into the run.
 
-The step is ``memlm train``'s own in ``frozen`` mode (no anchor gradient), on the edit's training
-data with no generic-memory draws and no sibling paths, so only the blocks on the paths of that data
-are read, updated and written (the bank's row-wise AdamW leaves every other node, its moments and
-its counter as they were: bit-identical). The memory learning rate is the edit's own: warmup, then
+The step is ``memlm train``'s own in ``frozen`` mode (no anchor gradient) with only the edit's levels
+learning (``train.memory_levels``), on the edit's training data with no generic-memory draws and no
+sibling paths, so only the blocks of those levels on the paths of that data are updated and written
+(the bank's row-wise AdamW leaves every other node, its moments and its counter as they were:
+bit-identical). The memory learning rate is the edit's own: warmup, then
 cosine over the edit's steps. The result is a new bank version and a checkpoint ``steps`` after the
 run's newest, holding the same anchor; the edits log (written by the caller, after this) says what
 it was. Until then nothing the run reads has changed: an interrupted edit leaves the run as it was
@@ -52,8 +53,9 @@ def reset_nodes(bank, seed: int, nodes: dict[int, np.ndarray]):
     return bank.replace(params=params, mu=mu, nu=nu, count=count, dirty=dirty)
 
 
-def edit_config(cfg, steps: int, lr: float, batch_size: int | None):
-    """The run's config as the edit trains: frozen anchor, the edit's steps and memory learning rate."""
+def edit_config(cfg, steps: int, lr: float, batch_size: int | None, levels: list[int]):
+    """The run's config as the edit trains: frozen anchor, only ``levels`` of the bank learning, the
+    edit's steps and memory learning rate."""
     from memlm.config import validate
 
     c = copy.deepcopy(cfg)
@@ -61,6 +63,7 @@ def edit_config(cfg, steps: int, lr: float, batch_size: int | None):
     t.mode, t.steps, t.subtree, t.sibling_path_prob, t.eval_every = "frozen", int(steps), -1, 0.0, 0
     t.memory_lr, t.memory_min_lr = float(lr), float(lr) / 10
     t.memory_warmup_steps = min(int(t.memory_warmup_steps), max(1, steps // 10))
+    t.memory_levels = tuple(sorted(levels))
     if batch_size:
         t.batch_size = int(batch_size)
     return validate(c)
@@ -71,11 +74,11 @@ def default_steps(sequences: int, epochs: float, batch_size: int) -> int:
     return max(1, math.ceil(epochs * sequences / batch_size))
 
 
-def train_blocks(cfg, workdir: Path, data_dir: Path, *, steps: int, lr: float, edit: int,
+def train_blocks(cfg, workdir: Path, data_dir: Path, *, steps: int, lr: float, edit: int, levels: list[int],
                  reset: dict[int, np.ndarray] | None = None, batch_size: int | None = None,
                  quiet: bool = False) -> dict[str, Any]:
-    """Train the blocks of ``data_dir``'s paths for ``steps`` from the run's newest checkpoint (after
-    ``reset``, per level the nodes set back to their initial blocks); save into the run."""
+    """Train the blocks of ``levels`` on ``data_dir``'s paths for ``steps`` from the run's newest
+    checkpoint (after ``reset``: per level the nodes set back to their initial blocks); save into the run."""
     from memlm.data.loader import Loader
     from memlm.run import bank_io
     from memlm.run.checkpoints import Checkpointer, abstract_like
@@ -84,7 +87,7 @@ def train_blocks(cfg, workdir: Path, data_dir: Path, *, steps: int, lr: float, e
     from memlm.train.mesh import build_mesh, check_batch
     from memlm.train.step import TrainState, build, device_batch
 
-    ecfg = edit_config(cfg, steps, lr, batch_size)
+    ecfg = edit_config(cfg, steps, lr, batch_size, levels)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     mesh = build_mesh(ecfg)
     check_batch(ecfg, mesh)
@@ -118,7 +121,7 @@ def train_blocks(cfg, workdir: Path, data_dir: Path, *, steps: int, lr: float, e
                                                    out_shardings=fns.state_shardings.bank)(state.bank))
             log(f"memlm: training the edit's blocks from step {step0}: {steps} steps of "
                 f"{ecfg.train.batch_size} sequences ({loader.num_sequences} in the edit's data), memory lr {lr:g}, "
-                "anchor and every other block frozen")
+                f"level(s) {', '.join(map(str, levels))} learning; the anchor and every other block frozen")
             t0 = time.perf_counter()
             losses = []
             with _Preemption() as preempt:

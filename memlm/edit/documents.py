@@ -80,6 +80,17 @@ def append_log(workdir: str | os.PathLike, entry: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def parse_levels(spec: str, depth: int) -> list[int]:
+    """``--levels "1,2"`` -> [1, 2], checked against the tree's levels."""
+    try:
+        out = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise EditError(f"--levels {spec!r}: give level numbers, e.g. {depth} or 1,{depth}") from None
+    if not out or out[0] < 1 or out[-1] > depth:
+        raise EditError(f"--levels {spec!r}: the tree has levels 1..{depth}")
+    return out
+
+
 def _unit_count(data_dir: Path, manifest: dict) -> int:
     n = manifest.get("engine", {}).get("work_units")
     if n is None or not (data_dir / ".units" / "route").is_dir():

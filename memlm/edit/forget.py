@@ -2,7 +2,8 @@
 
 The leaves whose units include those documents are found from prepare's kept paths; their blocks are
 set back to their initial values (parameters, moments, counters) and retrained, with the anchor and
-every other block frozen, on the leaf's remaining documents only (re-packed by prepare's packer
+every other block frozen (the shallower levels too: they are read, not updated), on the leaf's
+remaining documents only (re-packed by prepare's packer
 without the forgotten ones). The reset blocks then hold nothing the forgotten documents taught
 them: they are a function of the initial values, the frozen anchor and shallower blocks, and the
 remaining documents.
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from memlm.edit.blocks import default_steps, train_blocks
-from memlm.edit.documents import EDITS_DIR, EditError, RunDocuments, append_log
+from memlm.edit.documents import EDITS_DIR, EditError, RunDocuments, append_log, parse_levels
 from memlm.edit.repack import build
 
 DEFAULT_EPOCHS = 8.0
@@ -82,7 +83,7 @@ def forget(workdir: str, *, documents: str | None = None, entity: str | list[str
     if cfg.memory.type == "none" or cfg.train.mode == "anchor":
         raise EditError(f"{str(workdir)!r} has no memory bank: there are no blocks to forget from")
     k, depth = int(docs.manifest["k"]), int(docs.manifest["depth"])
-    reset_levels = _levels(levels, depth)
+    reset_levels = sorted(set(parse_levels(levels, depth)) | {depth}) if levels is not None else [depth]
     if steps is not None and steps < 1:
         raise EditError(f"--steps {steps}: give at least 1")
     gone = select(docs, documents, entity, corpus)
@@ -104,7 +105,7 @@ def forget(workdir: str, *, documents: str | None = None, entity: str | list[str
                         "blocks untrained (not supported)")
     n_steps = int(steps or default_steps(data["sequences"], epochs, batch))
     result = train_blocks(cfg, docs.workdir, edir / "train", steps=n_steps, lr=float(lr or cfg.train.memory_lr),
-                          edit=edit, reset=nodes, batch_size=batch_size, quiet=quiet)
+                          edit=edit, levels=reset_levels, reset=nodes, batch_size=batch_size, quiet=quiet)
     entry = {"edit": edit, "verb": "forget", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "documents": gone.tolist(), "levels": reset_levels,
              "reset": {str(lv): ids.tolist() for lv, ids in nodes.items()},
@@ -113,16 +114,3 @@ def forget(workdir: str, *, documents: str | None = None, entity: str | list[str
     append_log(docs.workdir, entry)
     shutil.rmtree(edir, ignore_errors=True)
     return entry
-
-
-def _levels(spec: str | None, depth: int) -> list[int]:
-    """``--levels``: the levels whose nodes on the paths are reset besides the leaf level (always reset)."""
-    if spec is None:
-        return [depth]
-    try:
-        out = sorted({int(x) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise EditError(f"--levels {spec!r}: give level numbers, e.g. {depth} or 1,{depth}") from None
-    if not out or out[0] < 1 or out[-1] > depth:
-        raise EditError(f"--levels {spec!r}: the tree has levels 1..{depth}")
-    return sorted(set(out) | {depth})

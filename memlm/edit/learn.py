@@ -6,8 +6,10 @@
 2. The training data is the new sequences plus, per leaf they reach, a share of that leaf's old
    sequences (``--replay``, re-packed from the run's kept units without forgotten documents), so
    the block keeps what it held.
-3. Only the blocks on those leaves' paths train (:mod:`memlm.edit.blocks`): the anchor, the generic
-   memory and every other block are bit-identical afterwards.
+3. Only the blocks of those leaves train (:mod:`memlm.edit.blocks`): the anchor, the generic memory
+   and every other block are bit-identical afterwards. The shallower levels' blocks on their paths are
+   shared with many other leaves, so by default they are read, not trained (``--levels 1,2`` trains
+   them too, at the price of what the other leaves' documents get from them: docs/editing.md).
 
 The documents get numbers after the run's last (``memlm trace`` lists them; ``memlm forget`` can
 remove them again). A rerun after an interruption reuses the finished prepare stages.
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from memlm.edit.blocks import default_steps, train_blocks
-from memlm.edit.documents import EDITS_DIR, EditError, RunDocuments, append_log
+from memlm.edit.documents import EDITS_DIR, EditError, RunDocuments, append_log, parse_levels
 from memlm.edit.repack import build
 
 DEFAULT_EPOCHS = 8.0
@@ -48,7 +50,7 @@ def _check_prepared(docs: RunDocuments, corpus: Path) -> None:
 
 def learn(workdir: str | os.PathLike, corpus: str, *, steps: int | None = None, epochs: float = DEFAULT_EPOCHS,
           replay: float = DEFAULT_REPLAY, lr: float | None = None, batch_size: int | None = None,
-          console=None, quiet: bool = False) -> dict[str, Any]:
+          levels: str | None = None, console=None, quiet: bool = False) -> dict[str, Any]:
     """Teach run ``workdir`` the documents of ``corpus`` (see the module docstring); returns the log entry."""
     from memlm.data.prepare import prepare
 
@@ -60,6 +62,8 @@ def learn(workdir: str | os.PathLike, corpus: str, *, steps: int | None = None, 
         raise EditError(f"--replay {replay}: give a share in [0, 1)")
     if steps is not None and steps < 1:
         raise EditError(f"--steps {steps}: give at least 1")
+    depth = int(docs.manifest["depth"])
+    train_levels = parse_levels(levels, depth) if levels is not None else [depth]
     src = Path(corpus)
     if not (src.exists() or corpus.startswith("hf://")):
         raise EditError(f"--corpus {corpus!r}: no such file or folder")
@@ -85,13 +89,15 @@ def learn(workdir: str | os.PathLike, corpus: str, *, steps: int | None = None, 
     batch = int(batch_size or cfg.train.batch_size)
     n_steps = int(steps or default_steps(data["sequences"], epochs, batch))
     result = train_blocks(cfg, docs.workdir, edir / "train", steps=n_steps, lr=float(lr or cfg.train.memory_lr),
-                          edit=edit, batch_size=batch_size, quiet=quiet)
-    k, depth = int(docs.manifest["k"]), int(docs.manifest["depth"])
+                          edit=edit, levels=train_levels, batch_size=batch_size, quiet=quiet)
+    k = int(docs.manifest["k"])
     leaves = np.nonzero(touched)[0]
     entry = {"edit": edit, "verb": "learn", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "corpus": str(corpus),
              "data": os.path.relpath(new, docs.workdir) if new.is_relative_to(docs.workdir) else str(new),
              "first_document": docs.total, "documents": int(man["documents"]["training"]),
-             "leaves": leaves.tolist(), "blocks": _blocks(leaves, k, depth), "new_sequences": data["new_sequences"],
+             "leaves": leaves.tolist(), "levels": train_levels,
+             "blocks": {lv: ids for lv, ids in _blocks(leaves, k, depth).items() if int(lv) in train_levels},
+             "new_sequences": data["new_sequences"],
              "replay_sequences": data["repacked_sequences"], "replay": replay, **result,
              "seconds_total": round(time.time() - t0, 2)}
     append_log(docs.workdir, entry)

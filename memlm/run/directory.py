@@ -26,7 +26,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from memlm.config import ConfigError, config_from_json, drop_removed_keys, validate
+from memlm.config import ConfigError, config_from_json, validate
 from memlm.run.paths import is_local, location
 
 FROZEN_SECTIONS = ("model", "memory", "tree")  # they define the anchor and the bank
@@ -87,8 +87,8 @@ class RunDir:
         """Refuse a config the recorded run cannot continue with (the message names the section)."""
         if not self.config_path.exists():
             return
-        old = {section: drop_removed_keys(section, v) if isinstance(v, dict) else v
-               for section, v in self.record()["config"].items()}  # a key memlm no longer has is no change
+        # a key memlm no longer has is no change, nor is one added since at its default
+        old = json.loads(config_from_record(self.record()).to_json())
         new = json.loads(cfg.to_json())
         for section in FROZEN_SECTIONS:
             if old.get(section) != new[section]:

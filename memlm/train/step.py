@@ -268,6 +268,9 @@ class _Step:
             # A sibling-path sequence reads its blocks but touches none of them (no gradient, no update).
             untouched = batch["generic"] | batch["sibling"] if "sibling" in batch else batch["generic"]
             acc_ids, any_generic = bank.plan(batch["paths"], untouched, batch["generic"])
+            if self.cfg.train.memory_levels:  # levels that do not learn: no node is accumulated or updated
+                trained = {f"level{lv}" for lv in self.cfg.train.memory_levels}
+                acc_ids = {k: v if k in trained else jnp.full_like(v, -1) for k, v in acc_ids.items()}
             acc0, gen0 = bank.zero_accumulators(plan.shards)
         else:
             acc_ids, any_generic, acc0, gen0 = {}, None, {}, None
