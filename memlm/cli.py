@@ -453,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--corpus", required=True, help="the new documents (any corpus form `memlm prepare` reads)")
     sp.add_argument("--steps", type=int, default=None, help="training steps (default: --epochs over the edit's data)")
     sp.add_argument("--epochs", type=float, default=8.0, help="passes over the new and replayed sequences")
-    sp.add_argument("--replay", type=float, default=0.5, help="share of each touched leaf's old sequences in the "
-                    "edit's data (0: the new ones only)")
+    sp.add_argument("--replay", type=float, default=1.0, help="share of each touched leaf's old sequences "
+                    "trained beside the new ones (0: the new ones only)")
     sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: the run's "
                     "train.memory_lr)")
     sp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")

@@ -3,9 +3,10 @@
 1. The new documents are prepared with the run's own tokenizer, embedder and tree (prepare's
    pipeline with the tree given, no held-out documents) into ``RUN/edits/NNNN-learn/data``: every
    unit is routed as the run's training units were, and packed per leaf.
-2. The training data is the new sequences plus, per leaf they reach, a share of that leaf's old
-   sequences (``--replay``, re-packed from the run's kept units without forgotten documents), so
-   the block keeps what it held.
+2. The training data is the new sequences plus, per leaf they reach, that leaf's old sequences (a
+   share ``--replay`` of them, all by default; re-packed from the run's kept units without forgotten
+   documents), so the block keeps what it held: a leaf block trained on a few new sequences alone,
+   with Adam's normalised steps, loses what it knew.
 3. Only the blocks of those leaves train (:mod:`memlm.edit.blocks`): the anchor, the generic memory
    and every other block are bit-identical afterwards. The shallower levels' blocks on their paths are
    shared with many other leaves, so by default they are read, not trained (``--levels 1,2`` trains
@@ -30,7 +31,7 @@ from memlm.edit.documents import EDITS_DIR, EditError, RunDocuments, append_log,
 from memlm.edit.repack import build
 
 DEFAULT_EPOCHS = 8.0
-DEFAULT_REPLAY = 0.5
+DEFAULT_REPLAY = 1.0
 
 
 def _check_prepared(docs: RunDocuments, corpus: Path) -> None:
@@ -58,8 +59,8 @@ def learn(workdir: str | os.PathLike, corpus: str, *, steps: int | None = None, 
     cfg = docs.cfg
     if cfg.memory.type == "none" or cfg.train.mode == "anchor":
         raise EditError(f"{str(workdir)!r} has no memory bank: learn trains the blocks of a memory run")
-    if not 0.0 <= replay < 1.0:
-        raise EditError(f"--replay {replay}: give a share in [0, 1)")
+    if not 0.0 <= replay <= 1.0:
+        raise EditError(f"--replay {replay}: give a share in [0, 1]")
     if steps is not None and steps < 1:
         raise EditError(f"--steps {steps}: give at least 1")
     depth = int(docs.manifest["depth"])

@@ -77,13 +77,13 @@ def _leaf_records(data_dir: Path) -> tuple[Any, np.ndarray]:
 
 
 def build(out: Path, docs: RunDocuments, *, repack: np.ndarray, exclude: np.ndarray, new: Path | None = None,
-          replay: float = 0.0, seed: int = 0) -> dict[str, Any]:
+          replay: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """Write the edit's training data into ``out``; returns its manifest.
 
     ``repack`` (bool per leaf): leaves re-packed from every source without ``exclude``'s documents;
     ``new``: a prepared data directory whose sequences are all taken (``memlm learn``'s new documents).
-    With ``new``, a re-packed leaf contributes ``replay / (1 - replay)`` times as many sequences as its new
-    ones (``replay`` in [0, 1)), drawn at random; without, all of them.
+    With ``new``, a re-packed leaf contributes the share ``replay`` (in [0, 1]) of its old sequences, drawn
+    at random; without, all of them.
     """
     n_leaves = len(repack)
     spec = _spec(docs, n_leaves)
@@ -102,8 +102,8 @@ def build(out: Path, docs: RunDocuments, *, repack: np.ndarray, exclude: np.ndar
                 buf = _Records()
                 pack_leaf(buf, lf, parts[lf], spec)
                 old = buf.records
-                if new is not None:
-                    want = min(len(old), round(len(fresh) * replay / (1.0 - replay)))
+                if new is not None and replay < 1.0:
+                    want = round(replay * len(old))
                     pick = np.sort(np.random.default_rng([seed, lf]).choice(len(old), size=want, replace=False))
                     old = [old[i] for i in pick]
             for r in list(fresh) + old:

@@ -205,6 +205,7 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str = "data/facts", workdir:
         ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
         if restored is not None:
             step0, items, meta = restored
+            _check_edits(workdir, step0, t.steps)
             loaded = banks.load(meta)
             state = TrainState(step=items["opt"]["step"], params=items["params"], opt_state=items["opt"]["opt_state"],
                                bank=loaded.get("bank"), generic=loaded.get("generic"))
@@ -219,6 +220,17 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str = "data/facts", workdir:
             created = banks.create()
             state = state.replace(bank=created.get("bank"), generic=created.get("generic"))
         return _loop(cfg, run, fns, loader, banks, ckpt, state, step0, log, quiet)
+
+
+def _check_edits(workdir, step: int, steps: int) -> None:
+    """A run that forgot documents (``memlm forget``) does not train on its data again: it would learn
+    them back. Nothing is changed; the message says what to do instead."""
+    from memlm.edit.documents import read_log
+
+    if step < steps and any(e["verb"] == "forget" for e in read_log(workdir)):
+        raise ConfigError(f"{workdir} has forgotten documents (memlm forget, edits/log.jsonl): training on its "
+                          "data again would learn them back. Prepare the data without them and train a new run "
+                          "(--init-from), or use memlm learn for new documents")
 
 
 def _evaluate(cfg, workdir, ckpt, writer: MetricsWriter, step: int, log) -> None:
