@@ -199,13 +199,14 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str = "data/facts", workdir:
                 restored = probe.restore(abstract, bank_ok=banks.why_not)  # raises CheckpointError: nothing changed
             finally:
                 probe.close()
+            if restored is not None:
+                _check_edits(workdir, restored[0], t.steps)
         log = (lambda *a: None) if quiet or not leader else (lambda *a: print(*a, flush=True))
         if leader:
             run.write_config(cfg, os.fspath(data_dir), init_from)
         ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
         if restored is not None:
             step0, items, meta = restored
-            _check_edits(workdir, step0, t.steps)
             loaded = banks.load(meta)
             state = TrainState(step=items["opt"]["step"], params=items["params"], opt_state=items["opt"]["opt_state"],
                                bank=loaded.get("bank"), generic=loaded.get("generic"))
