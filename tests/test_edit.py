@@ -140,6 +140,16 @@ def test_forget_resets_the_leaves_of_a_documents_and_retrains_them_on_the_rest(r
     for lf in changed:  # reset, then trained from its initial block: its counter is the retraining's own
         assert after["bank/level2/count"][lf] <= 2
     assert RunDocuments(run).live(gone).size == 0
+    # training the run on its data again would learn them back: refused before anything is written
+    from memlm.config import ConfigError
+    from memlm.run.directory import RunDir
+    from memlm.train.loop import train
+
+    cfg, record = RunDir(run).load_config()
+    cfg.train.steps = int(after["checkpoint/step"]) + 2
+    with pytest.raises(ConfigError, match="forgotten documents"):
+        train(cfg, record["data_dir"], run, quiet=True, allow_config_change=True)
+    assert RunDir(run).record() == record
     # forgetting them again: nothing to forget, one line, the run unchanged
     assert main(["forget", str(run), "--entity", "Lima"]) == 2
     assert "nothing to forget" in capsys.readouterr().err
