@@ -338,6 +338,42 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _lineage_and_edit_verbs(add) -> None:
+    """``trace``, ``learn`` and ``forget``: which documents a block holds, and changing them."""
+    sp = add("trace", "which training documents trained the blocks a text fetches (or one block)")
+    sp.add_argument("--workdir", default=DEFAULT_RUN, help="the run directory")
+    sp.add_argument("--data", default=None, help="data directory (default: the one the run was trained on)")
+    sp.add_argument("--text", default=None, help="a text: routed as `fetched` routes it")
+    sp.add_argument("--block", default=None, help="LEVEL:NODE, e.g. 2:13")
+    sp.add_argument("--limit", type=int, default=5, help="documents shown per block")
+    sp = add("learn", "teach a trained run new documents: only the blocks on their paths train")
+    sp.add_argument("run", metavar="RUN", help="the run directory (a memory run with checkpoints)")
+    sp.add_argument("--corpus", required=True, help="the new documents (any corpus form `memlm prepare` reads)")
+    sp.add_argument("--steps", type=int, default=None, help="training steps (default: --epochs over the edit's data)")
+    sp.add_argument("--epochs", type=float, default=8.0, help="passes over the new and replayed sequences")
+    sp.add_argument("--replay", type=float, default=1.0, help="share of each touched leaf's old sequences "
+                    "trained beside the new ones (0: the new ones only)")
+    sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: the run's "
+                    "train.memory_lr)")
+    sp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    sp.add_argument("--levels", default=None, help="the levels that learn, e.g. 1,2 (default: the leaf level only; "
+                    "shallower blocks are shared with other leaves)")
+    sp = add("forget", "remove documents from a trained run's blocks: reset their leaves, retrain on the rest")
+    sp.add_argument("run", metavar="RUN", help="the run directory")
+    sp.add_argument("--documents", default=None, help="document numbers, e.g. 3,17,40-45 (as `memlm trace` "
+                    "lists them)")
+    sp.add_argument("--entity", default=None, action="append", help="every document whose text names this (whole "
+                    "words, any case); give it again for more names")
+    sp.add_argument("--corpus", default=None, help="every document whose text is one of this file's documents")
+    sp.add_argument("--levels", default=None, help="also reset these levels' nodes on the paths, e.g. 1 (default: "
+                    "the leaf level only)")
+    sp.add_argument("--steps", type=int, default=None, help="retraining steps (default: --epochs over the "
+                    "remaining sequences)")
+    sp.add_argument("--epochs", type=float, default=8.0)
+    sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: train.memory_lr)")
+    sp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -442,38 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(launch/slurm_gpu.sh, launch/tpu_pod.sh; the job scripts set it)")
     sp.add_argument("--prepare-only", action="store_true", help="run: prepare the sweep's data and stop")
     sp.add_argument("--bootstrap", type=int, default=200, help="report: bootstrap resamples per fit")
-    sp = add("trace", "which training documents trained the blocks a text fetches (or one block)")
-    sp.add_argument("--workdir", default=DEFAULT_RUN, help="the run directory")
-    sp.add_argument("--data", default=None, help="data directory (default: the one the run was trained on)")
-    sp.add_argument("--text", default=None, help="a text: routed as `fetched` routes it")
-    sp.add_argument("--block", default=None, help="LEVEL:NODE, e.g. 2:13")
-    sp.add_argument("--limit", type=int, default=5, help="documents shown per block")
-    sp = add("learn", "teach a trained run new documents: only the blocks on their paths train")
-    sp.add_argument("run", metavar="RUN", help="the run directory (a memory run with checkpoints)")
-    sp.add_argument("--corpus", required=True, help="the new documents (any corpus form `memlm prepare` reads)")
-    sp.add_argument("--steps", type=int, default=None, help="training steps (default: --epochs over the edit's data)")
-    sp.add_argument("--epochs", type=float, default=8.0, help="passes over the new and replayed sequences")
-    sp.add_argument("--replay", type=float, default=1.0, help="share of each touched leaf's old sequences "
-                    "trained beside the new ones (0: the new ones only)")
-    sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: the run's "
-                    "train.memory_lr)")
-    sp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
-    sp.add_argument("--levels", default=None, help="the levels that learn, e.g. 1,2 (default: the leaf level only; "
-                    "shallower blocks are shared with other leaves)")
-    sp = add("forget", "remove documents from a trained run's blocks: reset their leaves, retrain on the rest")
-    sp.add_argument("run", metavar="RUN", help="the run directory")
-    sp.add_argument("--documents", default=None, help="document numbers, e.g. 3,17,40-45 (as `memlm trace` "
-                    "lists them)")
-    sp.add_argument("--entity", default=None, action="append", help="every document whose text names this (whole "
-                    "words, any case); give it again for more names")
-    sp.add_argument("--corpus", default=None, help="every document whose text is one of this file's documents")
-    sp.add_argument("--levels", default=None, help="also reset these levels' nodes on the paths, e.g. 1 (default: "
-                    "the leaf level only)")
-    sp.add_argument("--steps", type=int, default=None, help="retraining steps (default: --epochs over the "
-                    "remaining sequences)")
-    sp.add_argument("--epochs", type=float, default=8.0)
-    sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: train.memory_lr)")
-    sp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    _lineage_and_edit_verbs(add)
     sp = add("demo", "the whole pipeline on the embedded default")
     sp.add_argument("--workdir", default=None, help="default runs/demo (runs/demo_tiers with --tiers)")
     sp.add_argument("--data", default=None, help=f"default {DEFAULT_DATA} (data/facts_k32 with --tiers)")
