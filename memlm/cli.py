@@ -353,8 +353,8 @@ def _lineage_and_edit_verbs(add) -> None:
     sp.add_argument("--epochs", type=float, default=8.0, help="passes over the new and replayed sequences")
     sp.add_argument("--replay", type=float, default=1.0, help="share of each touched leaf's old sequences "
                     "trained beside the new ones (0: the new ones only)")
-    sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: the run's "
-                    "train.memory_lr)")
+    sp.add_argument("--lr", type=float, default=None, help="memory learning rate (default: sqrt(train.memory_lr x "
+                    "train.memory_min_lr), the middle of the run's memory schedule)")
     sp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
     sp.add_argument("--levels", default=None, help="the levels that learn, e.g. 1,2 (default: the leaf level only; "
                     "shallower blocks are shared with other leaves)")

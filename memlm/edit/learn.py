@@ -89,7 +89,7 @@ def learn(workdir: str | os.PathLike, corpus: str, *, steps: int | None = None, 
                  exclude=docs.forgotten, new=new, replay=replay, seed=int(cfg.train.seed) + edit)
     batch = int(batch_size or cfg.train.batch_size)
     n_steps = int(steps or default_steps(data["sequences"], epochs, batch))
-    result = train_blocks(cfg, docs.workdir, edir / "train", steps=n_steps, lr=float(lr or cfg.train.memory_lr),
+    result = train_blocks(cfg, docs.workdir, edir / "train", steps=n_steps, lr=float(lr or default_lr(cfg)),
                           edit=edit, levels=train_levels, batch_size=batch_size, quiet=quiet)
     k = int(docs.manifest["k"])
     leaves = np.nonzero(touched)[0]
@@ -104,6 +104,13 @@ def learn(workdir: str | os.PathLike, corpus: str, *, steps: int | None = None, 
     append_log(docs.workdir, entry)
     shutil.rmtree(edir / "train", ignore_errors=True)  # re-made from the kept units whenever needed
     return entry
+
+
+def default_lr(cfg) -> float:
+    """The middle of the run's memory schedule, ``sqrt(memory_lr * memory_min_lr)``: a trained block is
+    moved less than by the peak rate, which on bios kept old answers where the peak lost them."""
+    t = cfg.train
+    return float((t.memory_lr * max(t.memory_min_lr, 1e-12)) ** 0.5)
 
 
 def _prepare_config(cfg, docs: RunDocuments):
