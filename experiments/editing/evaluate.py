@@ -1,9 +1,16 @@
 """Evaluate a run on the editing split's probe groups (``bios_split.py``): new, forget and kept people.
 
-Greedy answers under ``none`` and ``fetched``, with ``fetched`` routed two ways: greedy by the
-embedding (the default) and by the likelihood descent that ``docs/routing.md`` picked for bios
-(width 2, posterior 0.9, fallback to the anchor alone). Writes ``OUT`` as JSON:
-``{route: {group/probe: {condition: {"accuracy", "by_bucket", "n_by_bucket", "correct"}}}}``.
+Greedy answers under ``none`` and ``fetched``, with ``fetched`` routed three ways:
+
+- ``greedy``: the question's embedding, nearest centroid per level (the default);
+- ``descent``: the likelihood descent ``docs/routing.md`` picked for bios (width 2, posterior 0.9,
+  fallback to the anchor alone);
+- ``document``: the question answered with the memory one of the person's own biographies fetches
+  (the probe's retrieval key is that document): what the blocks of the person's leaf hold, whatever
+  the question's routing finds.
+
+Writes ``OUT`` as JSON: ``{route: {group/probe: {condition: {"accuracy", "by_bucket", "n_by_bucket",
+"correct"}}}}``.
 
     python experiments/editing/evaluate.py RUN SPLIT_DIR OUT.json
 """
@@ -16,6 +23,7 @@ from pathlib import Path
 
 ROUTES = {
     "greedy": {},
+    "document": {},
     "descent": {"eval.route_descent": "likelihood", "eval.route_descent_width": "2", "eval.route_posterior": "0.9",
                 "eval.route_fallback": "none"},
 }
@@ -23,13 +31,27 @@ GROUPS = ("new", "forget", "kept")
 PROBES = ("hometown", "birth_year")
 
 
+def first_biographies(split: Path) -> dict[str, str]:
+    """Each person's first biography in the split's corpora (the ``document`` route's retrieval key)."""
+    out: dict[str, str] = {}
+    for name in ("old.jsonl", "new.jsonl"):
+        for line in (split / name).read_text(encoding="utf-8").splitlines():
+            d = json.loads(line)
+            if d.get("kind") == "biography":
+                out.setdefault(d["entity"], d["text"])
+    return out
+
+
 def evaluate(workdir: str, split: Path) -> dict:
     """Every group and probe under none / fetched, per route (see the module docstring)."""
+    import dataclasses
+
     from memlm.eval.probes import evaluate_probes, load_probes
     from memlm.eval.run import provider_of
     from memlm.infer.run import load_run
 
     out: dict = {}
+    biography = first_biographies(split)
     for route, overrides in ROUTES.items():
         run = load_run(workdir, overrides=overrides)
         provider = provider_of(run)
@@ -38,6 +60,8 @@ def evaluate(workdir: str, split: Path) -> dict:
         for g in GROUPS:
             for p in PROBES:
                 probes = load_probes(split / "probes" / f"{g}_{p}.jsonl")
+                if route == "document":
+                    probes = [dataclasses.replace(q, context=biography[q.entity]) for q in probes]
                 r = evaluate_probes(run.fn, run.params, run.tokenizer, probes, provider, conds,
                                     max_new_tokens=run.cfg.eval.max_new_tokens, batch_size=run.cfg.eval.batch_size,
                                     return_outputs=True)
