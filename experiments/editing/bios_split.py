@@ -4,6 +4,7 @@ Writes, under ``OUT`` (default ``data/editing_bios``):
 
 - ``old.jsonl``: every bios document except those of the *new* people (what the run is trained on);
 - ``new.jsonl``: the new people's documents (what ``memlm learn`` teaches afterwards);
+- ``forget.jsonl``: the documents of the people to forget (``memlm forget RUN --corpus forget.jsonl``);
 - ``people.json``: who is new, who is to be forgotten, each person's mentions and bucket;
 - ``probes/{new,forget,kept}_{hometown,birth_year}.jsonl``: the bios probes of each group.
 
@@ -46,9 +47,13 @@ def split(n_documents: int, seed: int, out: Path) -> dict:
         forget += picked[NEW_PER_BUCKET:NEW_PER_BUCKET + FORGET_PER_BUCKET]
     group = {n: "kept" for n in bucket} | dict.fromkeys(new, "new") | dict.fromkeys(forget, "forget")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "old.jsonl", "w", encoding="utf-8") as fo, open(out / "new.jsonl", "w", encoding="utf-8") as fn:
+    with (open(out / "old.jsonl", "w", encoding="utf-8") as fo, open(out / "new.jsonl", "w", encoding="utf-8") as fn,
+          open(out / "forget.jsonl", "w", encoding="utf-8") as ff):
         for d in docs:
-            (fn if group.get(d["entity"]) == "new" else fo).write(json.dumps(d, ensure_ascii=False) + "\n")
+            line = json.dumps(d, ensure_ascii=False) + "\n"
+            (fn if group.get(d["entity"]) == "new" else fo).write(line)
+            if group.get(d["entity"]) == "forget":
+                ff.write(line)
     for g in ("new", "forget", "kept"):
         write_probes(out / "probes", {f"{g}_{probe}": [r for r in rows if group[r["entity"]] == g]
                                       for probe, rows in items.items()})
