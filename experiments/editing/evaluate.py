@@ -5,6 +5,7 @@ Greedy answers under ``none`` and ``fetched``, with ``fetched`` routed three way
 - ``greedy``: the question's embedding, nearest centroid per level (the default);
 - ``descent``: the likelihood descent ``docs/routing.md`` picked for bios (width 2, posterior 0.9,
   fallback to the anchor alone);
+- ``descent_all``: the same with width ``tree.k``, so every leaf is scored at the last level;
 - ``document``: the question answered with the memory one of the person's own biographies fetches
   (the probe's retrieval key is that document): what the blocks of the person's leaf hold, whatever
   the question's routing finds.
@@ -12,7 +13,7 @@ Greedy answers under ``none`` and ``fetched``, with ``fetched`` routed three way
 Writes ``OUT`` as JSON: ``{route: {group/probe: {condition: {"accuracy", "by_bucket", "n_by_bucket",
 "correct"}}}}``.
 
-    python experiments/editing/evaluate.py RUN SPLIT_DIR OUT.json
+    python experiments/editing/evaluate.py RUN SPLIT_DIR OUT.json [ROUTE,...]
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ ROUTES = {
     "document": {},
     "descent": {"eval.route_descent": "likelihood", "eval.route_descent_width": "2", "eval.route_posterior": "0.9",
                 "eval.route_fallback": "none"},
+    # width tree.k (8 in the tiny preset): every child of every level-1 node, i.e. every leaf, is scored
+    "descent_all": {"eval.route_descent": "likelihood", "eval.route_descent_width": "8",
+                    "eval.route_posterior": "0.9", "eval.route_fallback": "none"},
 }
 GROUPS = ("new", "forget", "kept")
 PROBES = ("hometown", "birth_year")
@@ -42,7 +46,7 @@ def first_biographies(split: Path) -> dict[str, str]:
     return out
 
 
-def evaluate(workdir: str, split: Path) -> dict:
+def evaluate(workdir: str, split: Path, routes: tuple[str, ...] = tuple(ROUTES)) -> dict:
     """Every group and probe under none / fetched, per route (see the module docstring)."""
     import dataclasses
 
@@ -52,7 +56,8 @@ def evaluate(workdir: str, split: Path) -> dict:
 
     out: dict = {}
     biography = first_biographies(split)
-    for route, overrides in ROUTES.items():
+    for route in routes:
+        overrides = ROUTES[route]
         run = load_run(workdir, overrides=overrides)
         provider = provider_of(run)
         out[route] = {"step": run.step}
@@ -73,5 +78,6 @@ def evaluate(workdir: str, split: Path) -> dict:
 
 
 if __name__ == "__main__":
-    result = evaluate(sys.argv[1], Path(sys.argv[2]))
+    chosen = tuple(sys.argv[4].split(",")) if len(sys.argv) > 4 else tuple(ROUTES)
+    result = evaluate(sys.argv[1], Path(sys.argv[2]), chosen)
     Path(sys.argv[3]).write_text(json.dumps(result, indent=1))
