@@ -157,3 +157,22 @@ class DictMemoryProvider:
             raise ConditionError(f"no {condition!r} memory for text {missing[0]!r}")
         names = table[texts[0]].keys()
         return {n: np.stack([np.asarray(table[t][n]) for t in texts]) for n in names}
+
+
+SMALL_ANCHOR = dict(d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64)
+
+
+def train_small_run(data_dir, workdir, **eval_keys):
+    """A small memory run trained from scratch for 4 steps on ``data_dir`` (the tiny preset with a
+    32-wide anchor and the hash embedder, over the 8 test devices); ``eval_keys`` set ``eval.*``."""
+    from memlm.config import load_config
+    from memlm.train.loop import train
+
+    cfg = load_config("experiments/tiny.py")
+    cfg.model.update(SMALL_ANCHOR)
+    cfg.tree.embedder = "hash"
+    cfg.train.update(mode="scratch", steps=4, batch_size=8, log_every=2, checkpoint_every=4)
+    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+    cfg.eval.update(eval_keys)
+    train(cfg, data_dir, workdir, quiet=True)
+    return workdir

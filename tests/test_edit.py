@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memlm.config import load_config
 from tests.state import run_state
 
-SMALL = dict(d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64)
 NEW = ["Zorblat Quenn was born in the town of Frellow in 1788.",
        "Zorblat Quenn painted harbour scenes and was born in Frellow.",
        "The painter Zorblat Quenn came into the world in Frellow.",
@@ -26,16 +24,9 @@ NEW = ["Zorblat Quenn was born in the town of Frellow in 1788.",
 
 @pytest.fixture(scope="module")
 def trained(facts_data, tmp_path_factory):
-    from memlm.train.loop import train
+    from helpers import train_small_run
 
-    cfg = load_config("experiments/tiny.py")
-    cfg.model.update(SMALL)
-    cfg.tree.embedder = "hash"
-    cfg.train.update(mode="scratch", steps=4, batch_size=8, log_every=2, checkpoint_every=4)
-    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
-    workdir = tmp_path_factory.mktemp("edit_run") / "run"
-    train(cfg, facts_data, workdir, quiet=True)
-    return workdir
+    return train_small_run(facts_data, tmp_path_factory.mktemp("edit_run") / "run")
 
 
 @pytest.fixture

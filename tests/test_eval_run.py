@@ -8,22 +8,13 @@ from memlm.config import load_config
 from memlm.demo import demo_configs
 from memlm.model.accounting import accounting
 
-SMALL = dict(d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64)
-
 
 @pytest.fixture(scope="module")
 def trained_run(facts_data, tmp_path_factory):
-    from memlm.train.loop import train
+    from helpers import train_small_run
 
-    cfg = load_config("experiments/tiny.py")
-    cfg.model.update(SMALL)
-    cfg.tree.embedder = "hash"
-    cfg.train.update(mode="scratch", steps=4, batch_size=8, log_every=2, checkpoint_every=4)
-    cfg.mesh.update(data=-1, fsdp=1, tensor=1)  # the 8 test devices
-    cfg.eval.update(batch_size=4, max_new_tokens=4, heldout_documents=4)
-    workdir = tmp_path_factory.mktemp("run")
-    train(cfg, facts_data, workdir, quiet=True)
-    return workdir
+    return train_small_run(facts_data, tmp_path_factory.mktemp("run"), batch_size=4, max_new_tokens=4,
+                           heldout_documents=4)
 
 
 def test_eval_on_a_custom_probe_file_writes_every_condition(trained_run, tmp_path, capsys):

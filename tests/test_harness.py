@@ -14,26 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlm.config import load_config
-
-SMALL = dict(d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64)
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                    reason="lm-eval is not installed (pip install 'memlm[eval]')")
 
 
 @pytest.fixture(scope="module")
 def run(facts_data, tmp_path_factory):
-    from memlm.infer.run import load_run
-    from memlm.train.loop import train
+    from helpers import train_small_run
 
-    cfg = load_config("experiments/tiny.py")
-    cfg.model.update(SMALL)
-    cfg.tree.embedder = "hash"
-    cfg.train.update(mode="scratch", steps=4, batch_size=8, log_every=2, checkpoint_every=4)
-    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
-    cfg.eval.update(batch_size=4, max_new_tokens=4, heldout_documents=6)
-    workdir = tmp_path_factory.mktemp("run")
-    train(cfg, facts_data, workdir, quiet=True)
+    from memlm.infer.run import load_run
+
+    workdir = train_small_run(facts_data, tmp_path_factory.mktemp("run"), batch_size=4, max_new_tokens=4,
+                              heldout_documents=6)
     return load_run(workdir)
 
 
