@@ -17,6 +17,8 @@ def row(res: dict) -> str:
 
 
 def main(args: list[str]) -> None:
+    if not args or any("=" not in a for a in args):
+        sys.exit("usage: python experiments/editing/table.py LABEL=FILE.json [LABEL=FILE.json ...]")
     runs = [(a.split("=", 1)[0], json.loads(Path(a.split("=", 1)[1]).read_text())) for a in args]
     first = runs[0][1]
     for route in first:
