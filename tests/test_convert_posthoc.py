@@ -64,7 +64,8 @@ def posthoc(tmp_path_factory):
     probes.write_text("".join(json.dumps({"prompt": " ".join(t[:3]), "answer": t[3], "bucket": str(i)}) + "\n"
                               for i, t in enumerate(TOPICS)))
     _run("eval", "--workdir", run, "--probes", probes, "--conditions", "none,generic,fetched")
-    _run("eval", "--workdir", conv, "--data", data, "--probes", probes, "--conditions", "none")
+    # the converted model's own held-out perplexity: what the frozen anchor must score alone (no probes needed)
+    _run("eval", "--workdir", conv, "--data", data, "--perplexity-only", "--conditions", "none")
     return root, conv, data, run
 
 
@@ -167,7 +168,7 @@ def test_frozen_memory_training_on_the_converted_anchor(posthoc):
     assert set(result["conditions"]) == {"none", "generic", "fetched"}
     ppl = result["perplexity"]
     # the frozen anchor alone scores as the converted model does; the trained memory changes the model
-    base = json.loads((conv / "eval" / "probes.json").read_text())["perplexity"]["none"]
+    base = json.loads((conv / "eval" / "perplexity.json").read_text())["perplexity"]["none"]
     assert ppl["none"] == pytest.approx(base, rel=1e-5)
     assert ppl["fetched"] != pytest.approx(ppl["none"], rel=1e-4)
     assert ppl["fetched"] < ppl["none"]

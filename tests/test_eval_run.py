@@ -1,5 +1,6 @@
 """memlm eval / generate on a trained run, with a probe file that is not the built-in one."""
 
+import functools
 import json
 
 import pytest
@@ -7,6 +8,16 @@ import pytest
 from memlm.config import load_config
 from memlm.demo import demo_configs
 from memlm.model.accounting import accounting
+
+
+@functools.cache
+def forward(fn):
+    """``fn.apply(params, tokens, segments, positions, memory=memory)`` as one jitted program (one compile
+    per shape): the references below call it token by token, where each eager op would compile alone."""
+    import jax
+
+    return jax.jit(lambda params, tokens, segments, positions, memory: fn.apply(params, tokens, segments, positions,
+                                                                                   memory=memory))
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +178,8 @@ def test_route_beam_keeps_per_text_the_candidate_under_which_the_anchor_finds_th
     def loglik(text, memory):  # one text alone, from the logits, in numpy
         ids = np.asarray(run.tokenizer.encode(text), np.int32)
         t = len(ids) - 1
-        logits = run.fn.apply(run.params, jnp.asarray(ids[None, :-1]), jnp.ones((1, t), jnp.int32),
-                              jnp.arange(t, dtype=jnp.int32)[None], memory=memory)
+        logits = forward(run.fn)(run.params, jnp.asarray(ids[None, :-1]), jnp.ones((1, t), jnp.int32),
+                              jnp.arange(t, dtype=jnp.int32)[None], memory)
         logits = np.asarray(logits, np.float64)[0]
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
             - logits.max(-1, keepdims=True)
@@ -218,8 +229,8 @@ def test_likelihood_descent_keeps_per_level_the_children_under_which_the_text_is
         ids = np.asarray(run.tokenizer.encode(text), np.int32)
         t = len(ids) - 1
         memory = run.memory._gather(run.memory.bank, jnp.asarray(np.asarray(path, np.int32)[None]))
-        logits = np.asarray(run.fn.apply(run.params, jnp.asarray(ids[None, :-1]), jnp.ones((1, t), jnp.int32),
-                                         jnp.arange(t, dtype=jnp.int32)[None], memory=memory), np.float64)[0]
+        logits = np.asarray(forward(run.fn)(run.params, jnp.asarray(ids[None, :-1]), jnp.ones((1, t), jnp.int32),
+                                         jnp.arange(t, dtype=jnp.int32)[None], memory), np.float64)[0]
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         return logp[np.arange(t), ids[1:]].sum()
@@ -267,8 +278,8 @@ def test_route_posterior_falls_back_unless_one_candidate_holds_the_asked_posteri
     def logits(text, memory):
         ids = np.asarray(base.tokenizer.encode(text), np.int32)
         t = len(ids) - 1
-        out = base.fn.apply(base.params, jnp.asarray(ids[None, :-1]), jnp.ones((1, t), jnp.int32),
-                            jnp.arange(t, dtype=jnp.int32)[None], memory=memory)
+        out = forward(base.fn)(base.params, jnp.asarray(ids[None, :-1]), jnp.ones((1, t), jnp.int32),
+                            jnp.arange(t, dtype=jnp.int32)[None], memory)
         return np.asarray(out, np.float64)[0], ids
 
     def loglik(text, memory):
@@ -322,8 +333,8 @@ def test_anchor_gate_falls_back_exactly_where_the_anchor_is_confident_in_its_own
     def logits(ids, memory):
         ids = np.asarray(ids, np.int32)
         t = len(ids)
-        out = base.fn.apply(base.params, jnp.asarray(ids[None]), jnp.ones((1, t), jnp.int32),
-                            jnp.arange(t, dtype=jnp.int32)[None], memory=memory)
+        out = forward(base.fn)(base.params, jnp.asarray(ids[None]), jnp.ones((1, t), jnp.int32),
+                            jnp.arange(t, dtype=jnp.int32)[None], memory)
         return np.asarray(out, np.float64)[0]
 
     def reference(text):
@@ -342,7 +353,9 @@ def test_anchor_gate_falls_back_exactly_where_the_anchor_is_confident_in_its_own
     over = {"eval.route_fallback": "none"}
     probe = load_run(trained_run, overrides={**over, "eval.route_anchor_confidence": "1e-30"})
     got = BeamRouting(probe.fn, probe.params, probe.tokenizer, probe.memory, probe.cfg).anchor_confidence(texts)
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-12)
+    # in log space: a barely trained model's confidences are far below any useful absolute tolerance
+    np.testing.assert_array_equal(got > 0, want > 0)
+    np.testing.assert_allclose(np.log(got[want > 0]), np.log(want[want > 0]), rtol=1e-4, atol=1e-4)
     top = np.sort(np.log(want[want > 0]))
     assert len(top) >= 2, f"the test needs two non-empty answers: confidences {want}"
     m = int(np.argmax(np.diff(top)))

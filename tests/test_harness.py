@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import jit_forward
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                    reason="lm-eval is not installed (pip install 'memlm[eval]')")
@@ -29,10 +30,16 @@ def run(facts_data, tmp_path_factory):
     return load_run(workdir)
 
 
+def _forward(run, ids: list[int], memory) -> jax.Array:
+    """The plain forward ``fn.apply(params, [ids], memory=memory)``, jitted (one program per length
+    rather than each of its eager ops compiled for every length)."""
+    return jit_forward(run.fn)(run.params, jnp.asarray([ids], jnp.int32), memory)
+
+
 def _logp(run, ids: list[int], key: str, condition: str = "fetched") -> np.ndarray:
     """log p(ids[t+1] | ids[:t+1]) for every t: one plain forward under the key's memory."""
     memory = run.memory([key], condition)
-    logits = run.fn.apply(run.params, jnp.asarray([ids], jnp.int32), memory=memory)
+    logits = _forward(run, ids, memory)
     logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1), np.float64)
     return logp[np.arange(len(ids) - 1), ids[1:]]
 
@@ -42,7 +49,7 @@ def _greedy_ids(run, ids: list[int], new: int, key: str, condition: str) -> list
     memory = run.memory([key], condition)
     out = []
     for _ in range(new):
-        logits = run.fn.apply(run.params, jnp.asarray([ids + out], jnp.int32), memory=memory)
+        logits = _forward(run, ids + out, memory)
         nxt = int(jnp.argmax(logits[0, -1]))
         if nxt == run.tokenizer.eot_id:
             break
@@ -85,10 +92,17 @@ def tasks(tmp_path_factory) -> Path:
     return folder
 
 
-@needs_lm_eval
-def test_simple_evaluate_equals_a_plain_forward_for_every_request_type(run, tasks, monkeypatch):
-    from lm_eval import simple_evaluate
+@pytest.fixture(scope="module")
+def task_manager(tasks):
+    """lm-eval's index of the test tasks alone (its own thousands of task files take seconds to index)."""
     from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(tasks), include_defaults=False)
+
+
+@needs_lm_eval
+def test_simple_evaluate_equals_a_plain_forward_for_every_request_type(run, task_manager, monkeypatch):
+    from lm_eval import simple_evaluate
 
     from memlm.eval.harness import MemlmLM
 
@@ -98,8 +112,8 @@ def test_simple_evaluate_equals_a_plain_forward_for_every_request_type(run, task
     provider = lm.provider
     lm.provider = lambda keys, cond: calls.append(list(keys)) or provider(keys, cond)
     lm.provider.paths, lm.provider.gated = provider.paths, provider.gated
-    res = simple_evaluate(model=lm, tasks=["t_mc", "t_roll", "t_gen"],
-                          task_manager=TaskManager(include_path=str(tasks)), log_samples=True, bootstrap_iters=0)
+    res = simple_evaluate(model=lm, tasks=["t_mc", "t_roll", "t_gen"], task_manager=task_manager, log_samples=True,
+                          bootstrap_iters=0)
     tok = run.tokenizer
     assert [len(res["samples"][t]) for t in ("t_mc", "t_roll", "t_gen")] == [len(MC), len(DOCS), len(GEN)]
     for s in res["samples"]["t_mc"]:
@@ -326,15 +340,14 @@ def test_rag_perplexity_and_probes_equal_a_plain_forward_with_the_documents_firs
 
 
 @needs_lm_eval
-def test_harness_rag_scores_the_choices_after_the_retrieved_documents(run, tasks, monkeypatch):
+def test_harness_rag_scores_the_choices_after_the_retrieved_documents(run, task_manager, monkeypatch):
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from memlm.eval.harness import MemlmLM
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    res = simple_evaluate(model=MemlmLM(run=run, condition="rag"), tasks=["t_mc"],
-                          task_manager=TaskManager(include_path=str(tasks)), log_samples=True, bootstrap_iters=0)
+    res = simple_evaluate(model=MemlmLM(run=run, condition="rag"), tasks=["t_mc"], task_manager=task_manager,
+                          log_samples=True, bootstrap_iters=0)
     tok = run.tokenizer
     for s in res["samples"]["t_mc"]:
         item = MC[s["doc_id"]]

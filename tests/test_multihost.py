@@ -72,22 +72,14 @@ def train_args(data, run, *extra):
     return ["--data", str(data), "--workdir", str(run), *FLAGS, *extra]
 
 
-@pytest.fixture(scope="module")
-def reference(facts_data, tmp_path_factory):
-    """The uninterrupted scratch run: one process, 4 devices, 9 steps."""
-    run = tmp_path_factory.mktemp("ref") / "run"
-    finish(launch(train_args(facts_data, run, "--config.train.mode=scratch"), devices=4))
-    ref = losses(run)
-    assert sorted(ref) == list(range(1, 10)) and ref[9] < ref[1]
-    return ref
-
-
-def test_kill_one_process_mid_bank_save_then_resume_on_2x2_and_1x2(facts_data, reference, tmp_path):
+def test_kill_one_process_mid_bank_save_then_resume_on_2x2_and_1x2(facts_data, tmp_path):
     """2 processes x 2 devices: process 1 is SIGKILLed while the step-6 bank version is being written.
-    The step-6 version never exists; a restart of both resumes from step 3 and gives the uninterrupted
-    losses; the same step-3 checkpoint also continues on 1 process x 2 devices (another process and
-    device count)."""
-    run = tmp_path / "run"
+    The step-6 version never exists; a restart of both resumes from step 3 and gives the losses of an
+    uninterrupted scratch run (one process, 4 devices); the same step-3 checkpoint also continues on
+    1 process x 2 devices (another process and device count). Independent runs go side by side: the
+    reference beside the killed run, the two resumes together."""
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    ref_procs = launch(train_args(facts_data, ref_run, "--config.train.mode=scratch"), devices=4)
     args = train_args(facts_data, run, "--config.train.mode=scratch")
     procs = launch(args, processes=2, kill_at="bank-delta-written:6:1")
     deadline = time.time() + 600
@@ -104,19 +96,21 @@ def test_kill_one_process_mid_bank_save_then_resume_on_2x2_and_1x2(facts_data, r
     manifest = json.loads((run / "bank" / MANIFEST_KEY).read_text())
     assert [e["version"] for e in manifest["versions"]][-1] == 1, manifest  # step 3's version, not step 6's
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [3]
-    shutil.copytree(run, tmp_path / "one_by_2")
+    other = tmp_path / "one_by_2"
+    shutil.copytree(run, other)
 
-    finish(launch(args, processes=2))
+    resumes = launch(args, processes=2) + launch(train_args(facts_data, other, "--config.train.mode=scratch"),
+                                                  devices=2)
+    finish(ref_procs)
+    reference = losses(ref_run)
+    assert sorted(reference) == list(range(1, 10)) and reference[9] < reference[1]
+    finish(resumes)
     got = losses(run)
     assert sorted(got) == list(range(1, 10))
     np.testing.assert_allclose([got[s] for s in range(1, 10)], [reference[s] for s in range(1, 10)], rtol=1e-5)
-
-    for name, devices in (("one_by_2", 2),):
-        other = tmp_path / name
-        finish(launch(train_args(facts_data, other, "--config.train.mode=scratch"), devices=devices))
-        got = losses(other)
-        np.testing.assert_allclose([got[s] for s in range(4, 10)], [reference[s] for s in range(4, 10)],
-                                   rtol=1e-5, err_msg=name)
+    got = losses(other)
+    np.testing.assert_allclose([got[s] for s in range(4, 10)], [reference[s] for s in range(4, 10)], rtol=1e-5,
+                               err_msg="one_by_2")
 
 
 def test_cotrain_on_two_processes_equals_one_and_saves_a_bank_one_process_loads(facts_data, tmp_path):
@@ -124,8 +118,8 @@ def test_cotrain_on_two_processes_equals_one_and_saves_a_bank_one_process_loads(
     finish(launch(train_args(facts_data, anchor, "--config.train.mode=anchor", "--config.train.steps=3"), devices=2))
     extra = ["--config.train.mode=cotrain", "--config.train.steps=6", "--init-from", str(anchor)]
     one, two = tmp_path / "one", tmp_path / "two"
-    finish(launch(train_args(facts_data, one, *extra), devices=4))
-    finish(launch(train_args(facts_data, two, *extra), processes=2))
+    finish(launch(train_args(facts_data, one, *extra), devices=4) + launch(train_args(facts_data, two, *extra),
+                                                                          processes=2))  # side by side
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)

@@ -70,11 +70,20 @@ def shards(tmp_path_factory):
     return folder
 
 
+def _start(shards, out, workers, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "memlm.cli", "prepare", "--corpus", str(shards), "--out", str(out),
+                             "--workers", str(workers), *FLAGS], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})),
+                            start_new_session=True)
+
+
+def _wait(p: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = p.communicate(timeout=600)
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+
 def _cli(shards, out, workers, env=None):
-    return subprocess.run([sys.executable, "-m", "memlm.cli", "prepare", "--corpus", str(shards), "--out", str(out),
-                           "--workers", str(workers), *FLAGS], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})), start_new_session=True,
-                          timeout=600)
+    return _wait(_start(shards, out, workers, env))
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +98,10 @@ def one_worker(shards, tmp_path_factory):
 def test_one_and_two_workers_and_one_process_give_the_same_records(shards, one_worker, tmp_path):
     from memlm.data.prepare import prepare
 
-    two = tmp_path / "w2"
-    res = _cli(shards, two, 2)
+    two, single = tmp_path / "w2", tmp_path / "single"
+    proc = _start(shards, two, 2)
+    prepare(_cfg(), str(shards), single)  # one process, no Beam, while the two workers run
+    res = _wait(proc)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a, b = read_manifest(one_worker), read_manifest(two)
     assert a["engine"]["work_units"] == 8 and json.loads((two / "prepare_run.json").read_text())["workers"] == 2
@@ -107,8 +118,7 @@ def test_one_and_two_workers_and_one_process_give_the_same_records(shards, one_w
 
     assert (one_worker / "manifest.json").read_bytes() == (two / "manifest.json").read_bytes()
 
-    single = tmp_path / "single"  # one process, no Beam: the same files, byte for byte
-    prepare(_cfg(), str(shards), single)
+    # one process, no Beam: the same files, byte for byte
     assert json.loads((single / "prepare_run.json").read_text())["runner"] == "local"
     for name in ("manifest.json", "heldout.jsonl", "entity_leaves.json", "tree.npz", "paths.npy", "doc_offsets.npy",
                  "tokenizer.json", *a["shards"]):

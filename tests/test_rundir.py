@@ -25,14 +25,23 @@ FLAGS = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.mod
          "--config.train.memory_warmup_steps=1"]
 
 
-def cli(*args, check=True):
+def start(*args) -> subprocess.Popen:
+    """``memlm ARGS`` on one CPU device, started; :func:`done` waits for it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["XLA_FLAGS"] = os.environ["MEMLM_TEST_XLA_FLAGS"]  # one CPU device
-    p = subprocess.run([sys.executable, "-m", "memlm.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+    return subprocess.Popen([sys.executable, "-m", "memlm.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def done(p: subprocess.Popen, check=True) -> subprocess.CompletedProcess:
+    stdout, stderr = p.communicate(timeout=600)
     if check:
-        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return p
+        assert p.returncode == 0, (stdout + stderr)[-3000:]
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+
+def cli(*args, check=True):
+    return done(start(*args), check=check)
 
 
 def tree_digest(path: Path) -> dict[str, str]:
@@ -74,24 +83,27 @@ def test_a_changed_train_section_needs_the_flag_and_a_busy_run_is_refused(facts_
     run = tmp_path / "run"
     shutil.copytree(memory_run, run)
     base = ["train", "--data", str(facts_data), "--workdir", str(run), *FLAGS, "--config.train.mode=scratch"]
-    p = cli(*base, "--config.train.steps=6", check=False)
-    assert p.returncode == 2 and "train" in p.stderr and "--allow-config-change" in p.stderr, p.stderr
+    changed = start(*base, "--config.train.steps=6")  # refused on its config, before it asks for the lock
     with RunDir(run).lock():  # another trainer holds the run
         p = cli(*base, "--config.train.steps=4", check=False)
         assert p.returncode == 2 and "is being trained by pid" in p.stderr, p.stderr
+    p = done(changed, check=False)
+    assert p.returncode == 2 and "train" in p.stderr and "--allow-config-change" in p.stderr, p.stderr
     p = cli(*base, "--config.train.steps=6", "--allow-config-change")
     assert "resumed" in p.stdout and max(r["step"] for r in read_metrics(run)) == 6
 
 
-def test_urls_name_runs_data_and_init_end_to_end(facts_data, tmp_path):
+def test_urls_name_runs_data_and_init_end_to_end(facts_data, memory_run, tmp_path):
+    """A cotrain run whose data, run directory and --init-from (the module's run, copied to a
+    path with a space) are file:// URLs, then evaluated through its URL."""
     assert os.fspath(location("gs://bucket/runs/a") / "bank") == "gs://bucket/runs/a/bank"  # not gs:/bucket/...
     url = lambda p: "file://" + str(p)  # noqa: E731
-    anchor, cotrain = tmp_path / "anchor dir", tmp_path / "cotrain"
-    cli("train", "--data", url(facts_data), "--workdir", url(anchor), *FLAGS, "--config.train.mode=anchor",
-        "--config.train.steps=2")
-    cli("train", "--data", url(facts_data), "--workdir", url(cotrain), *FLAGS, "--config.train.mode=cotrain",
-        "--config.train.steps=2", "--init-from", url(anchor))
-    assert (cotrain / "bank" / "manifest.json").exists() and (anchor / "checkpoints" / "2").exists()
+    anchor, cotrain = tmp_path / "anchor dir", tmp_path / "cotrain dir"
+    shutil.copytree(memory_run, anchor)
+    p = cli("train", "--data", url(facts_data), "--workdir", url(cotrain), *FLAGS, "--config.train.mode=cotrain",
+            "--config.train.steps=2", "--init-from", url(anchor))
+    assert f"anchor initialised from {url(anchor)}" in " ".join(p.stdout.split()), p.stdout
+    assert (cotrain / "bank" / "manifest.json").exists() and (cotrain / "checkpoints" / "2").exists()
     p = cli("eval", "--workdir", url(cotrain), "--conditions", "none,fetched")
     assert (cotrain / "eval").exists(), p.stdout
 
@@ -118,9 +130,11 @@ def test_subtree_jobs_merged_equal_one_joint_frozen_run(facts_data, memory_run, 
         job = tmp_path / f"sub{sub}"
         cli("train", "--data", str(facts_data), "--workdir", str(job), *common, f"--config.train.subtree={sub}")
         jobs.append(job)
+    bad = start("merge", str(jobs[0]), str(jobs[0]), "--out", str(tmp_path / "twice"))
     p = cli("merge", str(jobs[0]), str(jobs[1]), "--out", str(tmp_path / "merged"))
     assert "subtrees [0, 3]" in p.stdout
-    bad = cli("merge", str(jobs[0]), str(jobs[0]), "--out", str(tmp_path / "twice"), check=False)
+    evaluation = start("eval", "--workdir", str(tmp_path / "merged"), "--conditions", "none,fetched")  # runs meanwhile
+    bad = done(bad, check=False)
     assert bad.returncode == 2 and "both train subtree 0" in bad.stderr
 
     cfg, _ = RunDir(jobs[0]).load_config()
@@ -180,5 +194,5 @@ def test_subtree_jobs_merged_equal_one_joint_frozen_run(facts_data, memory_run, 
 
     assert_same_state(rows(got, False), rows(ref, False), exact=True)
     assert_same_state(rows(got, True), rows(ref, True), exact=False, atol=1e-6, frac=0.02)
-    p = cli("eval", "--workdir", str(tmp_path / "merged"), "--conditions", "none,fetched")
+    p = done(evaluation)
     assert "fetched" in p.stdout

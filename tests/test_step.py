@@ -2,6 +2,8 @@
 device at batches many times larger than every level, and its compiled HLO moves only the rows
 it fetched (never a whole level, never the whole batch's fetched rows)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,20 @@ def run(cfg, mesh, steps=2):
     return losses, jax.device_get(state), fns
 
 
+@functools.cache
+def one_device_run(mode, batch, micro):
+    """(losses, host state) of ``run`` on one device, shared by the tests that compare a mesh with it."""
+    losses, state, _ = run(config(mode, batch, micro), make_mesh((1, 1, 1)))
+    return losses, state
+
+
+def jit_reference(cfg):
+    """``reference_step`` for ``cfg`` as one jitted program on one device (the caller passes host
+    arrays): the same reference, without compiling each of its few hundred eager ops on its own."""
+    step = jax.jit(functools.partial(reference_step, cfg))
+    return lambda state, batch: step(jax.device_get(state), batch)
+
+
 def assert_states_close(a, b, rtol=2e-4, atol=2e-5):
     """Anchor, optimizer, bank and generic memory (parameters, moments, counters) agree; padding
     rows of a sharded bank are ignored."""
@@ -85,10 +101,10 @@ def test_accumulated_step_equals_the_whole_batch_step_and_the_reference(mode):
     assert_states_close(micro_state, whole_state)
 
     cfg = config(mode, 16)
-    state = fns.init(0)
+    state, reference = fns.init(0), jit_reference(cfg)
     ref_losses = []
     for i in range(2):
-        state, loss = reference_step(cfg, state, make_batch(cfg, 16, seed=i))
+        state, loss = reference(state, make_batch(cfg, 16, seed=i))
         ref_losses.append(float(loss))
     np.testing.assert_allclose(whole, ref_losses, rtol=1e-5)
     # a separate code path: float32 rounding differs, and Adam's m / (sqrt(v) + eps) magnifies it on
@@ -108,7 +124,7 @@ def test_sharded_step_equals_one_device_at_a_batch_8x_every_level(shape):
     """128 sequences over 8 devices for levels of 4 (replicated) and 16 nodes (split over the data-parallel
     shards), with duplicate nodes and generic rows: the exchange, pushes and owner updates equal one device."""
     cfg = config("cotrain", 128, micro=32)
-    ref, ref_state, _ = run(config("cotrain", 128, micro=32), make_mesh((1, 1, 1)))
+    ref, ref_state = one_device_run("cotrain", 128, 32)
     got, state, fns = run(cfg, make_mesh(shape))
     assert fns.plan.levels["level2"].shards == shape[0] * shape[1] and fns.plan.levels["level1"].replicated
     np.testing.assert_allclose(got, ref, rtol=2e-5)
@@ -118,9 +134,11 @@ def test_sharded_step_equals_one_device_at_a_batch_8x_every_level(shape):
 
 @pytest.mark.slow
 def test_a_level_with_fewer_nodes_than_shards_is_padded_and_still_sharded():
-    cfg = config("scratch", 32, micro=16)
+    """Level 1 (4 nodes) split over 8 data-parallel shards: padded to 8 rows, one per shard, and the step
+    equals one device (the one-device run of the test above, at the same batch)."""
+    cfg = config("cotrain", 128, micro=32)
     cfg.bank.replicate_levels = 0
-    ref, ref_state, _ = run(config("scratch", 32, micro=16), make_mesh((1, 1, 1)))
+    ref, ref_state = one_device_run("cotrain", 128, 32)
     got, state, fns = run(cfg, make_mesh((8, 1, 1)))
     pl = fns.plan.levels["level1"]
     assert (pl.nodes, pl.padded, pl.shards) == (4, 8, 8)
@@ -148,12 +166,12 @@ def test_sibling_path_rows_train_the_anchor_but_touch_no_block():
         b["paths"] = np.stack([leaf // 4, leaf], 1).astype(np.int32)
         assert (leaf[~b["generic"]] == 15).sum() >= 4  # as ordinary rows they would have trained node 15
         batches.append(b)
-    state, ref = fns.init(0), fns.init(0)
+    state, ref, reference = fns.init(0), fns.init(0), jit_reference(cfg)
     init = jax.device_get(state)
     for b in batches:
         state, m = fns.step(state, device_batch(b, fns.batch_shardings))
         assert float(m["sibling_fraction"]) == b["sibling"].mean()
-        ref, _ = reference_step(cfg, ref, b)
+        ref, _ = reference(ref, b)
     got = jax.device_get(state)
     assert_states_close(got, jax.device_get(ref), atol=5e-5)
     assert got.bank.count["level2"][15] == 0
@@ -264,8 +282,9 @@ def test_chunked_loss_equals_the_full_log_softmax_in_value_and_gradient():
     def chunked(p):
         return chunked_nll(lambda h: f.project(p, h), f.apply(p, tokens, seg, return_hidden=True), tokens, seg, 4)
 
-    (want, n_want), g_want = jax.value_and_grad(full, has_aux=True)(params)
-    (got, n_got), g_got = jax.value_and_grad(chunked, has_aux=True)(params)
+    # jitted: one program each rather than every eager op compiled on its own
+    (want, n_want), g_want = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
+    (got, n_got), g_got = jax.jit(jax.value_and_grad(chunked, has_aux=True))(params)
     assert int(n_got) == int(n_want) == 4 * (32 - 2) - 3
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
@@ -284,7 +303,7 @@ def test_weight_decay_spares_every_norm_gain_and_decays_every_matrix():
     params = f.init(jax.random.key(0))
     tx = anchor_optimizer(cfg, f)
     zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     new = optax.apply_updates(params, updates)
     norms = [n for n in params if "norm" in n]
     assert {"attn_norm", "ffn_norm", "q_norm", "k_norm", "final_norm"} <= set(norms)

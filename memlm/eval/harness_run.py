@@ -15,7 +15,7 @@ from typing import Any
 from memlm.eval.results import save_merged
 from memlm.infer.run import Run
 
-__all__ = ["HarnessUnavailableError", "evaluate_harness", "evaluate_tasks", "require_lm_eval"]
+__all__ = ["HarnessUnavailableError", "evaluate_harness", "evaluate_tasks", "require_lm_eval", "task_manager"]
 
 INSTALL_HINT = "pip install 'memlm[eval]'"
 
@@ -31,6 +31,16 @@ def require_lm_eval() -> None:
     except ImportError as e:
         raise HarnessUnavailableError(f"evaluating tasks needs lm-eval, which is not installed: {INSTALL_HINT} "
                                       f"({e})") from None
+
+
+def task_manager(cls, paths: Sequence[str], names: Sequence[str]):
+    """lm-eval's task index over ``paths`` alone when every name is a task there (the index of lm-eval's own
+    thousands of task files takes seconds to build); with lm-eval's own tasks otherwise."""
+    if paths:
+        local = cls(include_path=list(paths), include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            return local
+    return cls(include_path=list(paths)) if paths else cls()
 
 
 def evaluate_tasks(run: Run, tasks: Sequence[str], conditions: Sequence[str], include_path: str | None = None,
@@ -58,7 +68,7 @@ def evaluate_tasks(run: Run, tasks: Sequence[str], conditions: Sequence[str], in
         i = names.index(SUITE)
         names[i: i + 1] = [t.derived for t in suite]
         paths.append(str(out_dir / "suite_tasks"))
-    manager = TaskManager(include_path=paths) if paths else TaskManager()
+    manager = task_manager(TaskManager, paths, names)
     results: dict[str, Any] = {}
     for condition in conditions:
         res = simple_evaluate(model=MemlmLM(run=run, condition=condition), tasks=names, num_fewshot=num_fewshot,

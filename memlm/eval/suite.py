@@ -19,6 +19,7 @@ definitions differ from LLM-Foundry's, which the paper used.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -94,13 +95,19 @@ def _yaml(obj: dict[str, Any]) -> str:
     return "".join(f"{k}: {json.dumps(v)}\n" for k, v in obj.items())
 
 
+@functools.cache
+def _stock_index() -> dict:
+    """lm-eval's index of its own task files (seconds to build: once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager().task_index
+
+
 def write_suite_tasks(folder: str | os.PathLike, data: str | os.PathLike | None = None,
                       suite: Sequence[SuiteTask] = PAPER_SUITE, say=print) -> list[SuiteTask]:
     """Write the suite's task files into ``folder``; returns the tasks that can run (offline: those
     whose evaluation split has a local file)."""
-    from lm_eval.tasks import TaskManager
-
-    index = TaskManager().task_index
+    index = _stock_index()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.yaml"):
