@@ -33,14 +33,16 @@ def require_lm_eval() -> None:
                                       f"({e})") from None
 
 
-def task_manager(cls, paths: Sequence[str], names: Sequence[str]):
+def task_manager(paths: Sequence[str], names: Sequence[str]):
     """lm-eval's task index over ``paths`` alone when every name is a task there (the index of lm-eval's own
     thousands of task files takes seconds to build); with lm-eval's own tasks otherwise."""
+    from lm_eval.tasks import TaskManager
+
     if paths:
-        local = cls(include_path=list(paths), include_defaults=False)
+        local = TaskManager(include_path=list(paths), include_defaults=False)
         if all(n in local.all_tasks for n in names):
             return local
-    return cls(include_path=list(paths)) if paths else cls()
+    return TaskManager(include_path=list(paths)) if paths else TaskManager()
 
 
 def evaluate_tasks(run: Run, tasks: Sequence[str], conditions: Sequence[str], include_path: str | None = None,
@@ -54,7 +56,6 @@ def evaluate_tasks(run: Run, tasks: Sequence[str], conditions: Sequence[str], in
     """
     require_lm_eval()
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
 
     from memlm.eval.harness import MemlmLM
@@ -68,7 +69,7 @@ def evaluate_tasks(run: Run, tasks: Sequence[str], conditions: Sequence[str], in
         i = names.index(SUITE)
         names[i: i + 1] = [t.derived for t in suite]
         paths.append(str(out_dir / "suite_tasks"))
-    manager = task_manager(TaskManager, paths, names)
+    manager = task_manager(paths, names)
     results: dict[str, Any] = {}
     for condition in conditions:
         res = simple_evaluate(model=MemlmLM(run=run, condition=condition), tasks=names, num_fewshot=num_fewshot,
