@@ -241,6 +241,12 @@ def default_config() -> ml_collections.ConfigDict:
             # route_gate): "generic", the
             # generic memory; "none", zero blocks: the anchor alone
             route_fallback="generic",
+            # a run taught by `memlm learn` (memlm/infer/edits.py): a text whose log-likelihood under a
+            # learned leaf's block rose by at least route_edit_gain nats over that block's rows before
+            # the learn fetches that leaf's path, whatever the routing above chose
+            route_edits=True,
+            route_edit_gain=8.0,
+            route_edit_candidates=64,  # learned leaves scored per text at most (those nearest its embedding)
             # the rag conditions: the rag_documents training documents nearest the retrieval text,
             # put before the context within rag_tokens tokens (memlm/infer/rag.py)
             rag_documents=3,
@@ -532,6 +538,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     q = cfg.eval.route_posterior
     if not isinstance(q, (int, float)) or isinstance(q, bool) or not 0.0 <= q <= 1.0:
         _fail("eval.route_posterior", q, "must be a probability in [0, 1] (0: off)")
+    if not float(cfg.eval.route_edit_gain) > 0:
+        _fail("eval.route_edit_gain", cfg.eval.route_edit_gain, "must be a number of nats > 0")
+    if not int(cfg.eval.route_edit_candidates) >= 1:
+        _fail("eval.route_edit_candidates", cfg.eval.route_edit_candidates, "must be an integer >= 1")
     if cfg.eval.route_fallback not in ("generic", "none"):
         _fail("eval.route_fallback", cfg.eval.route_fallback, "choose from 'generic' or 'none'")
     needs_generic = mem.type != "none" and not mem.generic and cfg.eval.route_fallback == "generic"

@@ -172,3 +172,79 @@ def test_bad_input_fails_in_one_line_and_leaves_the_run_unchanged(run, tmp_path,
     assert len(err) == 1 and message in err[0], err
     after = sorted(str(p.relative_to(run)) for p in Path(run).rglob("*") if "rag" not in p.parts)
     assert before == after
+
+
+def test_edit_routing_sends_a_text_to_the_learned_leaf_whose_edit_gained_it_and_leaves_the_rest(run, tmp_path):
+    """Against the pre-learn run scored independently: a text takes the learned leaf with the largest
+    gain (log-likelihood after the learn minus before, under that leaf's path) where it reaches
+    ``eval.route_edit_gain``, every other text keeps its greedy path; the kept pre-learn rows are the
+    pre-learn bank's; forget drops the rows of the leaves it retrains."""
+    from memlm.cli import main
+    from memlm.edit.documents import read_log
+    from memlm.edit.origin import load_origins
+    from memlm.infer.beam import provider_of, token_rows
+    from memlm.infer.edits import EditRouting
+    from memlm.infer.run import load_run
+    from memlm.infer.scoring import target_logprobs
+
+    pre = tmp_path / "pre"
+    shutil.copytree(run, pre)
+    corpus = tmp_path / "new.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in NEW))
+    assert main(["learn", str(run), "--corpus", str(corpus), "--steps", "6"]) == 0
+    (entry,) = read_log(run)
+    leaves = sorted(entry["leaves"])
+    state_pre = run_state(pre)
+    origins = load_origins(run)
+    assert sorted(origins[2]) == leaves and 1 not in origins  # only the leaf level learned
+    for lf in leaves:
+        for name, rows in origins[2][lf].items():
+            np.testing.assert_array_equal(rows, state_pre[f"bank/level2/{name}/params"][lf], err_msg=name)
+
+    texts = [NEW[0], NEW[1], "Q: Where was Zorblat Quenn born? A:", "The capital of Peru is Lima.",
+             "The capital of France is Paris.", "Chess is a board game for two players."]
+    after, before = load_run(run), load_run(pre)
+    k = after.memory.tree.k
+    ids = [[int(t) for t in after.tokenizer.encode(s)] for s in texts]
+    inputs, targets, weights, lengths = token_rows(ids, [0] * len(texts))
+
+    def score(r, leaf):
+        paths = np.array([[leaf // k, leaf]] * len(texts), np.int32)
+        memory = r.memory._gather(r.memory.bank, paths)
+        return target_logprobs(r.fn, r.params, inputs, targets, weights, lengths, memory, np.arange(len(texts)))
+
+    gains = np.stack([score(after, lf) - score(before, lf) for lf in leaves], axis=1)  # [texts, leaves]
+    best = gains.max(axis=1)
+    order = np.sort(best)
+    assert order[-1] > 0, gains
+    cut = float(order[-2] + order[-1]) / 2 if order[-2] > 0 else float(order[-1]) / 2  # some claimed, some not
+    routed = load_run(run, overrides={"eval.route_edit_gain": str(cut)})
+    provider = provider_of(routed)
+    assert isinstance(provider, EditRouting)
+    greedy = routed.memory.paths(texts)
+    want = greedy.copy()
+    for i in np.nonzero(best >= cut)[0]:
+        lf = leaves[int(np.argmax(gains[i]))]
+        want[i] = [lf // k, lf]
+    assert 0 < (best >= cut).sum() < len(texts)
+    np.testing.assert_array_equal(provider.paths(texts), want)
+    got = provider(texts, "fetched")
+    expect = routed.memory._gather(routed.memory.bank, want)
+    for name in expect:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(expect[name]), err_msg=name)
+    # off: the run's routing untouched
+    assert provider_of(load_run(run, overrides={"eval.route_edits": "false"})) is not provider
+    assert not isinstance(provider_of(load_run(run, overrides={"eval.route_edits": "false"})), EditRouting)
+
+    # forget retrains a learned leaf: its kept rows (which held the forgotten documents) go; the leaf is
+    # retrained on its original documents, those rows kept as its new pre-learn rows, then taught again
+    assert main(["forget", str(run), "--documents", str(entry["first_document"]), "--steps", "1"]) == 0
+    last = read_log(run)[-1]
+    relearned = set(last["leaves_retrained"]) & set(leaves)
+    assert relearned and last["relearned"]["leaves"] == sorted(relearned)
+    with np.load(run / "edits" / entry["origin"]) as z:
+        assert set(z["level2/nodes"].tolist()) == set(leaves) - relearned
+    now = load_origins(run)
+    assert set(now[2]) == set(leaves)
+    for lf in relearned:
+        assert any((now[2][lf][n] != origins[2][lf][n]).any() for n in now[2][lf])

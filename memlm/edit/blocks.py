@@ -76,9 +76,11 @@ def default_steps(sequences: int, epochs: float, batch_size: int) -> int:
 
 def train_blocks(cfg, workdir: Path, data_dir: Path, *, steps: int, lr: float, edit: int, levels: list[int],
                  reset: dict[int, np.ndarray] | None = None, batch_size: int | None = None,
-                 quiet: bool = False) -> dict[str, Any]:
+                 origin: tuple[Path, dict[int, np.ndarray]] | None = None, quiet: bool = False) -> dict[str, Any]:
     """Train the blocks of ``levels`` on ``data_dir``'s paths for ``steps`` from the run's newest
-    checkpoint (after ``reset``: per level the nodes set back to their initial blocks); save into the run."""
+    checkpoint (after ``reset``: per level the nodes set back to their initial blocks); save into the run.
+    ``origin`` = (file, nodes per level): those nodes' rows are written there first, as they were
+    (:mod:`memlm.edit.origin`)."""
     from memlm.data.loader import Loader
     from memlm.run import bank_io
     from memlm.run.checkpoints import Checkpointer, abstract_like
@@ -116,6 +118,11 @@ def train_blocks(cfg, workdir: Path, data_dir: Path, *, steps: int, lr: float, e
             state = TrainState(step=jnp.zeros((), jnp.int32), params=items["params"],
                                opt_state=items["opt"]["opt_state"], bank=loaded.get("bank"),
                                generic=loaded.get("generic"))
+            origin_bytes = 0
+            if origin is not None:
+                from memlm.edit.origin import save_origin
+
+                origin_bytes = save_origin(origin[0], state.bank, origin[1])
             if reset:
                 state = state.replace(bank=jax.jit(lambda b: reset_nodes(b, ecfg.train.seed + 1, reset),
                                                    out_shardings=fns.state_shardings.bank)(state.bank))
@@ -149,4 +156,5 @@ def train_blocks(cfg, workdir: Path, data_dir: Path, *, steps: int, lr: float, e
           file=sys.stderr if quiet else sys.stdout)
     return {"from_step": int(step0), "step": int(new_step), "steps": int(steps), "seconds": round(seconds, 2),
             "loss_first": losses[0][1], "loss_last": losses[-1][1], "lr": float(lr),
-            "batch_size": int(ecfg.train.batch_size), **{k: int(v) for k, v in versions.items()}}
+            "batch_size": int(ecfg.train.batch_size), **({"origin_bytes": origin_bytes} if origin else {}),
+            **{k: int(v) for k, v in versions.items()}}

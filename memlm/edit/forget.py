@@ -18,6 +18,7 @@ and bank versions of the run keep what they held until later saves push them out
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ import numpy as np
 
 from memlm.edit.blocks import default_steps, train_blocks
 from memlm.edit.documents import EDITS_DIR, EditError, RunDocuments, append_log, parse_levels
+from memlm.edit.learn import default_lr
+from memlm.edit.origin import ORIGIN_NAME, drop_nodes, load_origins
 from memlm.edit.repack import build
 
 DEFAULT_EPOCHS = 8.0
@@ -98,7 +101,12 @@ def forget(workdir: str, *, documents: str | None = None, entity: str | list[str
     edit = docs.next_edit
     edir = docs.workdir / EDITS_DIR / f"{edit:04d}-forget"
     exclude = np.union1d(docs.forgotten, gone)
-    data = build(edir / "train", docs, repack=under, exclude=exclude)
+    # a retrained leaf that `learn` taught: retrained first on its original documents (its new pre-learn
+    # rows, for edit routing), then taught its learned documents again (memlm/edit/origin.py)
+    relearn = np.array(sorted(set(load_origins(docs.workdir).get(depth, {})) & set(np.nonzero(under)[0].tolist())),
+                       np.int64)
+    learned = np.arange(docs.sources[0].documents if len(relearn) else docs.total, docs.total, dtype=np.int64)
+    data = build(edir / "train", docs, repack=under, exclude=np.union1d(exclude, learned))
     batch = int(batch_size or cfg.train.batch_size)
     if data["sequences"] == 0:  # the leaves held nothing else: reset, no training
         raise EditError("the affected leaves hold no other documents to retrain on; forgetting would leave their "
@@ -106,11 +114,32 @@ def forget(workdir: str, *, documents: str | None = None, entity: str | list[str
     n_steps = int(steps or default_steps(data["sequences"], epochs, batch))
     result = train_blocks(cfg, docs.workdir, edir / "train", steps=n_steps, lr=float(lr or cfg.train.memory_lr),
                           edit=edit, levels=reset_levels, reset=nodes, batch_size=batch_size, quiet=quiet)
+    # kept pre-learn rows of the reset blocks held the forgotten documents: they go (the leaves relearned
+    # below get new ones, the rows the first retraining left)
+    scrub = {lv: ids for lv, ids in nodes.items() if lv != depth}
+    scrub[depth] = np.union1d(nodes[depth], relearn)
+    origin_rows = drop_nodes(docs.workdir, scrub)
+    extra: dict[str, Any] = {}
+    if len(relearn):
+        mask = np.zeros(n_leaves, bool)
+        mask[relearn] = True
+        again = build(edir / "relearn", docs, repack=mask, exclude=exclude)
+        n2 = int(steps or default_steps(again["sequences"], epochs, batch))
+        r2 = train_blocks(cfg, docs.workdir, edir / "relearn", steps=n2, lr=default_lr(cfg), edit=edit,
+                          levels=[depth], batch_size=batch_size,
+                          origin=(edir / ORIGIN_NAME, {depth: relearn}), quiet=quiet)
+        extra = {"relearned": {"leaves": relearn.tolist(), "sequences": again["sequences"], **r2},
+                 "origin": os.path.relpath(edir / ORIGIN_NAME, docs.workdir / EDITS_DIR),
+                 **{key: r2.get(key) for key in ("step", "bank_version", "generic_version")}}
     entry = {"edit": edit, "verb": "forget", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "documents": gone.tolist(), "levels": reset_levels,
              "reset": {str(lv): ids.tolist() for lv, ids in nodes.items()},
-             "leaves_retrained": np.nonzero(under)[0].tolist(), "retrain_sequences": data["sequences"], **result,
+             "leaves_retrained": np.nonzero(under)[0].tolist(), "retrain_sequences": data["sequences"],
+             "origin_rows_dropped": origin_rows, **result, **{k: v for k, v in extra.items() if v is not None},
              "seconds_total": round(time.time() - t0, 2)}
     append_log(docs.workdir, entry)
-    shutil.rmtree(edir, ignore_errors=True)
+    for part in ("train", "relearn"):
+        shutil.rmtree(edir / part, ignore_errors=True)
+    if not (edir / ORIGIN_NAME).exists():
+        shutil.rmtree(edir, ignore_errors=True)
     return entry

@@ -28,6 +28,7 @@ import numpy as np
 
 from memlm.edit.blocks import default_steps, train_blocks
 from memlm.edit.documents import EDITS_DIR, EditError, RunDocuments, append_log, parse_levels
+from memlm.edit.origin import ORIGIN_NAME
 from memlm.edit.repack import build
 
 DEFAULT_EPOCHS = 8.0
@@ -89,14 +90,17 @@ def learn(workdir: str | os.PathLike, corpus: str, *, steps: int | None = None, 
                  exclude=docs.forgotten, new=new, replay=replay, seed=int(cfg.train.seed) + edit)
     batch = int(batch_size or cfg.train.batch_size)
     n_steps = int(steps or default_steps(data["sequences"], epochs, batch))
-    result = train_blocks(cfg, docs.workdir, edir / "train", steps=n_steps, lr=float(lr or default_lr(cfg)),
-                          edit=edit, levels=train_levels, batch_size=batch_size, quiet=quiet)
     k = int(docs.manifest["k"])
     leaves = np.nonzero(touched)[0]
+    trained = {int(lv): np.asarray(ids) for lv, ids in _blocks(leaves, k, depth).items() if int(lv) in train_levels}
+    result = train_blocks(cfg, docs.workdir, edir / "train", steps=n_steps, lr=float(lr or default_lr(cfg)),
+                          edit=edit, levels=train_levels, batch_size=batch_size,
+                          origin=(edir / ORIGIN_NAME, trained), quiet=quiet)
     entry = {"edit": edit, "verb": "learn", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "corpus": str(corpus),
              "data": os.path.relpath(new, docs.workdir) if new.is_relative_to(docs.workdir) else str(new),
              "first_document": docs.total, "documents": int(man["documents"]["training"]),
              "leaves": leaves.tolist(), "levels": train_levels,
+             "origin": os.path.relpath(edir / ORIGIN_NAME, docs.workdir / EDITS_DIR),
              "blocks": {lv: ids for lv, ids in _blocks(leaves, k, depth).items() if int(lv) in train_levels},
              "new_sequences": data["new_sequences"],
              "replay_sequences": data["repacked_sequences"], "replay": replay, **result,

@@ -59,7 +59,7 @@ from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket, generate
 from memlm.infer.scoring import target_logprobs
 from memlm.memspec import FetchedMemory
 
-__all__ = ["BeamRouting", "uses_beam"]
+__all__ = ["BeamRouting", "token_rows", "uses_beam"]
 
 
 def uses_beam(cfg) -> bool:
@@ -81,6 +81,20 @@ def answer_tokens(tokenizer: Any, tokens: list[int]) -> list[int]:
         if any(c in ANSWER_ENDS for c in tokenizer.decode(tokens[: i + 1])):
             return tokens[:i]
     return list(tokens)
+
+
+def token_rows(ids: list[list[int]], first: list[int]) -> tuple[np.ndarray, ...]:
+    """Right-padded (inputs, targets, weights, lengths) of token rows ``ids``, each predicting its
+    next token; ``first[r]``: row r's first target scored (the weights start there)."""
+    t = bucket(max(max(len(x) - 1 for x in ids), 1), MIN_PROMPT_BUCKET)
+    b = len(ids)
+    inputs, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    weights, lengths = np.zeros((b, t), np.float32), np.ones(b, np.int32)
+    for r, x in enumerate(ids):
+        n = len(x) - 1
+        if n > 0:
+            inputs[r, :n], targets[r, :n], weights[r, first[r]:n], lengths[r] = x[:-1], x[1:], 1.0, n
+    return inputs, targets, weights, lengths
 
 
 class BeamRouting:
@@ -123,17 +137,7 @@ class BeamRouting:
         return self._fallback_memory
 
     def _rows(self, ids: list[list[int]], first: list[int]) -> tuple[np.ndarray, ...]:
-        """Right-padded (inputs, targets, weights, lengths) of token rows ``ids``, each predicting its
-        next token; ``first[r]``: row r's first target scored (the weights start there)."""
-        t = bucket(max(max(len(x) - 1 for x in ids), 1), MIN_PROMPT_BUCKET)
-        b = len(ids)
-        inputs, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
-        weights, lengths = np.zeros((b, t), np.float32), np.ones(b, np.int32)
-        for r, x in enumerate(ids):
-            n = len(x) - 1
-            if n > 0:
-                inputs[r, :n], targets[r, :n], weights[r, first[r]:n], lengths[r] = x[:-1], x[1:], 1.0, n
-        return inputs, targets, weights, lengths
+        return token_rows(ids, first)
 
     def _anchor_confidence(self, rows: list[str]) -> np.ndarray:
         """float64 ``[len(rows)]``: the anchor's probability of its own greedy answer to each text, with
@@ -259,7 +263,12 @@ class BeamRouting:
 
 def provider_of(run):
     """The memory provider a loaded run (``memlm.infer.run.Run``) is scored and served with: the run's
-    memory, or beam routing over it (``eval.route_beam*``, ``route_descent``, ``route_posterior``, ...)."""
-    if "fetched" not in run.conditions or not uses_beam(run.cfg):
+    memory, or beam routing over it (``eval.route_beam*``, ``route_descent``, ``route_posterior``, ...), and
+    edit routing over either where ``memlm learn`` taught the run (:mod:`memlm.infer.edits`)."""
+    from memlm.infer.edits import edit_routing
+
+    if "fetched" not in run.conditions:
         return run.memory
-    return BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg)
+    if not uses_beam(run.cfg):
+        return edit_routing(run.memory, run)
+    return edit_routing(BeamRouting(run.fn, run.params, run.tokenizer, run.memory, run.cfg), run)

@@ -89,7 +89,9 @@ def trace(run: Any, text: str | None = None, block: str | None = None, limit: in
         targets = [parse_block(block, tree.k, tree.depth)]
         query = None
     elif text is not None:
-        path = run.memory.paths([text], "fetched")[0]
+        from memlm.infer.beam import provider_of
+
+        path = provider_of(run).paths([text], "fetched")[0]  # as `fetched` routes it: beam, descent, edits
         targets = [(level, int(path[level - 1])) for level in range(1, tree.depth + 1)]
         query = run.memory.embed([text])[0]
     else:

@@ -310,6 +310,11 @@ def export_serve(run_dir: str | os.PathLike, out: str | os.PathLike, paths: str 
         print(f"memlm export: {run_dir} (step {src.step}) -> {out}: {fam.title} base (FFN + {src.pad} units), "
               f"{len(names)} path adapter{'s' if len(names) != 1 else ''} of rank {src.rank}"
               f"{' and generic' if generic else ''}, router {out / 'router'}")
+        from memlm.edit.origin import load_origins
+
+        if load_origins(run_dir, int(src.step)):
+            print("memlm export: this run was taught by `memlm learn`; the router routes as the run's tree does, "
+                  "without edit routing (docs/editing.md): texts about the learned documents may reach other paths")
     return doc
 
 
