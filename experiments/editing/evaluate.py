@@ -1,14 +1,16 @@
 """Evaluate a run on the editing split's probe groups (``bios_split.py``): new, forget and kept people.
 
-Greedy answers under ``none`` and ``fetched``, with ``fetched`` routed three ways:
+Greedy answers under ``none`` and ``fetched``, with ``fetched`` routed these ways:
 
-- ``greedy``: the question's embedding, nearest centroid per level (the default);
+- ``greedy``: the question's embedding, nearest centroid per level, with edit routing after a learn
+  (the default);
+- ``plain``: greedy without edit routing (``eval.route_edits=false``);
 - ``descent``: the likelihood descent ``docs/routing.md`` picked for bios (width 2, posterior 0.9,
   fallback to the anchor alone);
 - ``descent_all``: the same with width ``tree.k``, so every leaf is scored at the last level;
 - ``document``: the question answered with the memory one of the person's own biographies fetches
-  (the probe's retrieval key is that document): what the blocks of the person's leaf hold, whatever
-  the question's routing finds.
+  (the probe's retrieval key is that document, routed greedily without edit routing): what the blocks
+  of the person's leaf hold, whatever the question's routing finds.
 
 Writes ``OUT`` as JSON: ``{route: {group/probe: {condition: {"accuracy", "by_bucket", "n_by_bucket",
 "correct"}}}}``.
@@ -24,7 +26,8 @@ from pathlib import Path
 
 ROUTES = {
     "greedy": {},
-    "document": {},
+    "plain": {"eval.route_edits": "false"},  # greedy without edit routing (memlm/infer/edits.py)
+    "document": {"eval.route_edits": "false"},
     "descent": {"eval.route_descent": "likelihood", "eval.route_descent_width": "2", "eval.route_posterior": "0.9",
                 "eval.route_fallback": "none"},
     # width tree.k (8 in the tiny preset): every child of every level-1 node, i.e. every leaf, is scored
@@ -61,7 +64,7 @@ def evaluate(workdir: str, split: Path, routes: tuple[str, ...] = tuple(ROUTES))
         run = load_run(workdir, overrides=overrides)
         provider = provider_of(run)
         out[route] = {"step": run.step}
-        conds = ("none", "fetched") if route == "greedy" else ("fetched",)
+        conds = ("none", "fetched") if route in ("greedy", "plain") else ("fetched",)
         for g in GROUPS:
             for p in PROBES:
                 probes = load_probes(split / "probes" / f"{g}_{p}.jsonl")

@@ -14,6 +14,11 @@ those levels' nodes on the paths too, retraining them on every remaining documen
 level-l node covers ``1/k**l`` of the corpus: the cost grows k-fold a level up). Older checkpoints
 and bank versions of the run keep what they held until later saves push them out
 (``train.keep_checkpoints``); the edits log names the forgotten documents by number only.
+
+A reset leaf that ``memlm learn`` taught (its pre-learn rows are kept for edit routing,
+:mod:`memlm.edit.origin`) is retrained in two stages: on its remaining original documents, whose result
+becomes its new pre-learn rows (the old ones held the forgotten documents and are dropped), then on its
+remaining learned documents with every old sequence replayed, as ``learn`` trains.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@
    shared with many other leaves, so by default they are read, not trained (``--levels 1,2`` trains
    them too, at the price of what the other leaves' documents get from them: docs/editing.md).
 
+Before training, the rows of the blocks it trains are kept as they were (``origin.npz`` in the edit's
+folder, :mod:`memlm.edit.origin`): edit routing (:mod:`memlm.infer.edits`) sends a text to the learned
+leaf whose block the edit made far likelier to produce it.
+
 The documents get numbers after the run's last (``memlm trace`` lists them; ``memlm forget`` can
 remove them again). A rerun after an interruption reuses the finished prepare stages.
 """
