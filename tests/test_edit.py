@@ -248,3 +248,30 @@ def test_edit_routing_sends_a_text_to_the_learned_leaf_whose_edit_gained_it_and_
     assert set(now[2]) == set(leaves)
     for lf in relearned:
         assert any((now[2][lf][n] != origins[2][lf][n]).any() for n in now[2][lf])
+
+
+def test_kept_rows_round_trip_in_their_dtype_and_forget_drops_them(tmp_path):
+    """bfloat16 rows come back bit for bit (an .npz file cannot hold bfloat16 itself); the earliest
+    edit in effect at a step gives a node's rows; dropped nodes leave every file."""
+    import jax.numpy as jnp
+
+    from memlm.edit.documents import append_log
+    from memlm.edit.origin import drop_nodes, load_origins, save_origin
+
+    class Bank:
+        def __init__(self, scale):
+            self.params = {"level2": {"w1": (jnp.arange(24, dtype=jnp.float32).reshape(6, 4) * scale)
+                                      .astype(jnp.bfloat16),
+                                      "w2": jnp.ones((6, 2, 3), jnp.float32) * scale}}
+
+    for edit, (scale, nodes, step) in enumerate([(1.5, [1, 4], 10), (-3.0, [4, 5], 20)], start=1):
+        save_origin(tmp_path / "edits" / f"{edit:04d}-learn" / "origin.npz", Bank(scale), {2: np.array(nodes)})
+        append_log(tmp_path, {"edit": edit, "verb": "learn", "step": step, "origin": f"{edit:04d}-learn/origin.npz"})
+    got = load_origins(tmp_path)
+    assert sorted(got[2]) == [1, 4, 5]
+    assert got[2][4]["w1"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got[2][4]["w1"], np.asarray(Bank(1.5).params["level2"]["w1"][4]))  # the earliest
+    np.testing.assert_array_equal(got[2][5]["w2"], np.full((2, 3), -3.0, np.float32))
+    assert sorted(load_origins(tmp_path, step=10)[2]) == [1, 4]  # the second edit is not in effect at step 10
+    assert drop_nodes(tmp_path, {2: np.array([4])}) == 2
+    assert sorted(load_origins(tmp_path)[2]) == [1, 5]

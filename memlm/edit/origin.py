@@ -12,6 +12,7 @@ rows were trained on the documents being forgotten, and a retrained block no lon
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,14 @@ ORIGIN_NAME = "origin.npz"
 
 
 def save_origin(path: Path, bank: Any, nodes: dict[int, np.ndarray]) -> int:
-    """Write the rows of ``nodes`` (per level) of ``bank`` (a BankState) to ``path``; returns its bytes."""
+    """Write the rows of ``nodes`` (per level) of ``bank`` (a BankState) to ``path``; returns its bytes.
+
+    Rows are stored as unsigned integers of their width, with their dtypes by name (``dtypes``, JSON):
+    an ``.npz`` file cannot hold bfloat16."""
     import jax
 
     arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
     for level, ids in sorted(nodes.items()):
         ids = np.asarray(ids, np.int64)
         if len(ids) == 0:
@@ -35,7 +40,10 @@ def save_origin(path: Path, bank: Any, nodes: dict[int, np.ndarray]) -> int:
         key = f"level{level}"
         arrays[f"{key}/nodes"] = ids
         for name, a in bank.params[key].items():
-            arrays[f"{key}/{name}"] = np.asarray(jax.device_get(a[np.asarray(ids, np.int32)]))
+            rows = np.asarray(jax.device_get(a[np.asarray(ids, np.int32)]))
+            arrays[f"{key}/{name}"] = rows.view(f"u{rows.dtype.itemsize}")
+            dtypes[f"{key}/{name}"] = str(rows.dtype)
+    arrays["dtypes"] = np.asarray(json.dumps(dtypes))
     tmp = path.with_name(path.name + ".tmp.npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(tmp, **arrays)
@@ -60,15 +68,18 @@ def _files(workdir: Path, step: int | None) -> list[tuple[int, Path]]:
 def load_origins(workdir: str | os.PathLike, step: int | None = None) -> dict[int, dict[int, dict[str, np.ndarray]]]:
     """``{level: {node: {array name: rows}}}``: each learned node's rows before the first learn in
     effect at ``step`` that trained it."""
+    import jax.numpy as jnp
+
     out: dict[int, dict[int, dict[str, np.ndarray]]] = {}
     for _, f in _files(Path(workdir), step):
         with np.load(f) as z:
             keys = list(z.files)
+            dtypes = json.loads(str(z["dtypes"]))
             for nk in [k for k in keys if k.endswith("/nodes")]:
                 key = nk.split("/")[0]
                 level = int(key.removeprefix("level"))
                 names = [k.split("/", 1)[1] for k in keys if k.startswith(key + "/") and k != nk]
-                rows = {n: z[f"{key}/{n}"] for n in names}
+                rows = {n: z[f"{key}/{n}"].view(jnp.dtype(dtypes[f"{key}/{n}"])) for n in names}
                 for i, node in enumerate(z[nk].tolist()):
                     out.setdefault(level, {}).setdefault(int(node), {n: rows[n][i] for n in names})
     return out
