@@ -180,7 +180,7 @@ def test_edit_routing_sends_a_text_to_the_learned_leaf_whose_edit_gained_it_and_
     ``eval.route_edit_gain``, every other text keeps its greedy path; the kept pre-learn rows are the
     pre-learn bank's; forget drops the rows of the leaves it retrains."""
     from memlm.cli import main
-    from memlm.edit.documents import read_log
+    from memlm.edit.documents import RunDocuments, read_log
     from memlm.edit.origin import load_origins
     from memlm.infer.beam import provider_of, token_rows
     from memlm.infer.edits import EditRouting
@@ -201,10 +201,12 @@ def test_edit_routing_sends_a_text_to_the_learned_leaf_whose_edit_gained_it_and_
         for name, rows in origins[2][lf].items():
             np.testing.assert_array_equal(rows, state_pre[f"bank/level2/{name}/params"][lf], err_msg=name)
 
-    texts = [NEW[0], NEW[1], "Q: Where was Zorblat Quenn born? A:", "The capital of Peru is Lima.",
-             "The capital of France is Paris.", "Chess is a board game for two players."]
     after, before = load_run(run), load_run(pre)
     k = after.memory.tree.k
+    # new texts, and training documents whose greedy leaf the learn did not touch (their own leaf explains them)
+    docs = RunDocuments(pre)
+    old = [t for t in (docs.text(i) for i in range(0, docs.total, 61)) if after.memory.paths([t])[0, -1] not in leaves]
+    texts = [NEW[0], NEW[1], "Q: Where was Zorblat Quenn born? A:", "The capital of France is Paris.", *old[:6]]
     ids = [[int(t) for t in after.tokenizer.encode(s)] for s in texts]
     inputs, targets, weights, lengths = token_rows(ids, [0] * len(texts))
 
@@ -215,18 +217,25 @@ def test_edit_routing_sends_a_text_to_the_learned_leaf_whose_edit_gained_it_and_
 
     gains = np.stack([score(after, lf) - score(before, lf) for lf in leaves], axis=1)  # [texts, leaves]
     best = gains.max(axis=1)
-    order = np.sort(best)
-    assert order[-1] > 0, gains
-    cut = float(order[-2] + order[-1]) / 2 if order[-2] > 0 else float(order[-1]) / 2  # some claimed, some not
+    top = [leaves[int(j)] for j in np.argmax(gains, axis=1)]
+    greedy = after.memory.paths(texts)
+    own = target_logprobs(after.fn, after.params, inputs, targets, weights, lengths,
+                          after.memory._gather(after.memory.bank, greedy), np.arange(len(texts)))
+    under_top = np.array([score(after, lf)[i] for i, lf in enumerate(top)])
+    better = under_top > own  # the learned leaf explains the text better than its greedy path
+    assert best[0] > 0 and better[0], (gains, better)
+    cut = float(best[0]) / 2  # the new document's gain passes it
     routed = load_run(run, overrides={"eval.route_edit_gain": str(cut)})
     provider = provider_of(routed)
     assert isinstance(provider, EditRouting)
-    greedy = routed.memory.paths(texts)
+    claim = (best >= cut) & better
     want = greedy.copy()
-    for i in np.nonzero(best >= cut)[0]:
-        lf = leaves[int(np.argmax(gains[i]))]
-        want[i] = [lf // k, lf]
-    assert 0 < (best >= cut).sum() < len(texts)
+    for i in np.nonzero(claim)[0]:
+        want[i] = [top[i] // k, top[i]]
+    assert 0 < claim.sum() < len(texts)
+    # a text that passes the gain but that its greedy path explains better stays there (the second test)
+    top_leaf_elsewhere = np.array([t != g for t, g in zip(top, greedy[:, -1], strict=True)])
+    assert ((best >= cut) & ~better & top_leaf_elsewhere).any(), (best, better, cut)
     np.testing.assert_array_equal(provider.paths(texts), want)
     got = provider(texts, "fetched")
     expect = routed.memory._gather(routed.memory.bank, want)

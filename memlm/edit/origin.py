@@ -68,21 +68,26 @@ def _files(workdir: Path, step: int | None) -> list[tuple[int, Path]]:
 def load_origins(workdir: str | os.PathLike, step: int | None = None) -> dict[int, dict[int, dict[str, np.ndarray]]]:
     """``{level: {node: {array name: rows}}}``: each learned node's rows before the first learn in
     effect at ``step`` that trained it."""
-    import jax.numpy as jnp
-
     out: dict[int, dict[int, dict[str, np.ndarray]]] = {}
     for _, f in _files(Path(workdir), step):
         with np.load(f) as z:
             keys = list(z.files)
-            dtypes = json.loads(str(z["dtypes"]))
+            dtypes = json.loads(str(z["dtypes"])) if "dtypes" in keys else {}
             for nk in [k for k in keys if k.endswith("/nodes")]:
                 key = nk.split("/")[0]
                 level = int(key.removeprefix("level"))
                 names = [k.split("/", 1)[1] for k in keys if k.startswith(key + "/") and k != nk]
-                rows = {n: z[f"{key}/{n}"].view(jnp.dtype(dtypes[f"{key}/{n}"])) for n in names}
+                rows = {n: _typed(z[f"{key}/{n}"], dtypes.get(f"{key}/{n}")) for n in names}
                 for i, node in enumerate(z[nk].tolist()):
                     out.setdefault(level, {}).setdefault(int(node), {n: rows[n][i] for n in names})
     return out
+
+
+def _typed(a: np.ndarray, dtype: str | None) -> np.ndarray:
+    """Stored rows back in their dtype (stored as unsigned ints of the same width, by :func:`save_origin`)."""
+    import jax.numpy as jnp
+
+    return a if dtype is None else a.view(jnp.dtype(dtype))
 
 
 def drop_nodes(workdir: str | os.PathLike, nodes: dict[int, np.ndarray]) -> int:

@@ -71,6 +71,10 @@ def evaluate_run(run: Run, probe_files: list[Path], conditions: tuple[str, ...],
     out_dir.mkdir(parents=True, exist_ok=True)
     docs, texts = heldout_documents(run)
     provider = provider_of(run)
+    if not quiet and hasattr(provider, "leaves"):
+        print(f"memlm eval: edit routing: `fetched` takes a learned leaf ({len(provider.leaves)} of them) where "
+              f"`memlm learn` raised a text's likelihood by {run.cfg.eval.route_edit_gain:g} nats "
+              "(eval.route_edits=false: off)")
     ppl = {}
     if docs:
         ppl = evaluate_perplexity(run.fn, run.params, docs, texts, provider, conditions,

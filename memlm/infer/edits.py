@@ -11,14 +11,18 @@ each learned leaf ``L`` (a leaf some learn in effect gave new documents, whose p
     log p(text | path to L, blocks as they are) - log p(text | path to L, learned blocks as they were)
 
 (the retrieval text's tokens after the first, as the likelihood routings score it). The text takes the
-path of the leaf with the largest gain when that gain reaches ``eval.route_edit_gain`` nats; otherwise
-it keeps what the run's routing chose (greedy, beam, descent, fallback: unchanged). Further training
+path of the leaf with the largest gain when that gain reaches ``eval.route_edit_gain`` nats and the
+leaf explains the text better than the memory the run's routing chose for it; otherwise it keeps what
+the run's routing chose (greedy, beam, descent, fallback: unchanged). The second test keeps a long text
+of the old kind, whose likelihood drifts by many nats under a retrained block, with the block that
+already explained it best. Further training
 moves a learned block's likelihood of texts it was not taught a little either way; on bios the
 questions about the 180 kept people gained at most 9.5 nats (99% under 6.7) while every question about
 a new person gained at least 9.0 (median 30.7): docs/editing.md. A text no edit claims is routed
 exactly as before the edit.
 
-Cost: two forwards per candidate leaf per text (cached per text); at most ``eval.route_edit_candidates``
+Cost: two forwards per candidate leaf per text, two more for a text that passes the gain (all cached per
+text); at most ``eval.route_edit_candidates``
 learned leaves are scored for a text, the ones whose centroids are nearest its embedding. A run with no
 learn in effect, or ``eval.route_edits = False``, is not wrapped at all.
 """
@@ -122,8 +126,15 @@ class EditRouting:
                            - target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, before,
                                              np.arange(b)))
         best = np.argmax(gains, axis=1)
+        claimed = gains[np.arange(b), best] >= self.gain
+        if claimed.any():  # and the learned leaf must explain the text better than the routing's own choice
+            pick = self._gather(self.memory.bank, jnp.asarray(self.paths_of[cand[np.arange(b), best]]))
+            mine = target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, pick, np.arange(b))
+            theirs = target_logprobs(self.fn, self.params, inputs, targets, weights, lengths,
+                                     self.base(rows, "fetched"), np.arange(b))
+            claimed &= mine > theirs
         for r, text in enumerate(texts):
-            self._claim[text] = int(cand[r, best[r]]) if gains[r, best[r]] >= self.gain else -1
+            self._claim[text] = int(cand[r, best[r]]) if claimed[r] else -1
 
     def claimed(self, texts: list[str]) -> np.ndarray:
         """int ``[n]``: per text, the index of the learned leaf it takes (into ``leaves``), -1 for none."""
