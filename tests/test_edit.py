@@ -182,10 +182,10 @@ def test_edit_routing_sends_a_text_to_the_learned_leaf_whose_edit_gained_it_and_
     from memlm.cli import main
     from memlm.edit.documents import RunDocuments, read_log
     from memlm.edit.origin import load_origins
-    from memlm.infer.beam import provider_of, token_rows
+    from memlm.infer.beam import provider_of
     from memlm.infer.edits import EditRouting
     from memlm.infer.run import load_run
-    from memlm.infer.scoring import target_logprobs
+    from memlm.infer.scoring import target_logprobs, token_rows
 
     pre = tmp_path / "pre"
     shutil.copytree(run, pre)

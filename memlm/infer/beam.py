@@ -55,11 +55,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from memlm.infer.conditions import memory_condition, pad_to
-from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket, generate
-from memlm.infer.scoring import target_logprobs
+from memlm.infer.generate import generate
+from memlm.infer.scoring import target_logprobs, token_rows
 from memlm.memspec import FetchedMemory
 
-__all__ = ["BeamRouting", "token_rows", "uses_beam"]
+__all__ = ["BeamRouting", "uses_beam"]
 
 
 def uses_beam(cfg) -> bool:
@@ -81,20 +81,6 @@ def answer_tokens(tokenizer: Any, tokens: list[int]) -> list[int]:
         if any(c in ANSWER_ENDS for c in tokenizer.decode(tokens[: i + 1])):
             return tokens[:i]
     return list(tokens)
-
-
-def token_rows(ids: list[list[int]], first: list[int]) -> tuple[np.ndarray, ...]:
-    """Right-padded (inputs, targets, weights, lengths) of token rows ``ids``, each predicting its
-    next token; ``first[r]``: row r's first target scored (the weights start there)."""
-    t = bucket(max(max(len(x) - 1 for x in ids), 1), MIN_PROMPT_BUCKET)
-    b = len(ids)
-    inputs, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
-    weights, lengths = np.zeros((b, t), np.float32), np.ones(b, np.int32)
-    for r, x in enumerate(ids):
-        n = len(x) - 1
-        if n > 0:
-            inputs[r, :n], targets[r, :n], weights[r, first[r]:n], lengths[r] = x[:-1], x[1:], 1.0, n
-    return inputs, targets, weights, lengths
 
 
 class BeamRouting:

@@ -37,7 +37,7 @@ import numpy as np
 from flax import struct
 
 from memlm.infer.conditions import memory_condition, pad_to
-from memlm.infer.scoring import target_logprobs
+from memlm.infer.scoring import target_logprobs, token_rows
 from memlm.memspec import FetchedMemory
 
 __all__ = ["EditRouting", "edit_routing"]
@@ -111,8 +111,6 @@ class EditRouting:
         return np.argsort(d, axis=1, kind="stable")[:, : self.max_candidates]
 
     def _route(self, texts: list[str]) -> None:
-        from memlm.infer.beam import token_rows
-
         rows = pad_to(texts, self.batch)
         ids = [[int(t) for t in self.tokenizer.encode(s)][: self.max_len + 1] for s in rows]
         inputs, targets, weights, lengths = token_rows(ids, [0] * len(rows))

@@ -20,7 +20,7 @@ from memlm.infer.generate import MIN_PROMPT_BUCKET, bucket, gather_rows
 from memlm.infer.rag import spliced_targets
 from memlm.memspec import FetchedMemory
 
-__all__ = ["chunk_arrays", "target_logprobs"]
+__all__ = ["chunk_arrays", "target_logprobs", "token_rows"]
 
 
 def _logprob_kernel(fn, params, inputs, targets, weights, lengths, memory, rows):
@@ -74,4 +74,18 @@ def chunk_arrays(rows: Sequence[tuple[Sequence[int], Sequence[int], np.ndarray]]
     for i, (x, y, scored, w) in enumerate(seqs):
         inputs[i, : len(x)], targets[i, : len(y)], lengths[i] = x, y, len(x)
         weights[i, scored] = w
+    return inputs, targets, weights, lengths
+
+
+def token_rows(ids: list[list[int]], first: list[int]) -> tuple[np.ndarray, ...]:
+    """Right-padded (inputs, targets, weights, lengths) of token rows ``ids``, each predicting its
+    next token; ``first[r]``: row r's first target scored (the weights start there)."""
+    t = bucket(max(max(len(x) - 1 for x in ids), 1), MIN_PROMPT_BUCKET)
+    b = len(ids)
+    inputs, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    weights, lengths = np.zeros((b, t), np.float32), np.ones(b, np.int32)
+    for r, x in enumerate(ids):
+        n = len(x) - 1
+        if n > 0:
+            inputs[r, :n], targets[r, :n], weights[r, first[r]:n], lengths[r] = x[:-1], x[1:], 1.0, n
     return inputs, targets, weights, lengths
