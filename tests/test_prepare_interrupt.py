@@ -20,10 +20,17 @@ FLAGS = ["--config.tree.embedder=minilm", "--config.tree.embed_batch=8", "--conf
          "--config.data.tokenizer_vocab=600", "--config.eval.heldout_documents=10", "--config.data.seq_len=64"]
 
 
+# A suite started as a background job of a non-interactive shell inherits SIGINT ignored (POSIX), and a
+# Python started with SIGINT ignored keeps ignoring it: the child gets Python's own Ctrl-C handler back, as
+# a terminal's `memlm prepare` has it.
+MAIN = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from memlm.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def _start(corpus: Path, out: Path) -> subprocess.Popen:
     """``memlm prepare`` on one CPU device with XLA's default optimisation: the suite's cheapest level
     (``MEMLM_TEST_XLA_FLAGS``) runs MiniLM about 3x slower, and every run here uses the same flags."""
-    return subprocess.Popen([sys.executable, "-m", "memlm.cli", "prepare", "--corpus", str(corpus), "--out", str(out),
+    return subprocess.Popen([sys.executable, "-c", MAIN, "prepare", "--corpus", str(corpus), "--out", str(out),
                              *FLAGS], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
 
