@@ -284,3 +284,16 @@ def test_kept_rows_round_trip_in_their_dtype_and_forget_drops_them(tmp_path):
     assert sorted(load_origins(tmp_path, step=10)[2]) == [1, 4]  # the second edit is not in effect at step 10
     assert drop_nodes(tmp_path, {2: np.array([4])}) == 2
     assert sorted(load_origins(tmp_path)[2]) == [1, 5]
+
+
+def test_training_a_taught_run_further_says_what_its_data_lacks(tmp_path):
+    from memlm.edit.documents import append_log
+    from memlm.train.loop import _note_learned
+
+    said: list[str] = []
+    _note_learned(tmp_path, said.append)
+    assert said == []  # never taught: nothing to say
+    append_log(tmp_path, {"edit": 1, "verb": "learn", "step": 5})
+    append_log(tmp_path, {"edit": 2, "verb": "forget", "step": 7})
+    _note_learned(tmp_path, said.append)
+    assert len(said) == 1 and "taught by memlm learn (edit 1)" in said[0] and "none of the learned" in said[0]

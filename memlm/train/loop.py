@@ -202,6 +202,8 @@ def train(cfg: ml_collections.ConfigDict, data_dir: str = "data/facts", workdir:
             if restored is not None:
                 _check_edits(workdir, restored[0], t.steps)
         log = (lambda *a: None) if quiet or not leader else (lambda *a: print(*a, flush=True))
+        if restored is not None and restored[0] < t.steps:
+            _note_learned(workdir, log)
         if leader:
             run.write_config(cfg, os.fspath(data_dir), init_from)
         ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
@@ -232,6 +234,18 @@ def _check_edits(workdir, step: int, steps: int) -> None:
         raise ConfigError(f"{workdir} has forgotten documents (memlm forget, edits/log.jsonl): training on its "
                           "data again would learn them back. Prepare the data without them and train a new run "
                           "(--init-from), or use memlm learn for new documents")
+
+
+def _note_learned(workdir, log) -> None:
+    """Training further a run that ``memlm learn`` taught: say that its data holds none of the learned
+    documents, and that edit routing keeps comparing the learned leaves with their rows before the learn."""
+    from memlm.edit.documents import read_log
+
+    learns = [e["edit"] for e in read_log(workdir) if e["verb"] == "learn"]
+    if learns:
+        log(f"memlm train: {workdir} was taught by memlm learn (edit {', '.join(map(str, learns))}): its data holds "
+            "none of the learned documents, and edit routing keeps comparing the learned leaves with their rows "
+            "before the learn (docs/editing.md)")
 
 
 def _evaluate(cfg, workdir, ckpt, writer: MetricsWriter, step: int, log) -> None:
