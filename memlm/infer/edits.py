@@ -11,20 +11,19 @@ each learned leaf ``L`` (a leaf some learn in effect gave new documents, whose p
     log p(text | path to L, blocks as they are) - log p(text | path to L, learned blocks as they were)
 
 (the retrieval text's tokens after the first, as the likelihood routings score it). The text takes the
-path of the leaf with the largest gain when that gain reaches ``eval.route_edit_gain`` nats and the
-leaf explains the text better than the memory the run's routing chose for it; otherwise it keeps what
-the run's routing chose (greedy, beam, descent, fallback: unchanged). The second test keeps a long text
-of the old kind, whose likelihood drifts by many nats under a retrained block, with the block that
-already explained it best. Further training
-moves a learned block's likelihood of texts it was not taught a little either way; on bios the
-questions about the 180 kept people gained at most 9.5 nats (99% under 6.7) while every question about
-a new person gained at least 9.0 (median 30.7): docs/editing.md. A text no edit claims is routed
-exactly as before the edit.
+path of the leaf with the largest gain when that gain reaches ``eval.route_edit_gain`` nats and the leaf
+explains the text better than the memory the run's routing chose for it; otherwise it keeps what the
+run's routing chose (greedy, beam, descent, fallback: unchanged). The second test keeps a long text of
+the old kind, whose likelihood drifts by many nats under a retrained block, with the block that already
+explained it best. Further training moves a learned block's likelihood of texts it was not taught a
+little either way; on bios the questions about the 180 kept people gained at most 9.5 nats (99% under
+6.7) while every question about a new person gained at least 9.0 (median 30.7): docs/editing.md. A text
+no edit claims is routed exactly as before the edit.
 
-Cost: two forwards per candidate leaf per text, two more for a text that passes the gain (all cached per
-text); at most ``eval.route_edit_candidates``
-learned leaves are scored for a text, the ones whose centroids are nearest its embedding. A run with no
-learn in effect, or ``eval.route_edits = False``, is not wrapped at all.
+Cost: two forwards per candidate leaf per text, one more for a text that passes the gain (all cached per
+text); at most ``eval.route_edit_candidates`` learned leaves are scored for a text, the ones whose
+centroids are nearest its embedding. A run with no learn in effect, or ``eval.route_edits = False``, is
+not wrapped at all.
 """
 
 from __future__ import annotations
@@ -50,12 +49,6 @@ class _Rows:
 
     params: dict[str, dict[str, jax.Array]]
     layout: Any = struct.field(pytree_node=False)
-
-
-def _gather(state, paths):
-    from memlm.bank.device import gather
-
-    return gather(state, paths)
 
 
 class EditRouting:
@@ -93,7 +86,7 @@ class EditRouting:
         self._before = _Rows(params=params, layout=layout)
         self.paths_of = paths.astype(np.int32)  # [leaves, depth]: each candidate's path in the bank
         self._local = local.astype(np.int32)  # the same paths in _before's rows
-        self._gather = jax.jit(_gather)
+        self._gather = memory._gather  # the run memory's jitted gather: it reads only params and layout
         self._claim: dict[str, int] = {}  # text -> index into self.leaves, or -1: not claimed
 
     @property
@@ -115,22 +108,20 @@ class EditRouting:
         ids = [[int(t) for t in self.tokenizer.encode(s)][: self.max_len + 1] for s in rows]
         inputs, targets, weights, lengths = token_rows(ids, [0] * len(rows))
         cand = self._candidates(rows)
-        b = len(rows)
+        at = np.arange(len(rows))
+
+        def score(memory: FetchedMemory) -> np.ndarray:
+            return target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, memory, at)
+
+        after = np.zeros(cand.shape)
         gains = np.zeros(cand.shape)
         for j in range(cand.shape[1]):
-            after = self._gather(self.memory.bank, jnp.asarray(self.paths_of[cand[:, j]]))
-            before = self._gather(self._before, jnp.asarray(self._local[cand[:, j]]))
-            gains[:, j] = (target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, after, np.arange(b))
-                           - target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, before,
-                                             np.arange(b)))
+            after[:, j] = score(self._gather(self.memory.bank, jnp.asarray(self.paths_of[cand[:, j]])))
+            gains[:, j] = after[:, j] - score(self._gather(self._before, jnp.asarray(self._local[cand[:, j]])))
         best = np.argmax(gains, axis=1)
-        claimed = gains[np.arange(b), best] >= self.gain
+        claimed = gains[at, best] >= self.gain
         if claimed.any():  # and the learned leaf must explain the text better than the routing's own choice
-            pick = self._gather(self.memory.bank, jnp.asarray(self.paths_of[cand[np.arange(b), best]]))
-            mine = target_logprobs(self.fn, self.params, inputs, targets, weights, lengths, pick, np.arange(b))
-            theirs = target_logprobs(self.fn, self.params, inputs, targets, weights, lengths,
-                                     self.base(rows, "fetched"), np.arange(b))
-            claimed &= mine > theirs
+            claimed &= after[at, best] > score(self.base(rows, "fetched"))
         for r, text in enumerate(texts):
             self._claim[text] = int(cand[r, best[r]]) if claimed[r] else -1
 
@@ -170,9 +161,7 @@ class EditRouting:
         if not (c >= 0).any():
             return memory
         learned = self._gather(self.memory.bank, jnp.asarray(self.paths_of[np.maximum(c, 0)]))
-        use = jnp.asarray(c >= 0)
-        return {name: jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), learned[name].astype(a.dtype), a)
-                for name, a in memory.items()}
+        return self.memory._mix(memory, learned, jnp.asarray(c >= 0))  # row i: the learned leaf's where claimed
 
 
 def edit_routing(base: Any, run: Any) -> Any:
